@@ -1,0 +1,41 @@
+// Numeric kernels shared by every backend. This header is the whole contract between libkv and
+// kernels/: plain pointers and sizes, no HDF5, no libkv types.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace kvk {
+
+// Element types a dense tensor can be stored in.
+enum class DType : uint8_t { f32 = 0, f16 = 1, bf16 = 2 };
+
+constexpr size_t dtype_size(DType t) { return t == DType::f32 ? 4 : 2; }
+const char* dtype_name(DType t);
+
+// One table of function pointers per backend (the ggml idea): an op a backend lacks is null and
+// the caller falls back to the CPU table, which is complete and is the reference.
+struct Ops {
+  const char* name;
+  // dst[i] = float(src[i]) for n elements of type `from`.
+  void (*to_f32)(DType from, const void* src, float* dst, size_t n);
+  // dst[i] = round-to-nearest-even(src[i]) into type `to`.
+  void (*from_f32)(DType to, const float* src, void* dst, size_t n);
+};
+
+const Ops& cpu_ops();
+
+// The CUDA table, or null when kvtk was built without CUDA or no usable GPU is present;
+// `why` then says which.
+const Ops* cuda_ops(std::string* why);
+
+// Count of elements that are NaN or +-Inf (CPU only: it runs fused with file reads).
+size_t count_nonfinite(DType t, const void* data, size_t n);
+
+// Scalar conversions, the reference for the vector paths and the parity tests.
+float f16_to_f32(uint16_t h);
+uint16_t f32_to_f16(float f);
+float bf16_to_f32(uint16_t h);
+uint16_t f32_to_bf16(float f);
+
+}  // namespace kvk

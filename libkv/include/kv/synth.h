@@ -1,0 +1,45 @@
+// Seeded synthetic snapshots with the structure real caches have, for shapes the bundled model
+// lacks: a few large-magnitude key channels (in low-frequency RoPE pairs, as KIVI/KVQuant report),
+// an attention sink at position 0 (a key aligned with the queries, a near-zero value), smooth
+// RoPE rotation of keys and window queries. Output depends only on the spec, not on threads.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "kv/rope.h"
+#include "kv/snapshot.h"
+
+namespace kv {
+
+struct SynthSpec {
+  ModelInfo model;
+  int64_t n_tokens = 256;
+  DType dtype = DType::f16;
+  uint64_t seed = 1;
+  int window = 0;            // observation-window queries to store (0: none)
+  int outlier_pairs = 2;     // RoPE pairs per head with large-magnitude keys
+  float outlier_scale = 8;   // their mean magnitude, relative to unit noise
+  int vocab = 32000;         // token ids are drawn below this
+};
+
+// Model shapes by name: "tiny", "stories260k", "llama2-7b", "llama3-8b", "mistral-7b".
+// Throws Error(Exit::usage) for an unknown name.
+ModelInfo model_preset(const std::string& name);
+std::string model_preset_names();
+
+class Synthesizer {
+ public:
+  explicit Synthesizer(const SynthSpec& spec);  // validates (Exit::usage)
+  const Header& header() const { return header_; }
+  void layer(int l, Layer& out) const;
+
+ private:
+  SynthSpec spec_;
+  Header header_;
+  std::unique_ptr<RopeTable> rope_;
+};
+
+Snapshot synth_snapshot(const SynthSpec& spec);
+
+}  // namespace kv

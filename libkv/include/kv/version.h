@@ -1,0 +1,4 @@
+#pragma once
+namespace kv {
+const char* version();
+}

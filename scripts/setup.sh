@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs the Debian packages kvtk needs, idempotently: nothing is fetched when all are present.
+# Usage: scripts/setup.sh    (as root, or with sudo available)
+set -euo pipefail
+packages=(build-essential cmake ninja-build pkg-config git
+  libhdf5-dev hdf5-tools libcli11-dev libzstd-dev zstd
+  libgtest-dev libgmock-dev libbenchmark-dev libomp-dev
+  python3 python3-h5py python3-numpy man-db clang-format)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "setup: installing ${missing[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi

@@ -1,0 +1,119 @@
+#include "tool.h"
+
+#include <omp.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <iostream>
+
+#include "kv/error.h"
+#include "kv/version.h"
+
+namespace kvt {
+
+Tool::Tool(std::string name, std::string description)
+    : name_(std::move(name)), app_(std::move(description), name_) {
+  app_.set_version_flag("--version", std::string(name_) + " (kvtk) " + kv::version());
+  app_.add_option("-@,--threads", threads, "Worker threads (default: all cores)")
+      ->check(CLI::Range(0, 1024));
+  app_.add_flag("-q,--quiet", quiet, "No progress or notes on stderr");
+  app_.get_formatter()->column_width(34);
+}
+
+void Tool::add_input(std::string* input) {
+  app_.add_option("INPUT", *input, "Snapshot to read; - reads stdin")->default_val("-");
+}
+
+void Tool::add_output_options() {
+  app_.add_option("-o,--output", output, "Snapshot to write; - writes stdout")
+      ->default_val("-");
+  app_.add_option("--codec", codec,
+                  "Lossless codec for stored arrays: none, zstd[,LEVEL] (1-22, default 3), "
+                  "deflate[,LEVEL] (0-9, default 6); both after a byte shuffle")
+      ->default_val("none");
+  app_.add_flag("--no-provenance", no_provenance,
+                "Do not append this run to the snapshot's provenance and history");
+  app_.add_flag("-f,--force", force,
+                "Write binary output to a terminal, or replace the input file");
+  app_.add_flag("--allow-nonfinite", allow_nonfinite, "Accept NaN/Inf in keys and values");
+}
+
+void Tool::add_json_option() { app_.add_flag("--json", json, "Print one JSON object"); }
+
+void Tool::add_device_option() {
+  app_.add_option("--device", device, "Kernel backend: cpu, cuda or auto")
+      ->default_val("cpu")
+      ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
+}
+
+kv::WriteOptions Tool::write_options(const std::string& input_path) const {
+  kv::WriteOptions w;
+  w.codec = kv::Codec::parse(codec);
+  w.force = force;
+  w.input_path = input_path;
+  return w;
+}
+
+void Tool::stamp(kv::Header& header) const {
+  if (!no_provenance) kv::append_provenance(header, name_, argc_, argv_);
+}
+
+void Tool::progress(const std::string& what, int64_t done, int64_t total) const {
+  if (quiet || !isatty(2)) return;
+  std::fprintf(stderr, "\r%s: %s %lld/%lld", name_.c_str(), what.c_str(), (long long)done,
+               (long long)total);
+  std::fflush(stderr);
+}
+
+void Tool::progress_done() const {
+  if (quiet || !isatty(2)) return;
+  std::fprintf(stderr, "\r\033[K");
+}
+
+int Tool::run(int argc, char** argv, const std::function<void()>& body) {
+  argc_ = argc;
+  argv_ = argv;
+  try {
+    app_.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app_.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app_.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app_.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::cerr << name_ << ": " << e.what() << "\nTry '" << name_ << " --help'.\n";
+    return int(kv::Exit::usage);
+  }
+  if (threads > 0) omp_set_num_threads(threads);
+  try {
+    body();
+    return 0;
+  } catch (const kv::Error& e) {
+    progress_done();
+    std::cerr << name_ << ": " << e.what() << "\n";
+    return int(e.code());
+  } catch (const std::bad_alloc&) {
+    progress_done();
+    std::cerr << name_ << ": out of memory\n";
+    return int(kv::Exit::software);
+  } catch (const std::exception& e) {
+    progress_done();
+    std::cerr << name_ << ": internal error: " << e.what() << "\n";
+    return int(kv::Exit::software);
+  }
+}
+
+std::string human_bytes(double bytes) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int u = 0;
+  while (bytes >= 1024 && u < 4) {
+    bytes /= 1024;
+    ++u;
+  }
+  char buf[32];
+  std::snprintf(buf, sizeof buf, u ? "%.2f %s" : "%.0f %s", bytes, units[u]);
+  return buf;
+}
+
+}  // namespace kvt
