@@ -110,24 +110,35 @@ void Synthesizer::layer(int l, Layer& out) const {
   out.attn_last.clear();
   out.probe_q.clear();
 
+  // Channel `side` (0 or 1) of RoPE pair `pair` in this model's layout.
+  const int n_pairs = m.rope_dims / 2;
+  auto channel = [&](int pair, int side) {
+    return pairs ? 2 * pair + side : pair + side * n_pairs;
+  };
+  // The sink lives in the slowest-rotating pair, which barely turns over the whole context, so
+  // every later query still lines up with it (real sinks are position-independent too). Its
+  // logit against a window query is about ln(T) + 1: the sink draws most of the attention.
+  const int sink_channel = channel(n_pairs - 1, 0);
+  const float query_sink = 2.0f;
+  const float key_sink = float((std::log(double(T)) + 1.0) * std::sqrt(double(D)) / query_sink);
+
   // Per-head mean key: unit-scale noise everywhere, large in a few low-frequency RoPE pairs.
   std::vector<float> mean(size_t(Hkv) * D);
   for (int h = 0; h < Hkv; ++h) {
     Rng rng(spec_.seed, uint64_t(l), uint64_t(h), 0xabc);
     float* mu = &mean[size_t(h) * D];
     for (int c = 0; c < D; ++c) mu[c] = 0.3f * rng.normal();
-    const int n_pairs = m.rope_dims / 2;
     for (int o = 0; o < spec_.outlier_pairs; ++o) {
-      // Pick among the slowest-rotating half of the pairs, where real outlier channels sit.
-      int pair = n_pairs - 1 - int(rng.next() % uint64_t(std::max(1, n_pairs / 2)));
+      // Pick among the slow half of the pairs, where real outlier channels sit, but not the
+      // slowest pair, which carries the sink.
+      const int span = std::max(1, n_pairs - 1 - n_pairs / 2);
+      int pair = n_pairs / 2 + int(rng.next() % uint64_t(span));
       float mag = spec_.outlier_scale * (0.75f + 0.5f * float(rng.next() % 1000) / 1000.0f);
       float sign = rng.next() & 1 ? 1.0f : -1.0f;
-      int c0 = pairs ? 2 * pair : pair, c1 = pairs ? 2 * pair + 1 : pair + n_pairs;
-      mu[c0] = sign * mag;
-      mu[c1] = sign * mag * 0.5f;
+      mu[channel(pair, 0)] = sign * mag;
+      mu[channel(pair, 1)] = sign * mag * 0.5f;
     }
   }
-
   std::vector<float> k(size_t(N) * D), v(size_t(N) * D);
 #pragma omp parallel for collapse(2) schedule(static)
   for (int h = 0; h < Hkv; ++h)
@@ -137,12 +148,12 @@ void Synthesizer::layer(int l, Layer& out) const {
       const size_t row = size_t(h * T + t);
       float* kr = &k[row * D];
       float* vr = &v[row * D];
-      // The sink: a key far along the shared mean direction, with a near-zero value.
-      const float along = t == 0 ? 4.0f : 1.0f, vscale = t == 0 ? 0.05f : 1.0f;
+      const float vscale = t == 0 ? 0.05f : 1.0f;  // sinks carry near-zero values
       for (int c = 0; c < D; ++c) {
-        kr[c] = along * mu[c] + rng.normal();
+        kr[c] = mu[c] + rng.normal();
         vr[c] = vscale * rng.normal();
       }
+      if (t == 0) kr[sink_channel] = key_sink;
       rope_->apply(kr, t, pairs);
       out.positions[row] = int32_t(t);
     }
@@ -150,8 +161,8 @@ void Synthesizer::layer(int l, Layer& out) const {
   out.v = Tensor::from_f32(spec_.dtype, N, D, v.data());
 
   if (W > 0) {
-    // Window queries lean toward their KV head's mean key, so they attend to the sink and to
-    // keys sharing its outlier channels, as real queries do.
+    // Window queries lean toward their KV head's mean key (so keys sharing its outlier channels
+    // draw attention) and toward the sink channel.
     std::vector<float> q(size_t(m.n_q_heads) * W * D);
     for (int qh = 0; qh < m.n_q_heads; ++qh)
       for (int64_t w = 0; w < W; ++w) {
@@ -159,6 +170,7 @@ void Synthesizer::layer(int l, Layer& out) const {
         const float* mu = &mean[size_t(qh / G) * D];
         float* qr = &q[(size_t(qh) * W + w) * D];
         for (int c = 0; c < D; ++c) qr[c] = 0.25f * mu[c] + rng.normal();
+        qr[sink_channel] += query_sink;
         rope_->apply(qr, T - W + w, pairs);
       }
     out.window_q = Tensor::from_f32(DType::f32, int64_t(m.n_q_heads) * W, D, q.data());

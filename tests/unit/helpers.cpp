@@ -1,0 +1,113 @@
+#include "helpers.h"
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+
+namespace kvtest {
+
+kv::Snapshot tiny_snapshot(kv::DType dtype, bool side_data, bool ragged) {
+  kv::Snapshot s;
+  kv::Header& h = s.header;
+  h.model.name = "tiny-test";
+  h.model.n_layers = 2;
+  h.model.n_q_heads = 4;
+  h.model.n_kv_heads = 2;
+  h.model.head_dim = 4;
+  h.model.rope_dims = 4;
+  h.model.context_length = 64;
+  h.n_tokens = 6;
+  h.tokens = {1, 10, 11, 12, 13, 14};
+  h.text = "hello kv";
+  if (side_data) {
+    h.window_positions = {4, 5};
+    h.has_attn_stats = true;
+    h.probe_tokens = {7, 8, 9};
+    h.probe_positions = {6, 7, 8};
+    std::vector<float> logits(3 * 5);
+    for (size_t i = 0; i < logits.size(); ++i) logits[i] = 0.5f * float(i) - 3.0f;
+    h.probe_logits = kv::Tensor::from_f32(kv::DType::f32, 3, 5, logits.data());
+  }
+  for (int l = 0; l < 2; ++l) {
+    kv::Layer layer;
+    // Layer 1 ragged: head 0 keeps positions {0, 2, 5}, head 1 keeps {1, 3, 4, 5}.
+    if (ragged && l == 1) {
+      layer.positions = {0, 2, 5, 1, 3, 4, 5};
+      layer.head_offsets = {0, 3, 7};
+      layer.mass = {1.0f, 2.0f, 3.0f, 1.0f, 1.0f, 1.5f, 1.0f};
+    } else {
+      for (int hd = 0; hd < 2; ++hd)
+        for (int t = 0; t < 6; ++t) layer.positions.push_back(t);
+      layer.head_offsets = {0, 6, 12};
+    }
+    const int64_t n = layer.entries();
+    std::vector<float> k(size_t(n) * 4), v(k.size());
+    for (size_t i = 0; i < k.size(); ++i) {
+      k[i] = 0.25f * float(i) - float(l);  // exactly representable in f16 and bf16
+      v[i] = -0.5f * float(i) + 2.0f;
+    }
+    layer.k = kv::Tensor::from_f32(dtype, n, 4, k.data());
+    layer.v = kv::Tensor::from_f32(dtype, n, 4, v.data());
+    if (side_data) {
+      std::vector<float> q(4 * 2 * 4), acc(4 * 6), last(4 * 6), pq(4 * 3 * 4);
+      for (size_t i = 0; i < q.size(); ++i) q[i] = float(i) * 0.1f + float(l);
+      for (size_t i = 0; i < acc.size(); ++i) acc[i] = float(i % 6) * 0.5f;
+      for (size_t i = 0; i < last.size(); ++i) last[i] = 1.0f / 6.0f;
+      for (size_t i = 0; i < pq.size(); ++i) pq[i] = -float(i);
+      layer.window_q = kv::Tensor::from_f32(kv::DType::f32, 8, 4, q.data());
+      layer.attn_acc = kv::Tensor::from_f32(kv::DType::f32, 4, 6, acc.data());
+      layer.attn_last = kv::Tensor::from_f32(kv::DType::f32, 4, 6, last.data());
+      layer.probe_q = kv::Tensor::from_f32(kv::DType::f32, 12, 4, pq.data());
+    }
+    s.layers.push_back(std::move(layer));
+  }
+  return s;
+}
+
+void expect_same(const kv::Snapshot& a, const kv::Snapshot& b) {
+  const kv::Header &x = a.header, &y = b.header;
+  EXPECT_EQ(x.model, y.model);
+  EXPECT_EQ(x.n_tokens, y.n_tokens);
+  EXPECT_EQ(x.tokens, y.tokens);
+  EXPECT_EQ(x.text, y.text);
+  EXPECT_EQ(x.window_positions, y.window_positions);
+  EXPECT_EQ(x.has_attn_stats, y.has_attn_stats);
+  EXPECT_EQ(x.probe_tokens, y.probe_tokens);
+  EXPECT_EQ(x.probe_positions, y.probe_positions);
+  EXPECT_TRUE(x.probe_logits.same_contents(y.probe_logits));
+  EXPECT_EQ(x.provenance, y.provenance);
+  EXPECT_EQ(x.history, y.history);
+  ASSERT_EQ(a.layers.size(), b.layers.size());
+  for (size_t l = 0; l < a.layers.size(); ++l) {
+    SCOPED_TRACE("layer " + std::to_string(l));
+    const kv::Layer &p = a.layers[l], &q = b.layers[l];
+    EXPECT_EQ(p.positions, q.positions);
+    EXPECT_EQ(p.head_offsets, q.head_offsets);
+    EXPECT_EQ(p.mass, q.mass);
+    EXPECT_TRUE(p.k.same_contents(q.k));
+    EXPECT_TRUE(p.v.same_contents(q.v));
+    EXPECT_TRUE(p.window_q.same_contents(q.window_q));
+    EXPECT_TRUE(p.attn_acc.same_contents(q.attn_acc));
+    EXPECT_TRUE(p.attn_last.same_contents(q.attn_last));
+    EXPECT_TRUE(p.probe_q.same_contents(q.probe_q));
+  }
+}
+
+std::string temp_dir() {
+  static std::string dir = [] {
+    std::string templ = (std::filesystem::temp_directory_path() / "kvtest.XXXXXX").string();
+    const char* made = mkdtemp(templ.data());
+    if (!made) std::abort();
+    std::string d = made;
+    static struct Cleanup {
+      std::string path;
+      ~Cleanup() { std::filesystem::remove_all(path); }
+    } cleanup{d};
+    return d;
+  }();
+  return dir;
+}
+
+}  // namespace kvtest
