@@ -223,9 +223,19 @@ void read_tensor(hid_t loc, const std::string& name, const std::string& where, T
 std::string read_string_dataset(hid_t loc, const std::string& name, const std::string& where) {
   Handle ds = open_dataset(loc, name, where);
   Handle type(H5Dget_type(ds), H5Tclose);
-  if (H5Tget_class(type) != H5T_STRING || H5Tis_variable_str(type) > 0)
-    throw Error(Exit::data, where + ": '" + name + "' is not a fixed-length string");
-  std::string out(H5Tget_size(type), '\0');
+  Handle space(H5Dget_space(ds), H5Sclose);
+  if (H5Tget_class(type) != H5T_STRING || H5Sget_simple_extent_npoints(space) != 1)
+    throw Error(Exit::data, where + ": '" + name + "' is not a single string");
+  std::string out;
+  if (H5Tis_variable_str(type) > 0) {  // as h5py writes str by default
+    char* p = nullptr;
+    Handle mem(H5Tget_native_type(type, H5T_DIR_ASCEND), H5Tclose);
+    h5::check(H5Dread(ds, mem, H5S_ALL, H5S_ALL, H5P_DEFAULT, &p), Exit::data, corrupt(where, name));
+    if (p) out = p;
+    H5free_memory(p);
+    return out;
+  }
+  out.assign(H5Tget_size(type), '\0');
   h5::check(H5Dread(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, out.data()), Exit::data,
             corrupt(where, name));
   out.resize(std::min(out.size(), out.find('\0')));
@@ -393,11 +403,10 @@ void SnapshotReader::Impl::read_header() {
   }
   if (h5::exists(f, "provenance")) {
     Handle g(H5Gopen2(f, "provenance", H5P_DEFAULT), H5Gclose);
-    H5G_info_t info{};
-    H5Gget_info(g, &info);
-    for (hsize_t i = 0; i < info.nlinks; ++i) {
-      std::string name = layer_name(int(i));
-      if (!h5::exists(g, name)) throw Error(Exit::data, where + ": provenance record " + name + " is missing");
+    // Records are 000, 001, ... in order; anything else in the group is ignored.
+    for (int i = 0;; ++i) {
+      std::string name = layer_name(i);
+      if (!h5::exists(g, name)) break;
       Handle r(H5Gopen2(g, name.c_str(), H5P_DEFAULT), H5Gclose);
       const std::string rw = where + " provenance/" + name;
       h.provenance.push_back({h5::read_attr_string(r, "id", rw), h5::read_attr_string(r, "program", rw),

@@ -18,6 +18,6 @@ expect_code() {
 # expect_err_line PATTERN: stderr of the last expect_code is one line matching PATTERN.
 expect_err_line() {
   local lines; lines=$(wc -l <"$WORK/err")
-  if [ "$lines" = 1 ] && grep -qE "$1" "$WORK/err"; then pass "message: $1"; else fail "stderr not one line matching '$1': $(cat "$WORK/err")"; fi
+  if [ "$lines" = 1 ] && grep -qE -- "$1" "$WORK/err"; then pass "message: $1"; else fail "stderr not one line matching '$1': $(cat "$WORK/err")"; fi
 }
 finish() { if [ "$failures" = 0 ]; then echo "all passed"; exit 0; else echo "$failures failed"; exit 1; fi; }

@@ -82,7 +82,7 @@ int Tool::run(int argc, char** argv, const std::function<void()>& body) {
   } catch (const CLI::CallForVersion& e) {
     return app_.exit(e);
   } catch (const CLI::ParseError& e) {
-    std::cerr << name_ << ": " << e.what() << "\nTry '" << name_ << " --help'.\n";
+    std::cerr << name_ << ": " << e.what() << " (see " << name_ << " --help)\n";
     return int(kv::Exit::usage);
   }
   if (threads > 0) omp_set_num_threads(threads);

@@ -10,7 +10,7 @@
 
 namespace kv {
 
-constexpr int kFormatMajor = 1;  // readers refuse files with a larger major version
+constexpr int kFormatMajor = 1;  // readers refuse files with any other major version
 constexpr int kFormatMinor = 0;  // additions only: readers ignore what they do not know
 
 struct ModelInfo {

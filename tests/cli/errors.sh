@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Exit codes and one-line messages of the tools; no partial output after a failure.
+source "$(dirname "$0")/lib.sh"
+
+expect_code 66 kv-inspect missing.kv.h5
+expect_err_line "^kv-inspect: cannot open 'missing.kv.h5': No such file or directory$"
+
+echo "not a snapshot" > text.kv.h5
+expect_code 65 kv-inspect text.kv.h5
+expect_err_line "^kv-inspect: 'text.kv.h5' is not an HDF5 file"
+expect_code 65 kv-inspect < text.kv.h5
+expect_err_line "^kv-inspect: stdin is not an HDF5 file"
+expect_code 65 kv-inspect < /dev/null
+expect_err_line "stdin is empty"
+
+kv-synth -n 100 -o good.kv.h5
+head -c 20000 good.kv.h5 > cut.kv.h5
+expect_code 65 kv-inspect cut.kv.h5
+expect_err_line "truncated or corrupt"
+expect_code 65 kv-inspect < cut.kv.h5
+expect_err_line "truncated or corrupt"
+
+expect_code 73 kv-synth -n 10 -o no/such/dir/out.kv.h5
+expect_err_line "^kv-synth: cannot create 'no/such/dir/out.kv.h5': No such file or directory$"
+mkdir ro && chmod 500 ro
+if [ "$(id -u)" != 0 ]; then
+  expect_code 73 kv-synth -n 10 -o ro/out.kv.h5
+fi
+[ -z "$(ls -A ro)" ] && pass "no partial output in ro/" || fail "left: $(ls -A ro)"
+
+# A failure in the middle of writing leaves neither the target nor a temporary file.
+expect_code 64 kv-synth -n 10 --window 11 -o partial.kv.h5
+[ ! -e partial.kv.h5 ] && [ -z "$(ls -A . | grep -v -E '^(good|cut|text)\.kv\.h5$|^ro$|^out$|^err$')" ] \
+  && pass "no partial output" || fail "left behind: $(ls -A)"
+
+expect_code 64 kv-synth --bogus
+expect_err_line "^kv-synth: The following argument was not expected: --bogus \(see kv-synth --help\)$"
+expect_code 64 kv-synth --codec lz4 -o x.kv.h5
+expect_err_line "unknown codec 'lz4'"
+[ ! -e x.kv.h5 ] && pass "no output after a usage error" || fail "x.kv.h5 exists"
+expect_code 64 kv-synth --preset gpt5
+expect_err_line "unknown preset 'gpt5'"
+expect_code 64 kv-inspect --layer 9 good.kv.h5
+expect_err_line "--layer 9 is outside \[0, 2\)"
+
+if [ -z "$(command -v nvidia-smi)" ]; then
+  expect_code 69 kv-inspect --device cuda good.kv.h5
+  expect_err_line "^kv-inspect: --device cuda: "
+fi
+
+# A terminal is refused as binary output and as input (needs `script` for a pseudo-terminal).
+if command -v script >/dev/null; then
+  script -qec "$KV_BIN/kv-synth -n 5" /dev/null > tty.log 2>&1
+  code=$?
+  [ "$code" = 64 ] && grep -q "refusing to write a binary snapshot to a terminal" tty.log \
+    && pass "terminal output refused" || fail "terminal output: $code $(cat tty.log)"
+  script -qec "$KV_BIN/kv-inspect" /dev/null > tty.log 2>&1
+  code=$?
+  [ "$code" = 64 ] && grep -q "refusing to read a snapshot from a terminal" tty.log \
+    && pass "terminal input refused" || fail "terminal input: $code $(cat tty.log)"
+fi
+
+expect_code 0 kv-synth --version
+grep -q "kv-synth (kvtk) " out && pass "version line" || fail "version: $(cat out)"
+expect_code 0 kv-inspect --help
+finish
