@@ -1,6 +1,5 @@
 #include "kv/snapshot_io.h"
 
-#include <hdf5_hl.h>
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -282,6 +281,32 @@ void slurp(int fd, MallocBuffer& buf, const std::string& name) {
   }
 }
 
+// Opens a read-only HDF5 file on an in-memory image without copying it: the core driver's
+// image callbacks hand out `image` itself and never free it (the caller keeps it alive longer
+// than the file). H5LTopen_file_image does the same but leaks its bookkeeping in HDF5 1.10.
+void* image_malloc(size_t, H5FD_file_image_op_t, void* udata) {
+  return static_cast<MallocBuffer*>(udata)->data;
+}
+void* image_memcpy(void* dest, const void* src, size_t size, H5FD_file_image_op_t, void*) {
+  if (dest != src) std::memcpy(dest, src, size);
+  return dest;
+}
+void* image_realloc(void*, size_t, H5FD_file_image_op_t, void*) { return nullptr; }  // read-only
+herr_t image_free(void*, H5FD_file_image_op_t, void*) { return 0; }
+void* udata_copy(void* udata) { return udata; }
+herr_t udata_free(void*) { return 0; }
+
+Handle open_image_readonly(MallocBuffer& image) {
+  Handle fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
+  H5FD_file_image_callbacks_t callbacks = {image_malloc, image_memcpy, image_realloc, image_free,
+                                           udata_copy,   udata_free,   &image};
+  if (H5Pset_fapl_core(fapl, 1 << 20, false) < 0 ||
+      H5Pset_file_image_callbacks(fapl, &callbacks) < 0 ||
+      H5Pset_file_image(fapl, image.data, image.size) < 0)
+    return Handle();
+  return Handle(H5Fopen("kvsnap-image", H5F_ACC_RDONLY, fapl), H5Fclose);
+}
+
 void write_all(int fd, const void* data, size_t n, const std::string& name) {
   const auto* p = static_cast<const unsigned char*>(data);
   while (n) {
@@ -352,9 +377,7 @@ void SnapshotReader::Impl::open() {
     bytes = int64_t(image.size);
     if (image.size == 0) throw Error(Exit::data, where + " is empty (expected a kvsnap snapshot)");
     if (!has_hdf5_signature(image.data, image.size)) throw Error(Exit::data, not_hdf5);
-    file = Handle(H5LTopen_file_image(image.data, image.size,
-                                      H5LT_FILE_IMAGE_DONT_COPY | H5LT_FILE_IMAGE_DONT_RELEASE),
-                  H5Fclose);
+    file = open_image_readonly(image);
   }
   if (!file.valid()) throw Error(Exit::data, broken);
   read_header();
