@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Sets everything up and runs the whole test suite: the release build, then the same tests
-# under AddressSanitizer + UndefinedBehaviorSanitizer. Exit status: 0 when all pass.
+# Sets everything up and runs the whole test suite: the release build, the same tests under
+# AddressSanitizer + UndefinedBehaviorSanitizer, then the fuzz targets for a short time
+# (KV_FUZZ_SECONDS each, default 60). Exit status: 0 when all pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -10,3 +11,7 @@ for preset in release asan; do
   echo "== $preset tests" >&2
   ctest --preset "$preset" -j "$(nproc)"
 done
+echo "== fuzz targets" >&2
+cmake --preset fuzz -DKV_FUZZ_SECONDS="${KV_FUZZ_SECONDS:-60}" >/dev/null
+cmake --build --preset fuzz --target fuzz_snapshot -j "$(nproc)"
+ctest --preset fuzz

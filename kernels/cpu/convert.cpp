@@ -1,5 +1,6 @@
 // CPU reference for dtype conversion and finiteness checks. F16C/AVX2 paths are chosen at run
 // time so one binary runs on any x86-64; the scalar code is the reference the tests compare with.
+#include <cpuid.h>
 #include <immintrin.h>
 
 #include <cmath>
@@ -106,7 +107,10 @@ __attribute__((target("avx2"))) size_t nonfinite16_avx2(const uint16_t* s, size_
 }
 
 bool have_avx2_f16c() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  static const bool ok = [] {
+    unsigned a, b, c, d;  // F16C is CPUID.1:ECX bit 29 (clang's builtin does not name it)
+    return __builtin_cpu_supports("avx2") && __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
+  }();
   return ok;
 }
 
