@@ -102,7 +102,23 @@ int mode_feed(const char* path) {
   return 0;
 }
 
+// Peak RSS of this process in KiB: VmHWM from /proc/self/status, the high-water mark of this
+// process's own address space. getrusage's ru_maxrss is not used: Linux carries it across exec
+// (and posix_spawn's child shares the parent's address space until exec), so a child exec'd by a
+// 2 GiB parent would report 2 GiB before reading anything. ru_maxrss is printed for reference.
 long maxrss_kib() {
+  long hwm = -1;
+  if (FILE* f = std::fopen("/proc/self/status", "r")) {
+    char line[256];
+    while (std::fgets(line, sizeof line, f))
+      if (std::sscanf(line, "VmHWM: %ld kB", &hwm) == 1) break;
+    std::fclose(f);
+  }
+  if (hwm < 0) die("cannot read VmHWM from /proc/self/status");
+  return hwm;
+}
+
+long ru_maxrss_kib() {
   rusage ru{};
   getrusage(RUSAGE_SELF, &ru);
   return ru.ru_maxrss;  // KiB on Linux
@@ -117,14 +133,15 @@ int mode_rss_read(const char* path) {
     reader.read_layer(l, layer);
     layer_kv = std::max<int64_t>(layer_kv, int64_t(layer.k.bytes() + layer.v.bytes()));
   }
-  std::printf("maxrss_kib %ld layer_kv_bytes %" PRId64 "\n", maxrss_kib(), layer_kv);
+  std::printf("maxrss_kib %ld layer_kv_bytes %" PRId64 " ru_maxrss_kib %ld\n", maxrss_kib(),
+              layer_kv, ru_maxrss_kib());
   return 0;
 }
 
 // The same process with libkv/HDF5 loaded and initialized but nothing read: the RSS baseline.
 int mode_rss_idle() {
   kv::register_zstd_filter();
-  std::printf("maxrss_kib %ld layer_kv_bytes 0\n", maxrss_kib());
+  std::printf("maxrss_kib %ld layer_kv_bytes 0 ru_maxrss_kib %ld\n", maxrss_kib(), ru_maxrss_kib());
   return 0;
 }
 
@@ -192,6 +209,8 @@ class Redirect {
  private:
   int target_, saved_ = -1;
 };
+
+volatile uint64_t g_sink;
 
 // ---------------------------------------------------------------------------------------------
 // The measurements. Each returns seconds; `parts` (when given) gets a breakdown.
@@ -261,16 +280,21 @@ double file_read_ours(const std::string& path, kv::Layer& out, Parts* parts,
   return t2 - t0;
 }
 
-double file_read_plain(const std::string& path, std::vector<char>& buf, size_t expect) {
+// fread of each layer's k and then v bytes (the requests fwrite made, the dataset reads ours
+// makes) into the two halves of one reused buffer of one layer's size.
+double file_read_plain(const std::string& path, const Input& in, std::vector<char>& buf) {
   double t0 = now();
   FILE* f = std::fopen(path.c_str(), "rb");
   check_sys(f != nullptr, "fopen");
   size_t total = 0;
-  for (size_t got; (got = std::fread(buf.data(), 1, buf.size(), f)) > 0;) total += got;
+  for (const kv::Layer& layer : in.layers) {
+    total += std::fread(buf.data(), 1, layer.k.bytes(), f);
+    total += std::fread(buf.data() + layer.k.bytes(), 1, layer.v.bytes(), f);
+  }
   check_sys(!std::ferror(f), "fread");
   std::fclose(f);
   double t = now() - t0;
-  if (total != expect) die("plain read: short file");
+  if (total != in.kv_bytes) die("plain read: short file");
   return t;
 }
 
@@ -346,10 +370,80 @@ double pipe_read_plain(const std::string& feed, std::vector<char>& buf, size_t e
   return t;
 }
 
+// --- Diagnostics: plain I/O doing what libkv does, to show where ours' time goes.
+
+// fwrite of k+v into a file that already exists, empty, opened with O_TRUNC ("wb"): what the
+// writer's mkstemp() + H5Fcreate(H5F_ACC_TRUNC) amounts to. ext4 (auto_da_alloc) starts writeback
+// of the whole file in close() after a truncate, which a newly created file does not get.
+void file_write_plain_pretruncated(const std::string& path, const Input& in, double& t_write,
+                                   double& t_close) {
+  ::unlink(path.c_str());
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  check_sys(fd >= 0, "open");
+  ::close(fd);
+  double t0 = now();
+  FILE* f = std::fopen(path.c_str(), "wb");
+  check_sys(f != nullptr, "fopen");
+  for (const kv::Layer& layer : in.layers) {
+    check_sys(std::fwrite(layer.k.data(), 1, layer.k.bytes(), f) == layer.k.bytes(), "fwrite");
+    check_sys(std::fwrite(layer.v.data(), 1, layer.v.bytes(), f) == layer.v.bytes(), "fwrite");
+  }
+  check_sys(std::fflush(f) == 0, "fflush");
+  double t1 = now();
+  check_sys(std::fclose(f) == 0, "fclose");
+  t_write = t1 - t0;
+  t_close = now() - t1;
+  ::unlink(path.c_str());
+}
+
+// memcpy of all k+v into one freshly allocated buffer, then free: the page faults and copy that
+// building a whole file image in memory costs (the pipe writer does this twice: HDF5's core
+// driver grows and zero-fills its image, then H5Fget_file_image copies it out).
+double memcpy_fresh(const Input& in) {
+  double t0 = now();
+  auto* p = static_cast<char*>(std::malloc(in.kv_bytes));
+  if (!p) die("out of memory");
+  size_t off = 0;
+  for (const kv::Layer& layer : in.layers) {
+    std::memcpy(p + off, layer.k.data(), layer.k.bytes());
+    off += layer.k.bytes();
+    std::memcpy(p + off, layer.v.data(), layer.v.bytes());
+    off += layer.v.bytes();
+  }
+  g_sink = uint64_t(p[off / 2]);
+  std::free(p);
+  return now() - t0;
+}
+
+// read() of the pipe into one freshly allocated buffer of the whole size (what the pipe reader's
+// slurp of stdin into memory costs, without its realloc growth).
+double pipe_read_plain_fresh(const std::string& feed, size_t expect) {
+  int p[2];
+  check_sys(pipe2(p, O_CLOEXEC) == 0, "pipe");
+  pid_t pid = spawn_self({"--feed", feed}, -1, p[1]);
+  ::close(p[1]);
+  double t0 = now();
+  auto* buf = static_cast<char*>(std::malloc(expect));
+  if (!buf) die("out of memory");
+  size_t total = 0;
+  for (;;) {
+    ssize_t got = ::read(p[0], buf + total, expect - total);
+    if (got == 0 || total == expect) break;
+    if (got < 0 && errno == EINTR) continue;
+    check_sys(got > 0, "read");
+    total += size_t(got);
+  }
+  ::close(p[0]);
+  wait_child(pid, "--feed");
+  g_sink = uint64_t(buf[total / 2]);
+  std::free(buf);
+  double t = now() - t0;
+  if (total != expect) die("plain pipe read: short");
+  return t;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Memory bandwidth
-
-volatile uint64_t g_sink;
 
 double stream_read_gbps(size_t bytes, int threads, int reps) {
   size_t n = bytes / 8;
@@ -410,6 +504,38 @@ struct Row {
   bool judged;  // codec none: judged against the target
   std::string note;
 };
+
+// CPU time of the whole machine from /proc/stat (seconds): busy (not idle/iowait) and steal.
+struct MachineCpu {
+  double busy = 0, steal = 0;
+};
+
+MachineCpu machine_cpu() {
+  MachineCpu m;
+  FILE* f = std::fopen("/proc/stat", "r");
+  if (!f) return m;
+  unsigned long long v[8] = {};
+  if (std::fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2], &v[3],
+                  &v[4], &v[5], &v[6], &v[7]) == 8) {
+    const double hz = double(sysconf(_SC_CLK_TCK));
+    m.busy = double(v[0] + v[1] + v[2] + v[5] + v[6]) / hz;  // user nice system irq softirq
+    m.steal = double(v[7]) / hz;
+  }
+  std::fclose(f);
+  return m;
+}
+
+// CPU seconds used by this process and its waited-for children.
+double own_cpu() {
+  double t = 0;
+  for (int who : {RUSAGE_SELF, RUSAGE_CHILDREN}) {
+    rusage ru{};
+    getrusage(who, &ru);
+    t += double(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+         1e-6 * double(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
+  }
+  return t;
+}
 
 struct Options {
   int64_t tokens = 8192;
@@ -474,14 +600,16 @@ int64_t file_size(const std::string& path) {
 }
 
 struct Rss {
-  long kib = 0;
+  long kib = 0;     // VmHWM
+  long ru_kib = 0;  // ru_maxrss (inherited across exec: for reference only)
   int64_t layer_kv = 0;
 };
 
 Rss parse_rss(const std::string& s) {
   Rss r;
   long long lk = 0;
-  if (std::sscanf(s.c_str(), "maxrss_kib %ld layer_kv_bytes %lld", &r.kib, &lk) != 2)
+  if (std::sscanf(s.c_str(), "maxrss_kib %ld layer_kv_bytes %lld ru_maxrss_kib %ld", &r.kib, &lk,
+                  &r.ru_kib) != 3)
     die("cannot parse the --rss-read output: " + s);
   r.layer_kv = lk;
   return r;
@@ -503,6 +631,9 @@ int run(const Options& o) {
   std::printf("bench-snapshot-io: %s, %" PRId64 " tokens, dir %s, %ld CPUs (%s), %d OpenMP threads\n",
               o.model.c_str(), o.tokens, o.dir.c_str(), sysconf(_SC_NPROCESSORS_ONLN),
               host_cpu.c_str(), omp_get_max_threads());
+
+  const MachineCpu cpu0 = machine_cpu();
+  const double own0 = own_cpu(), wall0 = now();
 
   // --- the snapshot, generated once (not timed as I/O)
   kv::SynthSpec spec;
@@ -534,7 +665,7 @@ int run(const Options& o) {
   if (free_gib < need_gib) die("not enough free space in " + o.dir + " (use --dir)");
 
   // --- memory bandwidth
-  double bw_read = stream_read_gbps(size_t(1) << 30, 2, 3);
+  double bw_read = stream_read_gbps(size_t(1) << 30, 2, 5);
   double bw_copy = memcpy_gbps(256 * kMiB, 3);
   std::printf("memory: STREAM-like read (sum of 1 GiB, 2 threads) %.1f GB/s; "
               "memcpy (256 MiB, 1 thread) %.1f GB/s copied\n\n",
@@ -586,6 +717,21 @@ int run(const Options& o) {
       plain_gbps[0] = gb / tw_plain.best();
     }
     add_breakdown("file write " + tag, pw_best, tw_ours.best());
+    if (none) {
+      Times tw, tc;
+      for (int r = 0; r < reps; ++r) {
+        double a = 0, b = 0;
+        file_write_plain_pretruncated(plain_path + ".trunc", in, a, b);
+        tw.s.push_back(a);
+        tc.s.push_back(b);
+      }
+      char line[320];
+      std::snprintf(line, sizeof line,
+                    "  %-22s fwrite+fflush [%s] s, fclose [%s] s: plain write into an existing "
+                    "empty file opened with O_TRUNC, as mkstemp + H5Fcreate(H5F_ACC_TRUNC) do\n",
+                    "file write plain", tw.all().c_str(), tc.all().c_str());
+      breakdown += line;
+    }
     rows.push_back({"file write", tag, gb / tw_ours.best(), plain_gbps[0], none, ""});
 
     // file read: warm the page cache (and check the round trip) first
@@ -598,16 +744,16 @@ int run(const Options& o) {
             layer.positions != want.positions)
           die("layer " + std::to_string(l) + " did not round-trip through " + ours_path);
       }
-      if (none) file_read_plain(plain_path, buf, in.kv_bytes);
+      if (none) file_read_plain(plain_path, in, buf);
     }
     Times tr_ours, tr_plain;
     Parts pr_best{};
     for (int r = 0; r < reps; ++r) {
       bool plain_first = r % 2 == 0;
-      if (none && plain_first) tr_plain.s.push_back(file_read_plain(plain_path, buf, in.kv_bytes));
+      if (none && plain_first) tr_plain.s.push_back(file_read_plain(plain_path, in, buf));
       tr_ours.s.push_back(file_read_ours(ours_path, layer, &parts));
       if (tr_ours.s.back() == tr_ours.best()) pr_best = parts;
-      if (none && !plain_first) tr_plain.s.push_back(file_read_plain(plain_path, buf, in.kv_bytes));
+      if (none && !plain_first) tr_plain.s.push_back(file_read_plain(plain_path, in, buf));
     }
     std::printf("file read   ours  [%s] s (page cache warm)\n", tr_ours.all().c_str());
     if (none) {
@@ -665,6 +811,16 @@ int run(const Options& o) {
       plain_gbps[2] = gb / tpw_plain.best();
     }
     add_breakdown("pipe write " + tag, ppw_best, tpw_ours.best());
+    if (none) {
+      Times t;
+      for (int r = 0; r < reps; ++r) t.s.push_back(memcpy_fresh(in));
+      char line[320];
+      std::snprintf(line, sizeof line,
+                    "  %-22s %.3f s best [%s] (%.2f GB/s): memcpy of k+v into a fresh malloc'd "
+                    "buffer + free (page faults + copy)\n",
+                    "fresh-buffer copy", t.best(), t.all().c_str(), gb / t.best());
+      breakdown += line;
+    }
     rows.push_back({"pipe write", tag, gb / tpw_ours.best(), plain_gbps[2], none, ""});
 
     // pipe read
@@ -683,6 +839,16 @@ int run(const Options& o) {
       plain_gbps[3] = gb / tpr_plain.best();
     }
     add_breakdown("pipe read " + tag, ppr_best, tpr_ours.best());
+    if (none) {
+      Times t;
+      for (int r = 0; r < reps; ++r) t.s.push_back(pipe_read_plain_fresh(plain_path, in.kv_bytes));
+      char line[320];
+      std::snprintf(line, sizeof line,
+                    "  %-22s %.3f s best [%s] (%.2f GB/s): plain read() of the pipe into one "
+                    "fresh buffer of the whole size\n",
+                    "pipe read plain fresh", t.best(), t.all().c_str(), gb / t.best());
+      breakdown += line;
+    }
     rows.push_back({"pipe read", tag, gb / tpr_ours.best(), plain_gbps[3], none, ""});
 
     if (!o.keep) ::unlink(ours_path.c_str());
@@ -710,17 +876,29 @@ int run(const Options& o) {
 
   const double bound_mib = 1.3 * double(in.layer_kv_bytes) / double(kMiB) + 100.0;
   const double rss_mib = double(rss_file.kib) / 1024.0;
-  std::printf("Peak RSS reading the codec-none file layer by layer (fresh process, ru_maxrss):\n");
+  std::printf("Peak RSS reading the codec-none file layer by layer (fresh process, VmHWM):\n");
   std::printf("  %.1f MiB; bound 1.3 x %.1f MiB (one layer's k+v) + 100 MiB = %.1f MiB: %s\n",
               rss_mib, double(rss_file.layer_kv) / double(kMiB), bound_mib,
               rss_mib <= bound_mib ? "PASS" : "FAIL");
   std::printf("  for information: idle process with libkv loaded %.1f MiB", rss_idle.kib / 1024.0);
   for (const auto& [tag, r] : rss_codec) std::printf("; %s file %.1f MiB", tag.c_str(), r.kib / 1024.0);
-  std::printf("; none from stdin (\"-\", held whole in memory) %.1f MiB\n\n", rss_stdin.kib / 1024.0);
+  std::printf("; none from stdin (\"-\", held whole in memory) %.1f MiB\n", rss_stdin.kib / 1024.0);
+  std::printf("  (the child's getrusage ru_maxrss was %.1f MiB: Linux carries it over from the "
+              "parent across exec, so VmHWM is used)\n\n",
+              rss_file.ru_kib / 1024.0);
 
   std::printf("Where ours spends its time (best run of each; open = constructor, layers = "
-              "write_layer/read_layer calls, finish = finish()):\n%s",
+              "write_layer/read_layer calls, finish = finish()):\n%s\n",
               breakdown.c_str());
+
+  const MachineCpu cpu1 = machine_cpu();
+  const double wall = now() - wall0, own = own_cpu() - own0;
+  const double others = std::max(0.0, cpu1.busy - cpu0.busy - own);
+  const long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+  std::printf("Run: %.0f s wall; CPU busy outside this benchmark (other processes, kernel threads "
+              "such as writeback): %.1f s of %.0f s (%.0f%%); VM steal %.1f s\n",
+              wall, others, wall * double(ncpu), 100.0 * others / (wall * double(ncpu)),
+              cpu1.steal - cpu0.steal);
   return 0;
 }
 
