@@ -17,3 +17,8 @@ if ((${#missing[@]})); then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
+# Test-side Python references (PyPI): gguf's reference (de)quantizers and GGUF writer.
+if ! python3 -c "import gguf, numpy" 2>/dev/null; then
+  echo "setup: installing gguf, numpy for $(command -v python3)" >&2
+  python3 -m pip install -q "gguf==0.19.0" numpy >&2
+fi
