@@ -4,22 +4,26 @@
 //
 //   file write  SnapshotWriter(FILE) + 32 x write_layer + finish()  vs  fwrite of the same k and v
 //               buffers to another file in the same directory; fflush + fclose, no fsync.
-//   file read   SnapshotReader(FILE) + 32 x read_layer into one reused Layer  vs  fread of the
-//               k+v bytes into one reused buffer of one layer's size; both files read once first.
+//   file read   SnapshotReader(FILE) + 32 x read_layer into one reused Layer  vs  fread of each
+//               layer's k and v bytes into one reused, page-aligned buffer of one layer's size;
+//               both files are read once first (page cache warm).
 //   pipe write  the writer with "-" while fd 1 is a pipe to a child that read()s and discards
 //               (1 MiB buffer)  vs  write() of the same k and v buffers to an identical pipe/child.
 //   pipe read   a child copies the snapshot file into a pipe; SnapshotReader("-") with fd 0 on
 //               that pipe reads all layers  vs  read() of the plain k+v file from an identical
-//               pipe/child into a reused one-layer buffer.
+//               pipe/child into the reused one-layer buffer.
 //   peak RSS    a fresh process (this program, exec'd with --rss-read FILE) reads the file layer
-//               by layer into one Layer and prints its ru_maxrss.
+//               by layer into one Layer and prints its peak RSS (VmHWM; see maxrss_kib()).
 //   memory bw   STREAM-like read (sum of a 1 GiB array with 2 threads), single-thread memcpy.
+//   diagnostics plain I/O that does what libkv does (O_TRUNC'd file, fresh buffers, unaligned
+//               buffer, no NaN scan), to show where ours' time goes.
 //
 // GB/s are 1e9 bytes per second of k+v payload (the same byte count for ours and plain, whatever
 // the codec), best of --reps runs (all runs are printed). Exit status is non-zero only if something
 // fails to run, never because a target is missed.
 #include <fcntl.h>
 #include <omp.h>
+#include <sched.h>
 #include <spawn.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -35,6 +39,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -149,6 +154,36 @@ int mode_rss_idle() {
 // Processes and fds
 
 std::string self_exe;
+
+// --pipe-cpus: where the two ends of a pipe run. "any": the scheduler decides (default);
+// "same": both on CPU 0; "split": this process on CPU 0, the child on CPU 1. On this VM a pipe
+// between two CPUs is about 3x slower than one within a CPU (cross-CPU wakeups), so unpinned
+// pipe figures swing with whatever else runs.
+std::string g_pipe_cpus = "any";
+
+void set_cpu(int cpu) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  check_sys(sched_setaffinity(0, sizeof set, &set) == 0, "sched_setaffinity");
+}
+
+// Pins this process for one pipe measurement and restores the affinity afterwards.
+class PipePinning {
+ public:
+  PipePinning() {
+    sched_getaffinity(0, sizeof saved_, &saved_);
+    if (g_pipe_cpus == "same") set_cpu(0);
+    if (g_pipe_cpus == "split") set_cpu(1);  // inherited by the child spawned next
+  }
+  void after_spawn() {
+    if (g_pipe_cpus == "split") set_cpu(0);
+  }
+  ~PipePinning() { sched_setaffinity(0, sizeof saved_, &saved_); }
+
+ private:
+  cpu_set_t saved_;
+};
 
 // Starts this program with `args`, fd 0 from in_fd and fd 1 to out_fd (-1: inherited).
 pid_t spawn_self(const std::vector<std::string>& args, int in_fd, int out_fd) {
@@ -282,7 +317,7 @@ double file_read_ours(const std::string& path, kv::Layer& out, Parts* parts,
 
 // fread of each layer's k and then v bytes (the requests fwrite made, the dataset reads ours
 // makes) into the two halves of one reused buffer of one layer's size.
-double file_read_plain(const std::string& path, const Input& in, std::vector<char>& buf) {
+double file_read_plain(const std::string& path, const Input& in, std::span<char> buf) {
   double t0 = now();
   FILE* f = std::fopen(path.c_str(), "rb");
   check_sys(f != nullptr, "fopen");
@@ -299,9 +334,11 @@ double file_read_plain(const std::string& path, const Input& in, std::vector<cha
 }
 
 double pipe_write_ours(const Input& in, const kv::Codec& codec, Parts* parts) {
+  PipePinning pin;
   int p[2];
   check_sys(pipe2(p, O_CLOEXEC) == 0, "pipe");
   pid_t pid = spawn_self({"--drain"}, p[0], -1);
+  pin.after_spawn();
   ::close(p[0]);
   Redirect out(p[1], 1);
   ::close(p[1]);
@@ -313,9 +350,11 @@ double pipe_write_ours(const Input& in, const kv::Codec& codec, Parts* parts) {
 }
 
 double pipe_write_plain(const Input& in) {
+  PipePinning pin;
   int p[2];
   check_sys(pipe2(p, O_CLOEXEC) == 0, "pipe");
   pid_t pid = spawn_self({"--drain"}, p[0], -1);
+  pin.after_spawn();
   ::close(p[0]);
   Redirect out(p[1], 1);
   ::close(p[1]);
@@ -327,9 +366,11 @@ double pipe_write_plain(const Input& in) {
 }
 
 double pipe_read_ours(const std::string& feed, kv::Layer& out, Parts* parts) {
+  PipePinning pin;
   int p[2];
   check_sys(pipe2(p, O_CLOEXEC) == 0, "pipe");
   pid_t pid = spawn_self({"--feed", feed}, -1, p[1]);
+  pin.after_spawn();
   ::close(p[1]);
   Redirect in(p[0], 0);
   ::close(p[0]);
@@ -345,10 +386,12 @@ double pipe_read_ours(const std::string& feed, kv::Layer& out, Parts* parts) {
   return now() - t0;
 }
 
-double pipe_read_plain(const std::string& feed, std::vector<char>& buf, size_t expect) {
+double pipe_read_plain(const std::string& feed, std::span<char> buf, size_t expect) {
+  PipePinning pin;
   int p[2];
   check_sys(pipe2(p, O_CLOEXEC) == 0, "pipe");
   pid_t pid = spawn_self({"--feed", feed}, -1, p[1]);
+  pin.after_spawn();
   ::close(p[1]);
   Redirect in(p[0], 0);
   ::close(p[0]);
@@ -418,9 +461,11 @@ double memcpy_fresh(const Input& in) {
 // read() of the pipe into one freshly allocated buffer of the whole size (what the pipe reader's
 // slurp of stdin into memory costs, without its realloc growth).
 double pipe_read_plain_fresh(const std::string& feed, size_t expect) {
+  PipePinning pin;
   int p[2];
   check_sys(pipe2(p, O_CLOEXEC) == 0, "pipe");
   pid_t pid = spawn_self({"--feed", feed}, -1, p[1]);
+  pin.after_spawn();
   ::close(p[1]);
   double t0 = now();
   auto* buf = static_cast<char*>(std::malloc(expect));
@@ -546,6 +591,7 @@ struct Options {
   std::vector<std::string> codecs;
   double target = 0.7;
   bool keep = false;
+  std::string pipe_cpus = "any";
 };
 
 void usage() {
@@ -558,7 +604,9 @@ void usage() {
       "  --reps R        runs of each codec-none measurement, best taken (default 3)\n"
       "  --codec-reps R  runs of each compressed measurement (default 1)\n"
       "  --codec SPEC    codecs to run (default: none, zstd,1, deflate,1); none always runs\n"
-      "  --keep          keep the files\n");
+      "  --keep          keep the files\n"
+      "  --pipe-cpus M   pipe ends: any (scheduler decides, default), same (both on CPU 0),\n"
+      "                  split (this process on CPU 0, the child on CPU 1)\n");
 }
 
 Options parse(int argc, char** argv) {
@@ -579,6 +627,13 @@ Options parse(int argc, char** argv) {
     else if (a == "--codec-reps") o.codec_reps = std::max(1, std::atoi(need(i).c_str()));
     else if (a == "--codec") o.codecs.push_back(need(i));
     else if (a == "--keep") o.keep = true;
+    else if (a == "--pipe-cpus") {
+      o.pipe_cpus = need(i);
+      if (o.pipe_cpus != "any" && o.pipe_cpus != "same" && o.pipe_cpus != "split") {
+        usage();
+        std::exit(64);
+      }
+    }
     else if (a == "-h" || a == "--help") {
       usage();
       std::exit(0);
@@ -628,10 +683,13 @@ int run(const Options& o) {
       }
     std::fclose(f);
   }
-  std::printf("bench-snapshot-io: %s, %" PRId64 " tokens, dir %s, %ld CPUs (%s), %d OpenMP threads\n",
+  std::printf("bench-snapshot-io: %s, %" PRId64 " tokens, dir %s, %ld CPUs (%s), %d OpenMP "
+              "threads, pipe ends on CPUs: %s\n",
               o.model.c_str(), o.tokens, o.dir.c_str(), sysconf(_SC_NPROCESSORS_ONLN),
-              host_cpu.c_str(), omp_get_max_threads());
+              host_cpu.c_str(), omp_get_max_threads(), o.pipe_cpus.c_str());
 
+  g_pipe_cpus = o.pipe_cpus;
+  if (g_pipe_cpus != "any" && sysconf(_SC_NPROCESSORS_ONLN) < 2) die("--pipe-cpus needs 2 CPUs");
   const MachineCpu cpu0 = machine_cpu();
   const double own0 = own_cpu(), wall0 = now();
 
@@ -655,11 +713,11 @@ int run(const Options& o) {
               in.header.model.n_layers, double(in.kv_bytes) / double(1 << 30),
               double(in.layer_kv_bytes) / double(kMiB), now() - tg);
 
-  // --- disk space: ours + plain file of the largest codec (none) + slack
+  // --- disk space: ours + plain file + the O_TRUNC diagnostic's file, codec none, + slack
   struct statvfs vfs {};
   check_sys(statvfs(o.dir.c_str(), &vfs) == 0, ("statvfs " + o.dir).c_str());
   double free_gib = double(vfs.f_bavail) * double(vfs.f_frsize) / double(1 << 30);
-  double need_gib = 2.2 * double(in.kv_bytes) / double(1 << 30) + 0.1;
+  double need_gib = 3.2 * double(in.kv_bytes) / double(1 << 30) + 0.1;
   std::printf("free space in %s: %.1f GiB (need about %.1f GiB)\n", o.dir.c_str(), free_gib,
               need_gib);
   if (free_gib < need_gib) die("not enough free space in " + o.dir + " (use --dir)");
@@ -674,8 +732,17 @@ int run(const Options& o) {
   const std::string pid = std::to_string(::getpid());
   const std::string plain_path = o.dir + "/bench-snapshot-io." + pid + ".plain.bin";
   kv::Layer layer;
-  std::vector<char> buf(in.layer_kv_bytes);
-  std::fill(buf.begin(), buf.end(), 0);  // fault the buffer in before timing
+  // The plain readers' buffer: page-aligned, as a careful reader would use. The copy out of the
+  // page cache (rep movsb) runs at about half speed when source and destination are not
+  // 32-byte aligned to each other; a plain malloc'd buffer (16 bytes past a page boundary) is
+  // measured as a diagnostic below. Faulted in before timing.
+  const size_t buf_bytes = (in.layer_kv_bytes + 4095) / 4096 * 4096;
+  std::unique_ptr<char, decltype(&std::free)> buf_owner(
+      static_cast<char*>(std::aligned_alloc(4096, buf_bytes)), &std::free);
+  if (!buf_owner) die("out of memory");
+  std::span<char> buf(buf_owner.get(), in.layer_kv_bytes);
+  std::memset(buf.data(), 0, buf.size());
+  std::vector<char> buf_malloc(in.layer_kv_bytes, 0);
   std::vector<Row> rows;
   double plain_gbps[4] = {};  // file write, file read, pipe write, pipe read
   const double gb = double(in.kv_bytes) / 1e9;
@@ -699,9 +766,14 @@ int run(const Options& o) {
     const std::string ours_path = o.dir + "/bench-snapshot-io." + pid + "." + safe + ".kv.h5";
     std::printf("== codec %s (%d run%s each)\n", tag.c_str(), reps, reps > 1 ? "s" : "");
 
-    // file write
+    // file write. With codec none, one untimed round first: the first 1 GiB written into the
+    // page cache after start-up runs several times slower here (fresh pages), for either writer.
     Times tw_ours, tw_plain;
     Parts pw_best{}, parts{};
+    if (none) {
+      file_write_plain(plain_path, in);
+      file_write_ours(ours_path, in, codec, nullptr);
+    }
     for (int r = 0; r < reps; ++r) {
       bool plain_first = r % 2 == 0;  // alternate the order so drift hits both alike
       if (none && plain_first) tw_plain.s.push_back(file_write_plain(plain_path, in));
@@ -761,6 +833,17 @@ int run(const Options& o) {
       plain_gbps[1] = gb / tr_plain.best();
     }
     add_breakdown("file read " + tag, pr_best, tr_ours.best());
+    if (none) {
+      Times t;
+      for (int r = 0; r < reps; ++r) t.s.push_back(file_read_plain(plain_path, in, buf_malloc));
+      char line[320];
+      std::snprintf(line, sizeof line,
+                    "  %-22s %.3f s best [%s] (%.2f GB/s): plain fread into a std::vector buffer "
+                    "(malloc'd, %zu mod 64) instead of a page-aligned one\n",
+                    "file read plain", t.best(), t.all().c_str(), gb / t.best(),
+                    size_t(reinterpret_cast<uintptr_t>(buf_malloc.data()) % 64));
+      breakdown += line;
+    }
     rows.push_back({"file read", tag, gb / tr_ours.best(), plain_gbps[1], none, ""});
     if (none) {
       // Where read time goes: the same read without the NaN/Inf scan of k and v.

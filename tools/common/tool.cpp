@@ -33,7 +33,7 @@ void Tool::add_output_options() {
       ->default_val("none");
   app_.add_flag("--no-provenance", no_provenance,
                 "Do not append this run to the snapshot's provenance and history");
-  app_.add_flag("-f,--force", force,
+  app_.add_flag("--force", force,
                 "Write binary output to a terminal, or replace the input file");
   app_.add_flag("--allow-nonfinite", allow_nonfinite, "Accept NaN/Inf in keys and values");
 }

@@ -39,3 +39,14 @@ float bf16_to_f32(uint16_t h);
 uint16_t f32_to_bf16(float f);
 
 }  // namespace kvk
+
+namespace kvk {
+
+// Y[b, n] = sum_k X[b, k] * W[n, k] for b < B, n < N (X row stride K, W row stride K, Y row
+// stride ldy): the product of activations with a block of weight rows, the prefill GEMM's core.
+// Register-blocked and multiversioned (AVX-512 / AVX2 / baseline); single-threaded: callers
+// split N across threads.
+void gemm_nt(const float* X, int64_t B, int64_t K, const float* W, int64_t N, float* Y,
+             int64_t ldy);
+
+}  // namespace kvk
