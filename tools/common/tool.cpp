@@ -4,6 +4,8 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <iostream>
 
 #include "kv/error.h"
@@ -70,6 +72,23 @@ void Tool::progress_done() const {
   std::fprintf(stderr, "\r\033[K");
 }
 
+namespace {
+// With KV_REPORT_PEAK_RSS set, a tool prints its peak resident memory (VmHWM) on stderr at exit,
+// for memory benchmarks that run the tools as child processes.
+void report_peak_rss(const std::string& name) {
+  if (!std::getenv("KV_REPORT_PEAK_RSS")) return;
+  FILE* f = std::fopen("/proc/self/status", "r");
+  if (!f) return;
+  char line[256];
+  while (std::fgets(line, sizeof line, f))
+    if (std::strncmp(line, "VmHWM:", 6) == 0) {
+      long kib = std::strtol(line + 6, nullptr, 10);
+      std::fprintf(stderr, "%s: peak_rss_bytes %lld\n", name.c_str(), (long long)kib * 1024);
+    }
+  std::fclose(f);
+}
+}  // namespace
+
 int Tool::run(int argc, char** argv, const std::function<void()>& body) {
   argc_ = argc;
   argv_ = argv;
@@ -88,6 +107,7 @@ int Tool::run(int argc, char** argv, const std::function<void()>& body) {
   if (threads > 0) omp_set_num_threads(threads);
   try {
     body();
+    report_peak_rss(name_);
     return 0;
   } catch (const kv::Error& e) {
     progress_done();
