@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
-# Sets everything up and runs the main job. Until kv-capture exists, the job makes an
-# 8B-shaped synthetic snapshot (a few thousand tokens) and inspects it; the snapshot is left in
-# out/ for the next tools.
+# Sets everything up and runs the main job: capture the KV cache of the bundled model over a
+# TinyStories prompt (with observation window, attention statistics and a 64-token probe),
+# inspect it, and print the model's perplexity. Strategies (kv-evict, kv-compress, ...) and
+# kv-eval join the chain as they land. Outputs go to out/.
+#   KV_MODEL   model file (default ../shared/models/stories260K.gguf)
+#   KV_TEXT    prompt text (default ../shared/data/tinystories_val.txt)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/build.sh release
 export PATH="$PWD/build/bin:$PATH"
+model=${KV_MODEL:-../shared/models/stories260K.gguf}
+text=${KV_TEXT:-../shared/data/tinystories_val.txt}
+if [ ! -f "$model" ]; then
+  echo "main-job: model '$model' not found: set KV_MODEL to a GGUF file or llama2.c checkpoint" >&2
+  exit 66
+fi
 mkdir -p out
-kv-synth --preset llama3-8b --tokens "${KV_TOKENS:-2048}" --window 32 --codec zstd -o out/synth.kv.h5
-kv-inspect --stats --plot out/synth-keys.svg out/synth.kv.h5 | head -n 40
-echo "main-job: wrote out/synth.kv.h5 and out/synth-keys.svg" >&2
+kv-capture -m "$model" -f "$text" --ctx 400 --window 32 --attn-stats --probe 64 -o out/capture.kv.h5
+kv-inspect --stats --plot out/capture-keys.svg out/capture.kv.h5
+kv-capture -m "$model" --perplexity -f "$text" --ctx 512
+echo "main-job: wrote out/capture.kv.h5 and out/capture-keys.svg" >&2
