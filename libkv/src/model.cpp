@@ -40,7 +40,10 @@ void linear(const float* X, int64_t B, const Weight& W, float* Y) {
   // Row blocks of about 128 KiB of f32 weights: dequantized once, reused for all B rows of X.
   const int64_t block = std::max<int64_t>(4, (int64_t(32768) / K) / 4 * 4);
   const int64_t n_blocks = (N + block - 1) / block;
-#pragma omp parallel
+  // Small products run on one thread: a fork/join costs more than they do, and on a loaded
+  // machine a spinning barrier can wait a whole scheduler slice for a descheduled thread.
+  const bool threaded = double(B) * double(K) * double(N) > double(1 << 20) && n_blocks > 1;
+#pragma omp parallel if (threaded)
   {
     std::vector<float> buf(W.type == GgmlType::F32 ? 0 : size_t(block * K));
 #pragma omp for schedule(static)
@@ -425,7 +428,8 @@ void Session::forward(const int32_t* tokens, int64_t n, std::vector<float>& logi
       // Causal attention; one thread per query head, so per-head statistics need no locks.
       float* acc = capture.attn_stats ? attn_acc[size_t(l)].data() : nullptr;
       float* last = capture.attn_stats ? attn_last[size_t(l)].data() : nullptr;
-#pragma omp parallel for schedule(static)
+      const bool threaded = double(B) * double(p0 + B) * double(Hq * Hd) > double(1 << 20);
+#pragma omp parallel for schedule(static) if (threaded)
       for (int64_t h = 0; h < Hq; ++h) {
         std::vector<float> score(size_t(p0 + B));
         const int64_t kvh = h / G;

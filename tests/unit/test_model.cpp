@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <numeric>
 #include <sstream>
@@ -249,5 +250,78 @@ TEST(Capture, BadRequestsAreUsageErrors) {
     ADD_FAILURE();
   } catch (const kv::Error& e) {
     EXPECT_EQ(e.code(), kv::Exit::data);
+  }
+}
+
+namespace {
+// Rewrites the legacy stories260K.bin as a llama2.c "v1" export (magic "ak42", version 1,
+// 256-byte header, norms first, then the matrices), the layout of llama2.c's export.py.
+std::string write_v1_copy() {
+  std::ifstream in(models_dir() + "/stories260K.bin", std::ios::binary);
+  std::vector<char> bin((std::istreambuf_iterator<char>(in)), {});
+  int32_t h[7];
+  std::memcpy(h, bin.data(), sizeof h);
+  const int64_t D = h[0], Hd = h[1], L = h[2], heads = h[3], kvh = h[4], V = std::abs(h[5]), ctx = h[6];
+  const int64_t kv_dim = D / heads * kvh;
+  const float* f = reinterpret_cast<const float*>(bin.data() + 28);
+  auto span = [&](int64_t n) {
+    std::vector<float> v(f, f + n);
+    f += n;
+    return v;
+  };
+  auto emb = span(V * D), att_norm = span(L * D), wq = span(L * D * D), wk = span(L * kv_dim * D),
+       wv = span(L * kv_dim * D), wo = span(L * D * D), ffn_norm = span(L * D), w1 = span(L * Hd * D),
+       w2 = span(L * D * Hd), w3 = span(L * Hd * D), final_norm = span(D);
+  (void)ctx;
+  std::string path = ::testing::TempDir() + "/stories260K-v1.bin";
+  std::ofstream out(path, std::ios::binary);
+  char header[256] = {};
+  const uint32_t magic = 0x616b3432;
+  const int32_t version = 1;
+  std::memcpy(header, &magic, 4);
+  std::memcpy(header + 4, &version, 4);
+  int32_t params[7] = {h[0], h[1], h[2], h[3], h[4], int32_t(V), h[6]};
+  std::memcpy(header + 8, params, sizeof params);
+  header[36] = 1;  // shared classifier
+  out.write(header, 256);
+  for (const auto* v : {&att_norm, &ffn_norm, &final_norm, &emb, &wq, &wk, &wv, &wo, &w1, &w2, &w3})
+    out.write(reinterpret_cast<const char*>(v->data()), std::streamsize(v->size() * 4));
+  return path;
+}
+}  // namespace
+
+TEST(Model, Llama2cV1ExportGivesTheSameLogits) {
+  NEED_MODELS();
+  auto v1 = kv::Model::load(write_v1_copy(), models_dir() + "/tok512.bin");
+  EXPECT_EQ(v1->format(), "llama2.c v1");
+  auto legacy = bin_model();
+  auto ids = legacy->tokenizer().encode(kGolden, true);
+  kv::Session a(*v1, int64_t(ids.size())), b(*legacy, int64_t(ids.size()));
+  std::vector<float> la, lb;
+  a.forward(ids.data(), int64_t(ids.size()), la, true);
+  b.forward(ids.data(), int64_t(ids.size()), lb, true);
+  EXPECT_EQ(la, lb);
+}
+
+TEST(Model, BadModelFilesAreDataErrors) {
+  NEED_MODELS();
+  const std::string dir = ::testing::TempDir();
+  auto expect_code = [](const std::string& path, kv::Exit code, const std::string& needle) {
+    try {
+      kv::Model::load(path, "");
+      ADD_FAILURE() << path << " loaded";
+    } catch (const kv::Error& e) {
+      EXPECT_EQ(int(e.code()), int(code)) << e.what();
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  expect_code(dir + "/missing.gguf", kv::Exit::no_input, "No such file");
+  { std::ofstream(dir + "/text.bin") << "hello, this is not a model at all, just some text\n"; }
+  expect_code(dir + "/text.bin", kv::Exit::data, "neither a GGUF file nor a llama2.c checkpoint");
+  std::ifstream in(models_dir() + "/stories260K.bin", std::ios::binary);
+  std::vector<char> bin((std::istreambuf_iterator<char>(in)), {});
+  for (size_t cut : {size_t(20), size_t(1000), bin.size() / 2, bin.size() - 4}) {
+    std::ofstream(dir + "/cut.bin", std::ios::binary).write(bin.data(), std::streamsize(cut));
+    expect_code(dir + "/cut.bin", kv::Exit::data, cut < 28 ? "too short" : "truncated");
   }
 }
