@@ -171,7 +171,10 @@ int main(int argc, char** argv) {
     opt.window = window;
     opt.attn_stats = attn_stats;
     auto t0 = std::chrono::steady_clock::now();
-    tool.progress("prefill tokens", 0, T);
+    opt.progress = [&](int64_t done, int64_t total) {
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      tool.progress(kv::str("prefill ", int64_t(double(done) / std::max(s, 1e-9)), " tokens/s, tokens"), done, total);
+    };
     kv::Snapshot snap = kv::capture(*model, prompt, probe_tokens, prompt_text_out, opt);
     double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     tool.progress_done();

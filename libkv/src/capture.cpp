@@ -51,6 +51,7 @@ Snapshot capture(const Model& model, const std::vector<int32_t>& prompt,
   Session session(model, T + P);
   session.capture.queries_from = W ? T - W : INT64_MAX;
   session.capture.attn_stats = options.attn_stats;
+  session.on_progress = options.progress;
   std::vector<float> logits;
   session.forward(prompt.data(), T, logits, false);
 

@@ -479,6 +479,7 @@ void Session::forward(const int32_t* tokens, int64_t n, std::vector<float>& logi
       for (size_t i = 0; i < tmp.size(); ++i) x[i] += tmp[i];
     }
     n_past_ += B;
+    if (on_progress) on_progress(b0 + B, n);
     // Logits: every row, or only the last token of the last batch.
     const int64_t first = all_logits ? 0 : B - 1;
     if (!all_logits && b0 + B < n) continue;

@@ -2,6 +2,7 @@
 // side data strategies and evaluation need (observation window, attention statistics, probe).
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -15,6 +16,7 @@ struct CaptureOptions {
   int window = 0;            // post-RoPE queries of the last W prompt tokens
   bool attn_stats = false;   // attention received per key: summed (H2O) and last query (TOVA)
   bool probe_logits = true;  // store the reference logits of the probe
+  std::function<void(int64_t done, int64_t total)> progress;  // prompt tokens processed
 };
 
 // Captures `prompt` (its first token is usually BOS). `probe` tokens, if any, are teacher-forced

@@ -3,6 +3,7 @@
 // snapshot stores: post-RoPE keys and values per KV head and position.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -98,6 +99,8 @@ class Session {
     int64_t queries_from = INT64_MAX;  // record post-RoPE queries of positions >= this
     bool attn_stats = false;           // accumulate attention received per (layer, q head, key)
   } capture;
+  // Called after each batch of forward() with the number of tokens of this call done so far.
+  std::function<void(int64_t done, int64_t total)> on_progress;
   // Recorded queries: per layer, rows [position][q head][head_dim] in the order processed.
   std::vector<std::vector<float>> queries;
   std::vector<int32_t> query_positions;
