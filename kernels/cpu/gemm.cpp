@@ -1,7 +1,10 @@
-// The CPU GEMM micro-kernel: 2 activation rows x 4 weight rows per step, vectorized along K
-// with 8-wide GCC vector types (one AVX2 register; AVX-512 and baseline clones are generated).
-// 8 accumulators + 6 operands fit the 16 vector registers of AVX2 without spilling.
+// The CPU GEMM: Y = X W^T for a block of weight rows. W is packed into panels of 16 rows laid
+// out k-major ([k][16]), then an outer-product micro-kernel keeps a 6 x 16 tile of Y in twelve
+// 8-wide accumulators: per k it loads two W vectors and broadcasts six X values (the BLIS
+// layout for AVX2's 16 vector registers). Multiversioned for AVX-512 / AVX2 / baseline.
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "kvk/ops.h"
 
@@ -10,68 +13,70 @@ namespace kvk {
 namespace {
 
 typedef float v8 __attribute__((vector_size(32)));
+constexpr int kNR = 16;  // weight rows per panel
+constexpr int kMR = 6;   // activation rows per micro-tile
 
 __attribute__((always_inline)) inline v8 load8(const float* p) {
   v8 v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
+__attribute__((always_inline)) inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
 
-__attribute__((always_inline)) inline float hsum(v8 v) {
-  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+// Y[MR rows][16 cols] of one panel; `cols` (<= 16) are stored.
+template <int MR>
+__attribute__((always_inline)) inline void micro(const float* X, int64_t K, const float* panel,
+                                                 float* Y, int64_t ldy, int cols) {
+  v8 acc[MR][2] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    const v8 w0 = load8(panel + k * kNR), w1 = load8(panel + k * kNR + 8);
+    for (int i = 0; i < MR; ++i) {
+      const float x = X[i * K + k];
+      acc[i][0] += x * w0;
+      acc[i][1] += x * w1;
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    if (cols == kNR) {
+      store8(Y + i * ldy, acc[i][0]);
+      store8(Y + i * ldy + 8, acc[i][1]);
+    } else {
+      float tmp[kNR];
+      store8(tmp, acc[i][0]);
+      store8(tmp + 8, acc[i][1]);
+      std::memcpy(Y + i * ldy, tmp, size_t(cols) * sizeof(float));
+    }
+  }
 }
 
 }  // namespace
 
 __attribute__((target_clones("avx512f", "avx2", "default"))) void gemm_nt(
     const float* X, int64_t B, int64_t K, const float* W, int64_t N, float* Y, int64_t ldy) {
-  const int64_t K8 = K - K % 8;
-  int64_t n = 0;
-  for (; n + 4 <= N; n += 4) {
-    const float* w0 = W + n * K;
-    const float *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-    int64_t b = 0;
-    for (; b + 2 <= B; b += 2) {
-      const float *x0 = X + b * K, *x1 = x0 + K;
-      v8 a00 = {}, a01 = {}, a02 = {}, a03 = {}, a10 = {}, a11 = {}, a12 = {}, a13 = {};
-      for (int64_t k = 0; k < K8; k += 8) {
-        const v8 p = load8(x0 + k), q = load8(x1 + k);
-        const v8 r0 = load8(w0 + k), r1 = load8(w1 + k), r2 = load8(w2 + k), r3 = load8(w3 + k);
-        a00 += p * r0, a01 += p * r1, a02 += p * r2, a03 += p * r3;
-        a10 += q * r0, a11 += q * r1, a12 += q * r2, a13 += q * r3;
-      }
-      float s[8] = {hsum(a00), hsum(a01), hsum(a02), hsum(a03),
-                    hsum(a10), hsum(a11), hsum(a12), hsum(a13)};
-      for (int64_t k = K8; k < K; ++k) {
-        s[0] += x0[k] * w0[k], s[1] += x0[k] * w1[k], s[2] += x0[k] * w2[k], s[3] += x0[k] * w3[k];
-        s[4] += x1[k] * w0[k], s[5] += x1[k] * w1[k], s[6] += x1[k] * w2[k], s[7] += x1[k] * w3[k];
-      }
-      std::memcpy(Y + b * ldy + n, s, 4 * sizeof(float));
-      std::memcpy(Y + (b + 1) * ldy + n, s + 4, 4 * sizeof(float));
-    }
-    for (; b < B; ++b) {  // odd activation row
-      const float* x0 = X + b * K;
-      v8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
-      for (int64_t k = 0; k < K8; k += 8) {
-        const v8 p = load8(x0 + k);
-        a0 += p * load8(w0 + k), a1 += p * load8(w1 + k), a2 += p * load8(w2 + k),
-            a3 += p * load8(w3 + k);
-      }
-      float s[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
-      for (int64_t k = K8; k < K; ++k)
-        s[0] += x0[k] * w0[k], s[1] += x0[k] * w1[k], s[2] += x0[k] * w2[k], s[3] += x0[k] * w3[k];
-      std::memcpy(Y + b * ldy + n, s, 4 * sizeof(float));
+  thread_local std::vector<float> packed;
+  const int64_t panels = (N + kNR - 1) / kNR;
+  packed.resize(size_t(panels * kNR * K));
+  for (int64_t p = 0; p < panels; ++p) {  // pack: panel p holds rows 16p.. as [k][16]
+    float* dst = &packed[size_t(p * kNR * K)];
+    const int rows = int(std::min<int64_t>(kNR, N - p * kNR));
+    for (int r = 0; r < kNR; ++r) {
+      const float* src = W + (p * kNR + r) * K;
+      for (int64_t k = 0; k < K; ++k) dst[k * kNR + r] = r < rows ? src[k] : 0.0f;
     }
   }
-  for (; n < N; ++n) {  // leftover weight rows
-    const float* w = W + n * K;
-    for (int64_t b = 0; b < B; ++b) {
-      const float* x = X + b * K;
-      v8 a = {};
-      for (int64_t k = 0; k < K8; k += 8) a += load8(x + k) * load8(w + k);
-      float s = hsum(a);
-      for (int64_t k = K8; k < K; ++k) s += x[k] * w[k];
-      Y[b * ldy + n] = s;
+  for (int64_t p = 0; p < panels; ++p) {
+    const float* panel = &packed[size_t(p * kNR * K)];
+    const int cols = int(std::min<int64_t>(kNR, N - p * kNR));
+    float* y = Y + p * kNR;
+    int64_t b = 0;
+    for (; b + kMR <= B; b += kMR) micro<kMR>(X + b * K, K, panel, y + b * ldy, ldy, cols);
+    switch (B - b) {
+      case 5: micro<5>(X + b * K, K, panel, y + b * ldy, ldy, cols); break;
+      case 4: micro<4>(X + b * K, K, panel, y + b * ldy, ldy, cols); break;
+      case 3: micro<3>(X + b * K, K, panel, y + b * ldy, ldy, cols); break;
+      case 2: micro<2>(X + b * K, K, panel, y + b * ldy, ldy, cols); break;
+      case 1: micro<1>(X + b * K, K, panel, y + b * ldy, ldy, cols); break;
+      default: break;
     }
   }
 }

@@ -37,8 +37,9 @@ void Weight::rows_f32(int64_t r0, int64_t n, float* out) const {
 
 void linear(const float* X, int64_t B, const Weight& W, float* Y) {
   const int64_t N = W.rows, K = W.cols;
-  // Row blocks of about 128 KiB of f32 weights: dequantized once, reused for all B rows of X.
-  const int64_t block = std::max<int64_t>(4, (int64_t(32768) / K) / 4 * 4);
+  // Row blocks of about 128 KiB of f32 weights (whole 16-row panels of the GEMM kernel):
+  // dequantized once, reused for all B rows of X.
+  const int64_t block = std::max<int64_t>(16, (int64_t(32768) / K) / 16 * 16);
   const int64_t n_blocks = (N + block - 1) / block;
   // Small products run on one thread: a fork/join costs more than they do, and on a loaded
   // machine a spinning barrier can wait a whole scheduler slice for a descheduled thread.
