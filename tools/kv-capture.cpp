@@ -99,6 +99,7 @@ int main(int argc, char** argv) {
         throw kv::Error(kv::Exit::usage, "no model: pass -m FILE (a GGUF file or llama2.c checkpoint) or set KV_MODEL");
       model_path = env_model;
     }
+    if (!ppl && (generate == 0 || tool.output != "-")) tool.check_output();  // fail before the model runs
     auto model = kv::Model::load(model_path, tokenizer_path);
     const kv::ModelConfig& c = model->config();
     const int64_t cap = ctx ? std::min<int64_t>(ctx, c.context) : c.context;
@@ -138,7 +139,7 @@ int main(int argc, char** argv) {
       all = model->tokenizer().encode(text, true);
     }
     if (all.empty() || (all.size() == 1 && tokens_file.empty()))
-      throw kv::Error(kv::Exit::data, "the prompt is empty");
+      throw kv::Error(kv::Exit::data, "the prompt is empty (no tokens besides BOS)");
     std::vector<int32_t> probe_tokens;
     if (!probe_file.empty()) {
       probe_tokens = model->tokenizer().encode(read_text(probe_file), false);

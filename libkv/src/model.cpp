@@ -118,9 +118,11 @@ Model::~Model() {
 }
 
 const Tokenizer& Model::tokenizer() const {
+  if (!tokenizer_ && !tokenizer_error_.empty())
+    throw Error(Exit::data, tokenizer_error_ + "; pass token ids with --tokens FILE instead");
   if (!tokenizer_)
-    throw Error(Exit::usage, "this llama2.c checkpoint has no tokenizer: pass --tokenizer FILE "
-                             "(its tokenizer.bin) or token ids with --tokens FILE");
+    throw Error(Exit::usage, "this model has no tokenizer: pass --tokenizer FILE (a llama2.c "
+                             "tokenizer.bin) or token ids with --tokens FILE");
   return *tokenizer_;
 }
 
@@ -219,7 +221,15 @@ void Model::load_gguf(const std::string& path) {
   void* p = map_file(path, &size);
   sha256_ = sha256_hex(p, size);
   if (p) ::munmap(p, size);
-  if (g.has("tokenizer.ggml.tokens")) tokenizer_ = std::make_unique<Tokenizer>(Tokenizer::from_gguf(g));
+  if (g.has("tokenizer.ggml.tokens")) {
+    // A vocabulary kvtk cannot tokenize with (e.g. Llama 3's BPE "gpt2") does not stop the model
+    // from running on token ids (--tokens); asking for the tokenizer reports it.
+    try {
+      tokenizer_ = std::make_unique<Tokenizer>(Tokenizer::from_gguf(g));
+    } catch (const Error& e) {
+      tokenizer_error_ = e.what();
+    }
+  }
 }
 
 void Model::load_llama2c(const std::string& path, const std::string& tokenizer_path) {

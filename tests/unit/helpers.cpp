@@ -8,6 +8,14 @@
 
 namespace kvtest {
 
+// KV_MODELS_DIR, KV_DATA_DIR and KV_BIN default to the build's paths unless already set.
+[[maybe_unused]] static const bool env_defaults = [] {
+  setenv("KV_MODELS_DIR", KV_MODELS_DIR_DEFAULT, 0);
+  setenv("KV_DATA_DIR", KV_DATA_DIR_DEFAULT, 0);
+  setenv("KV_BIN", KV_BIN_DEFAULT, 0);
+  return true;
+}();
+
 kv::Snapshot tiny_snapshot(kv::DType dtype, bool side_data, bool ragged) {
   kv::Snapshot s;
   kv::Header& h = s.header;

@@ -56,6 +56,20 @@ kv::WriteOptions Tool::write_options(const std::string& input_path) const {
   return w;
 }
 
+void Tool::check_output() const {
+  if (output == "-") {
+    if (isatty(1) && !force)
+      throw kv::Error(kv::Exit::usage,
+                      "refusing to write a binary snapshot to a terminal; use -o FILE or a pipe "
+                      "(or --force)");
+    return;
+  }
+  std::string dir = output.find('/') == std::string::npos ? "." : output.substr(0, output.rfind('/'));
+  if (dir.empty()) dir = "/";
+  if (::access(dir.c_str(), W_OK) != 0)
+    throw kv::Error(kv::Exit::cant_create, "cannot create '" + output + "': " + kv::errno_text());
+}
+
 void Tool::stamp(kv::Header& header) const {
   if (!no_provenance) kv::append_provenance(header, name_, argc_, argv_);
 }

@@ -42,6 +42,9 @@ class Tool {
 
   kv::ReadOptions read_options() const { return {allow_nonfinite}; }
   kv::WriteOptions write_options(const std::string& input_path) const;
+  // Checks early, before expensive work, that the output can be written: not a terminal without
+  // --force, and a directory that exists and is writable. The writer checks again.
+  void check_output() const;
   // Adds this run's provenance record unless --no-provenance.
   void stamp(kv::Header& header) const;
 

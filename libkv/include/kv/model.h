@@ -71,6 +71,7 @@ class Model {
   void* map_ = nullptr;  // llama2.c mapping
   size_t map_size_ = 0;
   std::unique_ptr<Tokenizer> tokenizer_;
+  std::string tokenizer_error_;  // why a GGUF vocabulary could not be used
   Weight token_embd_, output_norm_, output_;
   std::vector<LayerWeights> layers_;
 };
