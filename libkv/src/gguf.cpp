@@ -44,17 +44,17 @@ struct TypeInfo {
 // 36-38 were removed from ggml and are unknown here, like any id not listed. Q8_1 is 36 bytes
 // (f16 d, f16 s, 32 int8) as in ggml; it is an intermediate type never found in model files.
 constexpr TypeInfo kTypes[] = {
-    {0, "f32", 1, 4},          {1, "f16", 1, 2},          {2, "q4_0", 32, 18},
-    {3, "q4_1", 32, 20},       {6, "q5_0", 32, 22},       {7, "q5_1", 32, 24},
-    {8, "q8_0", 32, 34},       {9, "q8_1", 32, 36},       {10, "q2_K", 256, 84},
-    {11, "q3_K", 256, 110},    {12, "q4_K", 256, 144},    {13, "q5_K", 256, 176},
-    {14, "q6_K", 256, 210},    {15, "q8_K", 256, 292},    {16, "iq2_xxs", 256, 66},
-    {17, "iq2_xs", 256, 74},   {18, "iq3_xxs", 256, 98},  {19, "iq1_s", 256, 50},
-    {20, "iq4_nl", 32, 18},    {21, "iq3_s", 256, 110},   {22, "iq2_s", 256, 82},
-    {23, "iq4_xs", 256, 136},  {24, "i8", 1, 1},          {25, "i16", 1, 2},
-    {26, "i32", 1, 4},         {27, "i64", 1, 8},         {28, "f64", 1, 8},
-    {29, "iq1_m", 256, 56},    {30, "bf16", 1, 2},        {34, "tq1_0", 256, 54},
-    {35, "tq2_0", 256, 66},    {39, "mxfp4", 32, 17},     {40, "nvfp4", 64, 36},
+    {0, "f32", 1, 4},         {1, "f16", 1, 2},         {2, "q4_0", 32, 18},
+    {3, "q4_1", 32, 20},      {6, "q5_0", 32, 22},      {7, "q5_1", 32, 24},
+    {8, "q8_0", 32, 34},      {9, "q8_1", 32, 36},      {10, "q2_K", 256, 84},
+    {11, "q3_K", 256, 110},   {12, "q4_K", 256, 144},   {13, "q5_K", 256, 176},
+    {14, "q6_K", 256, 210},   {15, "q8_K", 256, 292},   {16, "iq2_xxs", 256, 66},
+    {17, "iq2_xs", 256, 74},  {18, "iq3_xxs", 256, 98}, {19, "iq1_s", 256, 50},
+    {20, "iq4_nl", 32, 18},   {21, "iq3_s", 256, 110},  {22, "iq2_s", 256, 82},
+    {23, "iq4_xs", 256, 136}, {24, "i8", 1, 1},         {25, "i16", 1, 2},
+    {26, "i32", 1, 4},        {27, "i64", 1, 8},        {28, "f64", 1, 8},
+    {29, "iq1_m", 256, 56},   {30, "bf16", 1, 2},       {34, "tq1_0", 256, 54},
+    {35, "tq2_0", 256, 66},   {39, "mxfp4", 32, 17},    {40, "nvfp4", 64, 36},
     {41, "q1_0", 128, 18},
 };
 
@@ -64,7 +64,28 @@ const TypeInfo* type_info(GgmlType t) {
   return nullptr;
 }
 
-std::string str(uint64_t v) { return std::to_string(v); }
+std::string str(uint64_t v) {
+  return std::to_string(v);
+}
+
+// A key or tensor name from the file, fit for a one-line message: control bytes become \xNN
+// and very long names are cut.
+std::string printable(const std::string& s) {
+  constexpr size_t kMax = 96;
+  std::string out;
+  for (size_t i = 0; i < s.size() && i < kMax; ++i) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    if (c < 0x20 || c == 0x7f) {
+      char hex[5];
+      std::snprintf(hex, sizeof hex, "\\x%02x", c);
+      out += hex;
+    } else {
+      out += char(c);
+    }
+  }
+  if (s.size() > kMax) out += "...";
+  return out;
+}
 
 std::string dims_text(const std::vector<int64_t>& dims) {
   std::string s = "[";
@@ -75,12 +96,25 @@ std::string dims_text(const std::vector<int64_t>& dims) {
 // Bytes a metadata value of type `t` occupies at the least; 0 for an unknown type.
 uint64_t min_value_bytes(uint32_t t) {
   switch (GgufType(t)) {
-    case GgufType::UINT8: case GgufType::INT8: case GgufType::BOOL: return 1;
-    case GgufType::UINT16: case GgufType::INT16: return 2;
-    case GgufType::UINT32: case GgufType::INT32: case GgufType::FLOAT32: return 4;
-    case GgufType::UINT64: case GgufType::INT64: case GgufType::FLOAT64: return 8;
-    case GgufType::STRING: return 8;   // u64 length
-    case GgufType::ARRAY: return 12;   // u32 element type + u64 count
+    case GgufType::UINT8:
+    case GgufType::INT8:
+    case GgufType::BOOL:
+      return 1;
+    case GgufType::UINT16:
+    case GgufType::INT16:
+      return 2;
+    case GgufType::UINT32:
+    case GgufType::INT32:
+    case GgufType::FLOAT32:
+      return 4;
+    case GgufType::UINT64:
+    case GgufType::INT64:
+    case GgufType::FLOAT64:
+      return 8;
+    case GgufType::STRING:
+      return 8;  // u64 length
+    case GgufType::ARRAY:
+      return 12;  // u32 element type + u64 count
   }
   return 0;
 }
@@ -104,8 +138,13 @@ bool ggml_type_layout(GgmlType t, int64_t* block_values, int64_t* block_bytes) {
 
 bool ggml_type_dequantizable(GgmlType t) {
   switch (t) {
-    case GgmlType::F32: case GgmlType::F16: case GgmlType::BF16: case GgmlType::Q8_0:
-    case GgmlType::Q4_0: case GgmlType::Q4_K: case GgmlType::Q6_K:
+    case GgmlType::F32:
+    case GgmlType::F16:
+    case GgmlType::BF16:
+    case GgmlType::Q8_0:
+    case GgmlType::Q4_0:
+    case GgmlType::Q4_K:
+    case GgmlType::Q6_K:
       return true;
     default:
       return false;
@@ -113,9 +152,9 @@ bool ggml_type_dequantizable(GgmlType t) {
 }
 
 const char* gguf_type_name(GgufType t) {
-  static const char* const names[] = {"uint8", "int8",  "uint16", "int16",  "uint32",
-                                      "int32", "float32", "bool", "string", "array",
-                                      "uint64", "int64", "float64"};
+  static const char* const names[] = {"uint8",  "int8",    "uint16", "int16",  "uint32",
+                                      "int32",  "float32", "bool",   "string", "array",
+                                      "uint64", "int64",   "float64"};
   return uint32_t(t) < std::size(names) ? names[uint32_t(t)] : "?";
 }
 
@@ -124,14 +163,16 @@ const char* gguf_type_name(GgufType t) {
 
 namespace {
 [[noreturn]] void wrong_type(const GgufValue& v, const std::string& key, const char* wanted) {
-  throw Error(Exit::data, "metadata '" + key + "' is " + gguf_type_name(v.type) + ", not " + wanted);
+  throw Error(Exit::data,
+              "metadata '" + printable(key) + "' is " + gguf_type_name(v.type) + ", not " + wanted);
 }
 }  // namespace
 
 int64_t GgufValue::as_int(const std::string& key) const {
   if (const auto* u = std::get_if<uint64_t>(&v)) {
     if (*u > uint64_t(std::numeric_limits<int64_t>::max()))
-      throw Error(Exit::data, "metadata '" + key + "' value " + str(*u) + " is out of range");
+      throw Error(Exit::data,
+                  "metadata '" + printable(key) + "' value " + str(*u) + " is out of range");
     return int64_t(*u);
   }
   if (const auto* i = std::get_if<int64_t>(&v)) return *i;
@@ -222,23 +263,45 @@ GgufValue read_value(Reader& r, uint32_t type, int depth) {
   GgufValue out;
   out.type = GgufType(type);
   switch (GgufType(type)) {
-    case GgufType::UINT8: out.v = uint64_t(r.get<uint8_t>()); break;
-    case GgufType::INT8: out.v = int64_t(r.get<int8_t>()); break;
-    case GgufType::UINT16: out.v = uint64_t(r.get<uint16_t>()); break;
-    case GgufType::INT16: out.v = int64_t(r.get<int16_t>()); break;
-    case GgufType::UINT32: out.v = uint64_t(r.get<uint32_t>()); break;
-    case GgufType::INT32: out.v = int64_t(r.get<int32_t>()); break;
-    case GgufType::UINT64: out.v = r.get<uint64_t>(); break;
-    case GgufType::INT64: out.v = r.get<int64_t>(); break;
-    case GgufType::FLOAT32: out.v = double(r.get<float>()); break;
-    case GgufType::FLOAT64: out.v = r.get<double>(); break;
+    case GgufType::UINT8:
+      out.v = uint64_t(r.get<uint8_t>());
+      break;
+    case GgufType::INT8:
+      out.v = int64_t(r.get<int8_t>());
+      break;
+    case GgufType::UINT16:
+      out.v = uint64_t(r.get<uint16_t>());
+      break;
+    case GgufType::INT16:
+      out.v = int64_t(r.get<int16_t>());
+      break;
+    case GgufType::UINT32:
+      out.v = uint64_t(r.get<uint32_t>());
+      break;
+    case GgufType::INT32:
+      out.v = int64_t(r.get<int32_t>());
+      break;
+    case GgufType::UINT64:
+      out.v = r.get<uint64_t>();
+      break;
+    case GgufType::INT64:
+      out.v = r.get<int64_t>();
+      break;
+    case GgufType::FLOAT32:
+      out.v = double(r.get<float>());
+      break;
+    case GgufType::FLOAT64:
+      out.v = r.get<double>();
+      break;
     case GgufType::BOOL: {
       const uint8_t b = r.get<uint8_t>();
       if (b > 1) r.fail(r.where + " has bool value " + str(b) + " (must be 0 or 1)");
       out.v = b == 1;
       break;
     }
-    case GgufType::STRING: out.v = r.string(); break;
+    case GgufType::STRING:
+      out.v = r.string();
+      break;
     case GgufType::ARRAY: {
       if (depth >= kMaxArrayDepth)
         r.fail(r.where + " nests arrays more than " + str(kMaxArrayDepth) + " levels deep");
@@ -267,9 +330,8 @@ GgufValue read_value(Reader& r, uint32_t type, int depth) {
 
 GgufFile::GgufFile(const std::string& path) : name_(path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0)
-    throw Error(Exit::no_input, "cannot open '" + path + "': " + std::strerror(errno));
-  struct stat st{};
+  if (fd < 0) throw Error(Exit::no_input, "cannot open '" + path + "': " + std::strerror(errno));
+  struct stat st {};
   if (::fstat(fd, &st) != 0) {
     const int e = errno;
     ::close(fd);
@@ -277,8 +339,9 @@ GgufFile::GgufFile(const std::string& path) : name_(path) {
   }
   if (!S_ISREG(st.st_mode)) {
     ::close(fd);
-    throw Error(Exit::no_input, "cannot open '" + path + "': " +
-                                    (S_ISDIR(st.st_mode) ? "Is a directory" : "not a regular file"));
+    throw Error(Exit::no_input,
+                "cannot open '" + path +
+                    "': " + (S_ISDIR(st.st_mode) ? "Is a directory" : "not a regular file"));
   }
   if (st.st_size == 0) {  // mmap refuses length 0
     ::close(fd);
@@ -311,7 +374,8 @@ GgufFile::~GgufFile() {
 
 const GgufValue& GgufFile::get(const std::string& key) const {
   auto it = metadata_.find(key);
-  if (it == metadata_.end()) throw Error(Exit::data, "'" + name_ + "': missing metadata '" + key + "'");
+  if (it == metadata_.end())
+    throw Error(Exit::data, "'" + name_ + "': missing metadata '" + printable(key) + "'");
   return it->second;
 }
 
@@ -349,10 +413,11 @@ void GgufFile::parse(const uint8_t* data, size_t size) {
     r.where = "metadata entry #" + str(i);
     std::string key = r.string();
     if (key.empty()) r.fail("metadata entry #" + str(i) + " has an empty key");
-    r.where = "metadata '" + key + "'";
+    r.where = "metadata '" + printable(key) + "'";
     const uint32_t type = r.get<uint32_t>();
     GgufValue value = read_value(r, type, 0);
-    if (!metadata_.emplace(key, std::move(value)).second) r.fail("duplicate metadata key '" + key + "'");
+    if (!metadata_.emplace(key, std::move(value)).second)
+      r.fail("duplicate metadata key '" + printable(key) + "'");
   }
 
   if (auto it = metadata_.find("general.alignment"); it != metadata_.end()) {
@@ -384,8 +449,8 @@ void GgufFile::parse(const uint8_t* data, size_t size) {
     r.where = "tensor info #" + str(i);
     t.name = r.string();
     if (t.name.empty()) r.fail("tensor info #" + str(i) + " has an empty name");
-    r.where = "tensor info '" + t.name + "'";
-    const std::string what = "tensor '" + t.name + "'";
+    r.where = "tensor info '" + printable(t.name) + "'";
+    const std::string what = "tensor '" + printable(t.name) + "'";
     const uint32_t n_dims = r.get<uint32_t>();
     if (n_dims < 1 || n_dims > 4)
       r.fail(what + " has " + str(n_dims) + " dimensions (GGUF allows 1 to 4)");
@@ -394,7 +459,8 @@ void GgufFile::parse(const uint8_t* data, size_t size) {
     for (uint32_t d = 0; d < n_dims; ++d) {
       const uint64_t dim = r.get<uint64_t>();
       if (dim == 0) r.fail(what + " has a zero dimension");
-      if (dim > uint64_t(std::numeric_limits<int64_t>::max())) r.fail(what + " has dimension " + str(dim) + ", too large");
+      if (dim > uint64_t(std::numeric_limits<int64_t>::max()))
+        r.fail(what + " has dimension " + str(dim) + ", too large");
       t.dims.push_back(int64_t(dim));
       overflow |= __builtin_mul_overflow(elements, int64_t(dim), &elements);
     }
@@ -405,14 +471,15 @@ void GgufFile::parse(const uint8_t* data, size_t size) {
     if (!ggml_type_layout(t.type, &block_values, &block_bytes))
       r.fail(what + " has unknown type id " + str(type));
     if (t.dims[0] % block_values != 0)
-      r.fail(what + " of type " + ggml_type_name(t.type) + " has dims[0] = " + str(uint64_t(t.dims[0])) +
-             ", not a multiple of the block size " + str(uint64_t(block_values)));
+      r.fail(what + " of type " + ggml_type_name(t.type) +
+             " has dims[0] = " + str(uint64_t(t.dims[0])) + ", not a multiple of the block size " +
+             str(uint64_t(block_values)));
     int64_t bytes = 0;
     if (__builtin_mul_overflow(elements / block_values, block_bytes, &bytes))
       r.fail(what + " has dims " + dims_text(t.dims) + " whose byte size overflows");
     t.bytes = uint64_t(bytes);
     t.offset = r.get<uint64_t>();
-    if (!names.insert(t.name).second) r.fail("duplicate tensor name '" + t.name + "'");
+    if (!names.insert(t.name).second) r.fail("duplicate tensor name '" + printable(t.name) + "'");
     tensors_.push_back(std::move(t));
   }
 
@@ -421,15 +488,17 @@ void GgufFile::parse(const uint8_t* data, size_t size) {
   data_offset_ = (uint64_t(r.pos()) + alignment_ - 1) / alignment_ * alignment_;
   for (GgufTensor& t : tensors_) {
     if (t.offset % alignment_ != 0)
-      r.fail("tensor '" + t.name + "' offset " + str(t.offset) + " is not a multiple of the alignment " +
-             str(alignment_));
+      r.fail("tensor '" + printable(t.name) + "' offset " + str(t.offset) +
+             " is not a multiple of the alignment " + str(alignment_));
     const uint64_t end = size;
-    if (data_offset_ > end || t.offset > end - data_offset_ || t.bytes > end - data_offset_ - t.offset) {
+    if (data_offset_ > end || t.offset > end - data_offset_ ||
+        t.bytes > end - data_offset_ - t.offset) {
       // Absolute position when it is representable, else the relative offset as stored.
       uint64_t abs = 0;
       const bool fits = !__builtin_add_overflow(data_offset_, t.offset, &abs);
-      r.fail("tensor '" + t.name + "' data (offset " + (fits ? str(abs) : "data + " + str(t.offset)) +
-             ", " + str(t.bytes) + " bytes) runs past the end of the file (truncated?)");
+      r.fail("tensor '" + printable(t.name) + "' data (offset " +
+             (fits ? str(abs) : "data + " + str(t.offset)) + ", " + str(t.bytes) +
+             " bytes) runs past the end of the file (truncated?)");
     }
     t.data = data + data_offset_ + t.offset;
   }
@@ -525,8 +594,8 @@ void dequant_q6_k(const uint8_t* b, float* y) {
 }
 
 template <class Fn>
-void per_block(const void* src, float* dst, int64_t blocks, int64_t block_values, int64_t block_bytes,
-               Fn fn) {
+void per_block(const void* src, float* dst, int64_t blocks, int64_t block_values,
+               int64_t block_bytes, Fn fn) {
   const auto* s = static_cast<const uint8_t*>(src);
 #pragma omp parallel for schedule(static) if (blocks > 16384)
   for (int64_t i = 0; i < blocks; ++i) fn(s + i * block_bytes, dst + i * block_values);
@@ -561,20 +630,36 @@ void dequantize(GgmlType type, const void* src, float* dst, int64_t n) {
   if (n == 0) return;
   const int64_t blocks = n / bv;
   switch (type) {
-    case GgmlType::F32: std::memcpy(dst, src, size_t(n) * 4); break;
-    case GgmlType::F16: dequant_16bit(kvk::DType::f16, src, dst, n); break;
-    case GgmlType::BF16: dequant_16bit(kvk::DType::bf16, src, dst, n); break;
-    case GgmlType::Q8_0: per_block(src, dst, blocks, bv, bb, dequant_q8_0); break;
-    case GgmlType::Q4_0: per_block(src, dst, blocks, bv, bb, dequant_q4_0); break;
-    case GgmlType::Q4_K: per_block(src, dst, blocks, bv, bb, dequant_q4_k); break;
-    case GgmlType::Q6_K: per_block(src, dst, blocks, bv, bb, dequant_q6_k); break;
-    default: break;  // excluded by ggml_type_dequantizable above
+    case GgmlType::F32:
+      std::memcpy(dst, src, size_t(n) * 4);
+      break;
+    case GgmlType::F16:
+      dequant_16bit(kvk::DType::f16, src, dst, n);
+      break;
+    case GgmlType::BF16:
+      dequant_16bit(kvk::DType::bf16, src, dst, n);
+      break;
+    case GgmlType::Q8_0:
+      per_block(src, dst, blocks, bv, bb, dequant_q8_0);
+      break;
+    case GgmlType::Q4_0:
+      per_block(src, dst, blocks, bv, bb, dequant_q4_0);
+      break;
+    case GgmlType::Q4_K:
+      per_block(src, dst, blocks, bv, bb, dequant_q4_k);
+      break;
+    case GgmlType::Q6_K:
+      per_block(src, dst, blocks, bv, bb, dequant_q6_k);
+      break;
+    default:
+      break;  // excluded by ggml_type_dequantizable above
   }
 }
 
 std::vector<float> dequantize(const GgufTensor& t) {
   if (!ggml_type_dequantizable(t.type))
-    throw Error(Exit::data, "tensor '" + t.name + "' has type " + ggml_type_name(t.type) +
+    throw Error(Exit::data, "tensor '" + printable(t.name) + "' has type " +
+                                ggml_type_name(t.type) +
                                 ", which kvtk cannot dequantize (it supports f32, f16, bf16, q8_0, "
                                 "q4_0, q4_K, q6_K)");
   std::vector<float> out(size_t(t.elements()));
@@ -614,8 +699,10 @@ std::vector<uint8_t> array(GgufType elem, const std::vector<T>& v) {
   put<uint32_t>(out, uint32_t(elem));
   put<uint64_t>(out, v.size());
   for (const T& x : v) {
-    if constexpr (std::is_same_v<T, std::string>) put_string(out, x);
-    else put<T>(out, x);
+    if constexpr (std::is_same_v<T, std::string>)
+      put_string(out, x);
+    else
+      put<T>(out, x);
   }
   return out;
 }
@@ -632,11 +719,21 @@ void GgufWriter::set(const std::string& key, std::vector<uint8_t> typed_value) {
   kv_.emplace_back(key, std::move(typed_value));
 }
 
-void GgufWriter::set_uint32(const std::string& key, uint32_t v) { set(key, scalar(GgufType::UINT32, v)); }
-void GgufWriter::set_int32(const std::string& key, int32_t v) { set(key, scalar(GgufType::INT32, v)); }
-void GgufWriter::set_float32(const std::string& key, float v) { set(key, scalar(GgufType::FLOAT32, v)); }
-void GgufWriter::set_uint64(const std::string& key, uint64_t v) { set(key, scalar(GgufType::UINT64, v)); }
-void GgufWriter::set_bool(const std::string& key, bool v) { set(key, scalar(GgufType::BOOL, uint8_t(v))); }
+void GgufWriter::set_uint32(const std::string& key, uint32_t v) {
+  set(key, scalar(GgufType::UINT32, v));
+}
+void GgufWriter::set_int32(const std::string& key, int32_t v) {
+  set(key, scalar(GgufType::INT32, v));
+}
+void GgufWriter::set_float32(const std::string& key, float v) {
+  set(key, scalar(GgufType::FLOAT32, v));
+}
+void GgufWriter::set_uint64(const std::string& key, uint64_t v) {
+  set(key, scalar(GgufType::UINT64, v));
+}
+void GgufWriter::set_bool(const std::string& key, bool v) {
+  set(key, scalar(GgufType::BOOL, uint8_t(v)));
+}
 void GgufWriter::set_string(const std::string& key, const std::string& v) {
   std::vector<uint8_t> out;
   put<uint32_t>(out, uint32_t(GgufType::STRING));
@@ -653,14 +750,16 @@ void GgufWriter::set_int32s(const std::string& key, const std::vector<int32_t>& 
   set(key, array(GgufType::INT32, v));
 }
 
-void GgufWriter::add_tensor(const std::string& name, const std::vector<int64_t>& dims, GgmlType type,
-                            const void* data, size_t bytes) {
+void GgufWriter::add_tensor(const std::string& name, const std::vector<int64_t>& dims,
+                            GgmlType type, const void* data, size_t bytes) {
   const std::string what = "GgufWriter: tensor '" + name + "'";
   if (name.empty()) throw Error(Exit::software, "GgufWriter: empty tensor name");
   for (const Tensor& t : tensors_)
-    if (t.name == name) throw Error(Exit::software, "GgufWriter: duplicate tensor name '" + name + "'");
+    if (t.name == name)
+      throw Error(Exit::software, "GgufWriter: duplicate tensor name '" + name + "'");
   if (dims.empty() || dims.size() > 4)
-    throw Error(Exit::software, what + " has " + std::to_string(dims.size()) + " dims (1 to 4 allowed)");
+    throw Error(Exit::software,
+                what + " has " + std::to_string(dims.size()) + " dims (1 to 4 allowed)");
   int64_t bv = 0, bb = 0;
   if (!ggml_type_layout(type, &bv, &bb))
     throw Error(Exit::software, what + " has unknown type id " + std::to_string(uint32_t(type)));
@@ -669,18 +768,21 @@ void GgufWriter::add_tensor(const std::string& name, const std::vector<int64_t>&
     if (d <= 0 || __builtin_mul_overflow(elements, d, &elements))
       throw Error(Exit::software, what + " has invalid dims " + dims_text(dims));
   if (dims[0] % bv != 0)
-    throw Error(Exit::software, what + " of type " + ggml_type_name(type) + " needs dims[0] a multiple of " +
-                                    std::to_string(bv));
+    throw Error(Exit::software, what + " of type " + ggml_type_name(type) +
+                                    " needs dims[0] a multiple of " + std::to_string(bv));
   if (uint64_t(elements / bv) * uint64_t(bb) != bytes)
-    throw Error(Exit::software, what + " has " + std::to_string(bytes) + " bytes; dims " + dims_text(dims) +
-                                    " of type " + ggml_type_name(type) + " need " +
+    throw Error(Exit::software, what + " has " + std::to_string(bytes) + " bytes; dims " +
+                                    dims_text(dims) + " of type " + ggml_type_name(type) +
+                                    " need " +
                                     std::to_string(uint64_t(elements / bv) * uint64_t(bb)));
   const auto* p = static_cast<const uint8_t*>(data);
   tensors_.push_back({name, dims, type, std::vector<uint8_t>(p, p + bytes)});
 }
 
 std::vector<uint8_t> GgufWriter::bytes() const {
-  auto pad = [](std::vector<uint8_t>& out) { out.resize((out.size() + alignment - 1) / alignment * alignment, 0); };
+  auto pad = [](std::vector<uint8_t>& out) {
+    out.resize((out.size() + alignment - 1) / alignment * alignment, 0);
+  };
   std::vector<uint8_t> out{'G', 'G', 'U', 'F'};
   put<uint32_t>(out, 3);
   put<uint64_t>(out, tensors_.size());

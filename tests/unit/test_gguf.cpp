@@ -78,11 +78,14 @@ void expect_error(const Bytes& image, Exit code, const std::string& message) {
   }
 }
 
-uint16_t h(float f) { return kvk::f32_to_f16(f); }
+uint16_t h(float f) {
+  return kvk::f32_to_f16(f);
+}
 
 std::string write_temp(const std::string& name, const Bytes& b) {
   std::string path = kvtest::temp_dir() + "/" + name;
-  std::ofstream(path, std::ios::binary).write(reinterpret_cast<const char*>(b.data()), std::streamsize(b.size()));
+  std::ofstream(path, std::ios::binary)
+      .write(reinterpret_cast<const char*>(b.data()), std::streamsize(b.size()));
   return path;
 }
 
@@ -93,9 +96,15 @@ Bytes read_all(const std::string& path) {
 
 // ---- stories260K -------------------------------------------------------------------------
 
+// From the environment (ctest sets it); KV_MODELS_DIR_DEFAULT, when the build defines it, is the
+// fallback.
 std::string models_dir() {
-  const char* d = std::getenv("KV_MODELS_DIR");
-  return d ? d : "";
+  if (const char* d = std::getenv("KV_MODELS_DIR")) return d;
+#ifdef KV_MODELS_DIR_DEFAULT
+  return KV_MODELS_DIR_DEFAULT;
+#else
+  return "";
+#endif
 }
 
 TEST(Gguf, Stories260KMetadataAndTensors) {
@@ -128,7 +137,10 @@ TEST(Gguf, Stories260KMetadataAndTensors) {
 
   ASSERT_EQ(g.tensors().size(), 3u + 5u * 9u);
   EXPECT_EQ(g.data_offset(), 14176u);
-  struct Want { const char* name; std::vector<int64_t> dims; };
+  struct Want {
+    const char* name;
+    std::vector<int64_t> dims;
+  };
   const Want wants[] = {
       {"token_embd.weight", {64, 512}},       {"output_norm.weight", {64}},
       {"output.weight", {64, 512}},           {"blk.0.attn_q.weight", {64, 64}},
@@ -166,7 +178,7 @@ TEST(Gguf, Stories260KTruncatedAnywhere) {
   const Bytes full = read_all(models_dir() + "/stories260K.gguf");
   ASSERT_EQ(full.size(), 1185376u);
   std::vector<size_t> cuts;
-  for (size_t c = 0; c < 14400; c += 3) cuts.push_back(c);              // header, metadata, infos
+  for (size_t c = 0; c < 14400; c += 3) cuts.push_back(c);               // header, metadata, infos
   for (size_t c = 14400; c < full.size(); c += 9973) cuts.push_back(c);  // tensor data
   cuts.push_back(full.size() - 1);
   for (size_t c : cuts) {
@@ -182,9 +194,10 @@ TEST(Gguf, Stories260KTruncatedAnywhere) {
     GgufFile g(full.data(), full.size() - 1, "cut.gguf");
     ADD_FAILURE();
   } catch (const kv::Error& e) {
-    EXPECT_EQ(std::string(e.what()),
-              "'cut.gguf': tensor 'blk.4.ffn_norm.weight' data (offset 1185120, 256 bytes) runs past "
-              "the end of the file (truncated?)");
+    EXPECT_EQ(
+        std::string(e.what()),
+        "'cut.gguf': tensor 'blk.4.ffn_norm.weight' data (offset 1185120, 256 bytes) runs past "
+        "the end of the file (truncated?)");
   }
 }
 
@@ -237,7 +250,7 @@ TEST(GgufDequant, Q4_0) {
   float y[32];
   kv::dequantize(GgmlType::Q4_0, b.b.data(), y, 32);
   for (int j = 0; j < 16; ++j) {
-    EXPECT_EQ(y[j], float(j - 8) * 2.0f) << j;             // low nibbles: values 0..15
+    EXPECT_EQ(y[j], float(j - 8) * 2.0f) << j;              // low nibbles: values 0..15
     EXPECT_EQ(y[j + 16], float((15 - j) - 8) * 2.0f) << j;  // high nibbles: values 16..31
   }
   EXPECT_EQ(y[0], -16.0f);
@@ -300,8 +313,8 @@ TEST(GgufDequant, Q6_K) {
   float y[256];
   kv::dequantize(GgmlType::Q6_K, b.b.data(), y, 256);
   for (int i = 0; i < 256; ++i) EXPECT_EQ(y[i], 0.25f * float(sc[i / 16]) * float(q[i] - 32)) << i;
-  EXPECT_EQ(y[0], -7.25f);    // 0.25 * 1 * (3 - 32)
-  EXPECT_EQ(y[16], -9.5f);    // 0.25 * -2 * (51 - 32)
+  EXPECT_EQ(y[0], -7.25f);  // 0.25 * 1 * (3 - 32)
+  EXPECT_EQ(y[16], -9.5f);  // 0.25 * -2 * (51 - 32)
 }
 
 TEST(GgufDequant, SeveralBlocksAndRefusals) {
@@ -322,7 +335,8 @@ TEST(GgufDequant, SeveralBlocksAndRefusals) {
   } catch (const kv::Error& e) {
     EXPECT_EQ(int(e.code()), 65);
     EXPECT_EQ(std::string(e.what()),
-              "cannot dequantize tensor type q5_K (kvtk supports f32, f16, bf16, q8_0, q4_0, q4_K, q6_K)");
+              "cannot dequantize tensor type q5_K (kvtk supports f32, f16, bf16, q8_0, q4_0, q4_K, "
+              "q6_K)");
   }
   try {
     kv::dequantize(GgmlType::Q8_0, b.b.data(), y, 33);
@@ -438,9 +452,9 @@ TEST(GgufWriter, Misuse) {
     }
     return 0;
   };
-  EXPECT_EQ(code_of([&] { w.add_tensor("x", {4}, GgmlType::F32, x, 16); }), 70);  // duplicate
-  EXPECT_EQ(code_of([&] { w.add_tensor("y", {4}, GgmlType::F32, x, 12); }), 70);  // bytes
-  EXPECT_EQ(code_of([&] { w.add_tensor("y", {0}, GgmlType::F32, x, 0); }), 70);   // zero dim
+  EXPECT_EQ(code_of([&] { w.add_tensor("x", {4}, GgmlType::F32, x, 16); }), 70);   // duplicate
+  EXPECT_EQ(code_of([&] { w.add_tensor("y", {4}, GgmlType::F32, x, 12); }), 70);   // bytes
+  EXPECT_EQ(code_of([&] { w.add_tensor("y", {0}, GgmlType::F32, x, 0); }), 70);    // zero dim
   EXPECT_EQ(code_of([&] { w.add_tensor("y", {4}, GgmlType::Q8_0, x, 16); }), 70);  // block
   EXPECT_EQ(code_of([&] { w.add_tensor("y", {1, 1, 1, 1, 1}, GgmlType::F32, x, 4); }), 70);
   EXPECT_EQ(code_of([&] { w.write(kvtest::temp_dir() + "/no/such/dir/x.gguf"); }), 73);
@@ -450,7 +464,8 @@ TEST(GgufWriter, Misuse) {
 
 TEST(GgufBad, NotGguf) {
   const std::string text = "hello, this is not a model file";
-  expect_error(Bytes(text.begin(), text.end()), Exit::data, "'x.gguf' is not a GGUF file (bad magic)");
+  expect_error(Bytes(text.begin(), text.end()), Exit::data,
+               "'x.gguf' is not a GGUF file (bad magic)");
   expect_error(Bytes{'G', 'G'}, Exit::data, "'x.gguf' is not a GGUF file (bad magic)");
   expect_error(Bytes{}, Exit::data, "'x.gguf' is not a GGUF file (bad magic)");
 }
@@ -483,7 +498,8 @@ TEST(GgufBad, AbsurdCounts) {
   expect_error(Builder().header(3, 1000, 0).zeros(100).b, Exit::data,
                "'x.gguf': tensor count 1000 is more than the file can hold (corrupt header?)");
   // Array and string lengths are checked before anything is allocated.
-  expect_error(Builder().header(3, 0, 1).str("k").u32(9).u32(4).u64(uint64_t(1) << 60).u32(0).b, Exit::data,
+  expect_error(Builder().header(3, 0, 1).str("k").u32(9).u32(4).u64(uint64_t(1) << 60).u32(0).b,
+               Exit::data,
                "'x.gguf': metadata 'k' has an array count 1152921504606846976 that the remaining 4 "
                "bytes cannot hold (truncated or corrupt)");
   expect_error(Builder().header(3, 0, 1).str("k").u32(8).u64(~uint64_t(0)).zeros(8).b, Exit::data,
@@ -500,16 +516,21 @@ TEST(GgufBad, MetadataValues) {
     b.header(3, 0, 1).str("k").u32(type).raw(value.data(), value.size());
     return b.b;
   };
-  expect_error(kv_file(13, {0, 0, 0, 0}), Exit::data, "'x.gguf': metadata 'k' has unknown value type 13");
-  expect_error(kv_file(7, {2}), Exit::data, "'x.gguf': metadata 'k' has bool value 2 (must be 0 or 1)");
+  expect_error(kv_file(13, {0, 0, 0, 0}), Exit::data,
+               "'x.gguf': metadata 'k' has unknown value type 13");
+  expect_error(kv_file(7, {2}), Exit::data,
+               "'x.gguf': metadata 'k' has bool value 2 (must be 0 or 1)");
   expect_error(Builder().header(3, 0, 1).str("k").u32(9).u32(77).u64(0).b, Exit::data,
                "'x.gguf': metadata 'k' is an array of unknown value type 77");
   expect_error(Builder().header(3, 0, 1).str("").u32(4).u32(1).b, Exit::data,
                "'x.gguf': metadata entry #0 has an empty key");
-  expect_error(Builder().header(3, 0, 2).str("k").u32(4).u32(1).str("k").u32(4).u32(2).b, Exit::data,
-               "'x.gguf': duplicate metadata key 'k'");
-  expect_error(Builder().header(3, 0, 2).str("k").u32(4).u32(1).str("l").u32(10).u32(2).b, Exit::data,
-               "'x.gguf' is truncated (the file ends at byte 58, inside metadata 'l')");
+  expect_error(Builder().header(3, 0, 2).str("k").u32(4).u32(1).str("k").u32(4).u32(2).b,
+               Exit::data, "'x.gguf': duplicate metadata key 'k'");
+  // Names from the file are escaped so that messages stay on one line.
+  expect_error(Builder().header(3, 0, 1).str("a\nb").u32(4).u16(0).b, Exit::data,
+               "'x.gguf' is truncated (the file ends at byte 41, inside metadata 'a\\x0ab')");
+  expect_error(Builder().header(3, 0, 2).str("k").u32(4).u32(1).str("l").u32(10).u32(2).b,
+               Exit::data, "'x.gguf' is truncated (the file ends at byte 58, inside metadata 'l')");
   // Arrays of arrays are fine to a depth of 8; deeper is refused (stack safety).
   auto nested = [](int depth) {
     Builder b;
@@ -525,7 +546,8 @@ TEST(GgufBad, MetadataValues) {
     for (int i = 0; i < 7; ++i) v = &v->as_array("k")[0];
     EXPECT_EQ(v->as_array("k")[0].as_int("k"), 42);
   }
-  expect_error(nested(9), Exit::data, "'x.gguf': metadata 'k' nests arrays more than 8 levels deep");
+  expect_error(nested(9), Exit::data,
+               "'x.gguf': metadata 'k' nests arrays more than 8 levels deep");
 
   // Accessors name the key and both types.
   const Bytes b = kv_file(8, Builder().str("text").b);
@@ -574,23 +596,28 @@ TEST(GgufBad, TensorInfos) {
                "'x.gguf': tensor 't' has 0 dimensions (GGUF allows 1 to 4)");
   expect_error(one_tensor({1, 1, 1, 1, 1}, 0, 0, 16), Exit::data,
                "'x.gguf': tensor 't' has 5 dimensions (GGUF allows 1 to 4)");
-  expect_error(one_tensor({4, 0}, 0, 0, 16), Exit::data, "'x.gguf': tensor 't' has a zero dimension");
+  expect_error(one_tensor({4, 0}, 0, 0, 16), Exit::data,
+               "'x.gguf': tensor 't' has a zero dimension");
   expect_error(one_tensor({uint64_t(1) << 32, uint64_t(1) << 32}, 0, 0, 16), Exit::data,
                "'x.gguf': tensor 't' has dims [4294967296, 4294967296] whose product overflows");
   expect_error(one_tensor({uint64_t(1) << 62}, 0, 0, 16), Exit::data,
                "'x.gguf': tensor 't' has dims [4611686018427387904] whose byte size overflows");
   expect_error(one_tensor({~uint64_t(0)}, 0, 0, 16), Exit::data,
                "'x.gguf': tensor 't' has dimension 18446744073709551615, too large");
-  expect_error(one_tensor({4}, 99, 0, 16), Exit::data, "'x.gguf': tensor 't' has unknown type id 99");
+  expect_error(one_tensor({4}, 99, 0, 16), Exit::data,
+               "'x.gguf': tensor 't' has unknown type id 99");
   expect_error(one_tensor({4}, 4, 0, 16), Exit::data, "'x.gguf': tensor 't' has unknown type id 4");
-  expect_error(one_tensor({100, 2}, 12, 0, 16), Exit::data,
-               "'x.gguf': tensor 't' of type q4_K has dims[0] = 100, not a multiple of the block size 256");
+  expect_error(
+      one_tensor({100, 2}, 12, 0, 16), Exit::data,
+      "'x.gguf': tensor 't' of type q4_K has dims[0] = 100, not a multiple of the block size 256");
   expect_error(one_tensor({4}, 0, 8, 16), Exit::data,
                "'x.gguf': tensor 't' offset 8 is not a multiple of the alignment 32");
   expect_error(one_tensor({4}, 0, 64, 16), Exit::data,
-               "'x.gguf': tensor 't' data (offset 192, 16 bytes) runs past the end of the file (truncated?)");
+               "'x.gguf': tensor 't' data (offset 192, 16 bytes) runs past the end of the file "
+               "(truncated?)");
   expect_error(one_tensor({8}, 0, 0, 16), Exit::data,
-               "'x.gguf': tensor 't' data (offset 128, 32 bytes) runs past the end of the file (truncated?)");
+               "'x.gguf': tensor 't' data (offset 128, 32 bytes) runs past the end of the file "
+               "(truncated?)");
   expect_error(one_tensor({4}, 0, ~uint64_t(31), 16), Exit::data,
                "'x.gguf': tensor 't' data (offset data + 18446744073709551584, 16 bytes) runs past "
                "the end of the file (truncated?)");
@@ -602,7 +629,19 @@ TEST(GgufBad, TensorInfos) {
   }
   // Duplicate and empty tensor names.
   Builder d;
-  d.header(3, 2, 0).str("t").u32(1).u64(4).u32(0).u64(0).str("t").u32(1).u64(4).u32(0).u64(0).pad(32).zeros(64);
+  d.header(3, 2, 0)
+      .str("t")
+      .u32(1)
+      .u64(4)
+      .u32(0)
+      .u64(0)
+      .str("t")
+      .u32(1)
+      .u64(4)
+      .u32(0)
+      .u64(0)
+      .pad(32)
+      .zeros(64);
   expect_error(d.b, Exit::data, "'x.gguf': duplicate tensor name 't'");
   Builder e;
   e.header(3, 1, 0).str("").u32(1).u64(4).u32(0).u64(0).pad(32).zeros(16);
@@ -643,7 +682,8 @@ TEST(GgufBad, Files) {
     ADD_FAILURE();
   } catch (const kv::Error& e) {
     EXPECT_EQ(int(e.code()), 66);
-    EXPECT_EQ(std::string(e.what()), "cannot open '" + dir + "/missing.gguf': No such file or directory");
+    EXPECT_EQ(std::string(e.what()),
+              "cannot open '" + dir + "/missing.gguf': No such file or directory");
   }
   try {
     GgufFile g(dir);

@@ -16,8 +16,21 @@ namespace kv {
 // MXFP4, ...) have a layout in gguf.cpp's table too, so files holding them parse; they are only
 // missing from this enum because nothing in kvtk names them.
 enum class GgmlType : uint32_t {
-  F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q8_1 = 9,
-  Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14, Q8_K = 15, BF16 = 30,
+  F32 = 0,
+  F16 = 1,
+  Q4_0 = 2,
+  Q4_1 = 3,
+  Q5_0 = 6,
+  Q5_1 = 7,
+  Q8_0 = 8,
+  Q8_1 = 9,
+  Q2_K = 10,
+  Q3_K = 11,
+  Q4_K = 12,
+  Q5_K = 13,
+  Q6_K = 14,
+  Q8_K = 15,
+  BF16 = 30,
 };
 // "f32", "q4_K", ... or "type N" for an id ggml does not define (that string lives in a
 // thread-local buffer, valid until the next such call on the same thread).
@@ -29,8 +42,19 @@ bool ggml_type_dequantizable(GgmlType t);
 
 // GGUF metadata value types (values as in the GGUF spec).
 enum class GgufType : uint32_t {
-  UINT8 = 0, INT8 = 1, UINT16 = 2, INT16 = 3, UINT32 = 4, INT32 = 5, FLOAT32 = 6, BOOL = 7,
-  STRING = 8, ARRAY = 9, UINT64 = 10, INT64 = 11, FLOAT64 = 12,
+  UINT8 = 0,
+  INT8 = 1,
+  UINT16 = 2,
+  INT16 = 3,
+  UINT32 = 4,
+  INT32 = 5,
+  FLOAT32 = 6,
+  BOOL = 7,
+  STRING = 8,
+  ARRAY = 9,
+  UINT64 = 10,
+  INT64 = 11,
+  FLOAT64 = 12,
 };
 const char* gguf_type_name(GgufType t);  // "uint32", "string", ... or "?"
 
@@ -43,8 +67,8 @@ struct GgufValue {
   GgufType type = GgufType::UINT64;
   GgufType elem_type = GgufType::UINT8;  // arrays only
   // Checked accessors: throw Error(Exit::data) naming `key` when the type does not fit.
-  int64_t as_int(const std::string& key) const;       // any integer type that fits in int64
-  double as_float(const std::string& key) const;      // floats and integers
+  int64_t as_int(const std::string& key) const;   // any integer type that fits in int64
+  double as_float(const std::string& key) const;  // floats and integers
   bool as_bool(const std::string& key) const;
   const std::string& as_string(const std::string& key) const;
   const Array& as_array(const std::string& key) const;
@@ -54,7 +78,7 @@ struct GgufTensor {
   std::string name;
   std::vector<int64_t> dims;  // ggml order: dims[0] is the contiguous (fastest) dimension
   GgmlType type = GgmlType::F32;
-  uint64_t offset = 0;        // relative to the start of the data section
+  uint64_t offset = 0;  // relative to the start of the data section
   uint64_t bytes = 0;
   const uint8_t* data = nullptr;  // into the mapping
   int64_t elements() const;
