@@ -375,6 +375,31 @@ Session::Session(const Model& model, int64_t capacity)
   rope_ = std::make_unique<RopeTable>(c_.rope_dims, c_.rope_theta, capacity);
 }
 
+void Session::load(const Header& header, const std::vector<Layer>& layers) {
+  const ModelInfo& m = header.model;
+  if (m.n_layers != c_.n_layers || m.n_q_heads != c_.n_heads || m.n_kv_heads != c_.n_kv_heads ||
+      m.head_dim != c_.head_dim || int64_t(layers.size()) != c_.n_layers)
+    throw Error(Exit::data, str("the snapshot's model shape (", m.n_layers, " layers, ", m.n_q_heads, "/",
+                                m.n_kv_heads, " heads, head_dim ", m.head_dim, ") is not this model's"));
+  const int64_t T = header.n_tokens, D = c_.head_dim;
+  if (T > capacity_) throw Error(Exit::usage, str("the snapshot's ", T, " tokens exceed the session's capacity ", capacity_));
+  for (int l = 0; l < c_.n_layers; ++l) {
+    const Layer& layer = layers[size_t(l)];
+    const std::vector<float> k = layer.k.to_f32(), v = layer.v.to_f32();
+    for (int h = 0; h < c_.n_kv_heads; ++h) {
+      const int64_t lo = layer.head_offsets[size_t(h)];
+      bool full = layer.head_entries(h) == T;
+      for (int64_t i = 0; full && i < T; ++i) full = layer.positions[size_t(lo + i)] == i;
+      if (!full)
+        throw Error(Exit::data, str("layer ", l, " head ", h, " does not hold every position 0..", T - 1,
+                                    ": only full caches load into the runtime"));
+      std::copy_n(&k[size_t(lo * D)], T * D, &k_[size_t(l)][size_t(h * capacity_ * D)]);
+      std::copy_n(&v[size_t(lo * D)], T * D, &v_[size_t(l)][size_t(h * capacity_ * D)]);
+    }
+  }
+  n_past_ = T;
+}
+
 const float* Session::key(int l, int h, int64_t pos) const {
   return &k_[size_t(l)][(size_t(h) * size_t(capacity_) + size_t(pos)) * size_t(c_.head_dim)];
 }

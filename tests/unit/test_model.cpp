@@ -325,3 +325,26 @@ TEST(Model, BadModelFilesAreDataErrors) {
     expect_code(dir + "/cut.bin", kv::Exit::data, cut < 28 ? "too short" : "truncated");
   }
 }
+
+TEST(Capture, SnapshotLoadsBackAndDecodingContinuesIdentically) {
+  NEED_MODELS();
+  auto m = gguf_model();
+  auto all = m->tokenizer().encode(kGolden, true);
+  std::vector<int32_t> prompt(all.begin(), all.begin() + 30), rest(all.begin() + 30, all.end());
+  kv::CaptureOptions opt;
+  opt.dtype = kv::DType::f32;
+  kv::Snapshot snap = kv::capture(*m, prompt, {}, "", opt);
+  // Continue from the snapshot and from a fresh run of the prompt: identical logits.
+  kv::Session from_snap(*m, int64_t(all.size())), direct(*m, int64_t(all.size()));
+  from_snap.load(snap.header, snap.layers);
+  EXPECT_EQ(from_snap.n_past(), 30);
+  std::vector<float> a, b;
+  direct.forward(prompt.data(), 30, b, false);
+  from_snap.forward(rest.data(), int64_t(rest.size()), a, true);
+  direct.forward(rest.data(), int64_t(rest.size()), b, true);
+  EXPECT_EQ(a, b);
+  // An evicted head cannot load.
+  snap.layers[2].positions.erase(snap.layers[2].positions.begin() + 3);
+  snap.layers[2].head_offsets = {0, 29, 59, 89, 119};
+  EXPECT_THROW(kv::Session(*m, 64).load(snap.header, snap.layers), kv::Error);
+}

@@ -89,6 +89,11 @@ class Session {
   // one only ([vocab]) into `logits` (resized).
   void forward(const int32_t* tokens, int64_t n, std::vector<float>& logits, bool all_logits);
   int64_t n_past() const { return n_past_; }
+
+  // Replaces the cache with a snapshot's: every KV head must hold positions 0..n_tokens-1 (a
+  // full cache, any dense dtype); decoding then continues at position n_tokens. Error(65) when
+  // the snapshot's model shape differs or a head is incomplete.
+  void load(const Header& header, const std::vector<Layer>& layers);
   int64_t capacity() const { return capacity_; }
 
   // Post-RoPE key / value of (layer, KV head, position): head_dim floats.
