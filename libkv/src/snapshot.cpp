@@ -54,9 +54,12 @@ void validate_layer(const Header& h, int l, const Layer& layer, bool check_value
     bad(str("layer ", l, ": head_offsets has ", off.size(), " values, expected n_kv_heads + 1 = ", m.n_kv_heads + 1));
   if (off.front() != 0 || off.back() != n)
     bad(str("layer ", l, ": head_offsets must start at 0 and end at ", n, " entries"));
-  for (int hd = 0; hd < m.n_kv_heads; ++hd) {
+  // Every offset is checked before any is used as an index (found by fuzz.snapshot_reader:
+  // {0, 100, 5} would otherwise walk head 0 past the end).
+  for (int hd = 0; hd < m.n_kv_heads; ++hd)
     if (off[hd + 1] < off[hd])
       bad(str("layer ", l, ": head_offsets decrease at head ", hd));
+  for (int hd = 0; hd < m.n_kv_heads; ++hd) {
     for (int64_t i = off[hd]; i < off[hd + 1]; ++i) {
       int32_t p = layer.positions[i];
       if (p < 0 || p >= h.n_tokens)

@@ -119,6 +119,13 @@ TEST(BadInput, OffsetsDecreasingInsideIs65) {
   expect_error(path, Exit::data, "layer 1");
 }
 
+TEST(BadInput, OffsetPastTheEndInTheMiddleIs65) {
+  // Regression (fuzz.snapshot_reader): a middle offset past the end, the last one right.
+  const std::string path = write_tiny("middle.kv.h5");
+  patch(path, [](hid_t f) { overwrite<int64_t>(f, "layers/001/head_offsets", H5T_NATIVE_INT64, {0, 100, 7}); });
+  expect_error(path, Exit::data, "layer 1: head_offsets decrease at head 1");
+}
+
 TEST(BadInput, OffsetsOutOfRangeIs65) {
   const std::string path = write_tiny("range.kv.h5");
   patch(path, [](hid_t f) { overwrite<int64_t>(f, "layers/000/head_offsets", H5T_NATIVE_INT64, {0, 6, 99}); });
