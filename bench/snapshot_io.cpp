@@ -15,14 +15,18 @@
 //   peak RSS    a fresh process (this program, exec'd with --rss-read FILE) reads the file layer
 //               by layer into one Layer and prints its peak RSS (VmHWM; see maxrss_kib()).
 //   memory bw   STREAM-like read (sum of a 1 GiB array with 2 threads), single-thread memcpy.
-//   diagnostics plain I/O that does what libkv does (O_TRUNC'd file, fresh buffers, unaligned
-//               buffer, no NaN scan), to show where ours' time goes.
+//   diagnostics plain I/O that shows what costs what (an O_TRUNC'd file, as the writer's
+//               temporary file was before; fresh buffers; an unaligned buffer; ours without the
+//               NaN scan), to show where ours' time goes.
+//   --first-touch demand|populate|thp [MIB]: only times the first write of fresh memory, the
+//               cost under every in-memory image (see bench/README.md).
 //
 // GB/s are 1e9 bytes per second of k+v payload (the same byte count for ours and plain, whatever
 // the codec), best of --reps runs (all runs are printed). Exit status is non-zero only if something
 // fails to run, never because a target is missed.
 #include <fcntl.h>
 #include <omp.h>
+#include <sys/mman.h>
 #include <sched.h>
 #include <spawn.h>
 #include <sys/resource.h>
@@ -140,6 +144,30 @@ int mode_rss_read(const char* path) {
   }
   std::printf("maxrss_kib %ld layer_kv_bytes %" PRId64 " ru_maxrss_kib %ld\n", maxrss_kib(),
               layer_kv, ru_maxrss_kib());
+  return 0;
+}
+
+// Times the first write of MIB fresh MiB (anonymous mmap), as every in-memory image pays it:
+// "demand" (4 KiB pages faulted in by memset), "populate" (MADV_POPULATE_WRITE first, as libkv's
+// image buffers do) or "thp" (MADV_HUGEPAGE). On this VM the result depends on what the memory
+// was recently used for, so it is a mode of its own, run in a fresh process (see README).
+int mode_first_touch(const std::string& how, size_t mib) {
+  if (how != "demand" && how != "populate" && how != "thp") {
+    std::fprintf(stderr, "bench-snapshot-io: --first-touch demand|populate|thp [MIB]\n");
+    return 64;
+  }
+  const size_t bytes = mib * kMiB;
+  const double t0 = now();
+  void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  check_sys(p != MAP_FAILED, "mmap");
+  if (how == "thp") check_sys(::madvise(p, bytes, MADV_HUGEPAGE) == 0, "madvise(MADV_HUGEPAGE)");
+  if (how == "populate")
+    check_sys(::madvise(p, bytes, MADV_POPULATE_WRITE) == 0, "madvise(MADV_POPULATE_WRITE)");
+  std::memset(p, 1, bytes);
+  const double t = now() - t0;
+  ::munmap(p, bytes);
+  std::printf("first touch, %s: %zu MiB in %.3f s (%.2f GB/s)\n", how.c_str(), mib, t,
+              double(bytes) / 1e9 / t);
   return 0;
 }
 
@@ -416,8 +444,9 @@ double pipe_read_plain(const std::string& feed, std::span<char> buf, size_t expe
 // --- Diagnostics: plain I/O doing what libkv does, to show where ours' time goes.
 
 // fwrite of k+v into a file that already exists, empty, opened with O_TRUNC ("wb"): what the
-// writer's mkstemp() + H5Fcreate(H5F_ACC_TRUNC) amounts to. ext4 (auto_da_alloc) starts writeback
-// of the whole file in close() after a truncate, which a newly created file does not get.
+// writer's temporary file cost when it was made with mkstemp() + H5Fcreate(H5F_ACC_TRUNC) (it is
+// now created afresh by HDF5). ext4 (auto_da_alloc) starts writeback of the whole file in close()
+// after a truncate, which a newly created file does not get.
 void file_write_plain_pretruncated(const std::string& path, const Input& in, double& t_write,
                                    double& t_close) {
   ::unlink(path.c_str());
@@ -440,8 +469,8 @@ void file_write_plain_pretruncated(const std::string& path, const Input& in, dou
 }
 
 // memcpy of all k+v into one freshly allocated buffer, then free: the page faults and copy that
-// building a whole file image in memory costs (the pipe writer does this twice: HDF5's core
-// driver grows and zero-fills its image, then H5Fget_file_image copies it out).
+// building a whole file image in memory costs (the pipe writer pays this once: HDF5's core
+// driver zero-fills and fills its image, whose pages libkv populates ahead of use).
 double memcpy_fresh(const Input& in) {
   double t0 = now();
   auto* p = static_cast<char*>(std::malloc(in.kv_bytes));
@@ -606,7 +635,9 @@ void usage() {
       "  --codec SPEC    codecs to run (default: none, zstd,1, deflate,1); none always runs\n"
       "  --keep          keep the files\n"
       "  --pipe-cpus M   pipe ends: any (scheduler decides, default), same (both on CPU 0),\n"
-      "                  split (this process on CPU 0, the child on CPU 1)\n");
+      "                  split (this process on CPU 0, the child on CPU 1)\n"
+      "       bench-snapshot-io --first-touch demand|populate|thp [MIB]\n"
+      "                  only time the first write of MIB (default 1024) fresh MiB\n");
 }
 
 Options parse(int argc, char** argv) {
@@ -800,7 +831,7 @@ int run(const Options& o) {
       char line[320];
       std::snprintf(line, sizeof line,
                     "  %-22s fwrite+fflush [%s] s, fclose [%s] s: plain write into an existing "
-                    "empty file opened with O_TRUNC, as mkstemp + H5Fcreate(H5F_ACC_TRUNC) do\n",
+                    "empty file opened with O_TRUNC, as the writer's temporary file was before\n",
                     "file write plain", tw.all().c_str(), tc.all().c_str());
       breakdown += line;
     }
@@ -861,7 +892,8 @@ int run(const Options& o) {
         kv::validate_layer(in.header, l, in.layers[size_t(l)], true);
       double tv = now() - t0;
       std::snprintf(line, sizeof line,
-                    "  %-22s %.3f s (%.2f GB/s): validate_layer(check_values) of all layers in memory\n",
+                    "  %-22s %.3f s (%.2f GB/s): validate_layer(check_values) of all layers in "
+                    "memory (a separate pass; read_layer checks each block as it lands)\n",
                     "validate", tv, gb / tv);
       breakdown += line;
     }
@@ -1002,6 +1034,8 @@ int main(int argc, char** argv) {
       if (m == "--feed" && argc == 3) return mode_feed(argv[2]);
       if (m == "--rss-read" && argc == 3) return mode_rss_read(argv[2]);
       if (m == "--rss-idle") return mode_rss_idle();
+      if (m == "--first-touch" && (argc == 3 || argc == 4))
+        return mode_first_touch(argv[2], argc == 4 ? size_t(std::atoll(argv[3])) : 1024);
     }
     return run(parse(argc, argv));
   } catch (const kv::Error& e) {
