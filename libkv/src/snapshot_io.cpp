@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
@@ -270,11 +271,20 @@ size_t read_counting_nonfinite(hid_t ds, DType dt, hsize_t rows, hsize_t cols, s
   if (raw.usable() && contiguous_offset(ds, total, offset)) {
     // Plain bytes in the file: read them without HDF5, whose per-call cost is noticeable at
     // this block size.
-    for (size_t pos = 0; pos < total; pos += kDirectBlockBytes) {
-      const size_t n = std::min(kDirectBlockBytes, total - pos);
-      if (!raw.read(offset + pos, dst + pos, n)) throw Error(Exit::data, what);
+    // Large tensors are split between the threads, each reading and scanning a contiguous
+    // range: the scan of one block then overlaps the copy of another instead of following it.
+    const int64_t n_blocks = int64_t((total + kDirectBlockBytes - 1) / kDirectBlockBytes);
+    std::atomic<bool> failed{false};
+#pragma omp parallel for schedule(static) reduction(+ : bad) if (total >= (size_t(8) << 20))
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const size_t pos = size_t(b) * kDirectBlockBytes, n = std::min(kDirectBlockBytes, total - pos);
+      if (!raw.read(offset + pos, dst + pos, n)) {
+        failed = true;
+        continue;
+      }
       bad += kvk::count_nonfinite(dt, dst + pos, n / esize);
     }
+    if (failed) throw Error(Exit::data, what);
     return bad;
   }
   // Chunked (compressed) or otherwise stored: HDF5 reads row blocks (hyperslabs) of whole
