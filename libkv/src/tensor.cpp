@@ -2,11 +2,6 @@
 
 namespace kv {
 
-void Tensor::row_f32(int64_t r, float* out) const {
-  const auto* base = data_.get() + size_t(r) * size_t(cols_) * kvk::dtype_size(dtype_);
-  kvk::cpu_ops().to_f32(dtype_, base, out, size_t(cols_));
-}
-
 std::vector<float> Tensor::to_f32(const kvk::Ops& ops) const {
   std::vector<float> out(size());
   if (!out.empty()) ops.to_f32(dtype_, data_.get(), out.data(), out.size());

@@ -75,8 +75,6 @@ class Tensor {
     return reinterpret_cast<const T*>(data_.get());
   }
 
-  // Row r converted to f32 (any dtype).
-  void row_f32(int64_t r, float* out) const;
   // The whole tensor as f32, through the given backend's conversion.
   std::vector<float> to_f32(const kvk::Ops& ops = kvk::cpu_ops()) const;
   // Fills from f32 values, converting to `dtype` (round to nearest even).
