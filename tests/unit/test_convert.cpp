@@ -52,7 +52,9 @@ TEST(Convert, HalfRoundTripIsExactForAllPatterns) {
     if (std::isnan(f)) continue;
     ASSERT_EQ(kvk::f32_to_f16(f), h) << std::hex << h;
     float b = kvk::bf16_to_f32(uint16_t(h));
-    if (!std::isnan(b)) ASSERT_EQ(kvk::f32_to_bf16(b), h) << std::hex << h;
+    if (!std::isnan(b)) {
+      ASSERT_EQ(kvk::f32_to_bf16(b), h) << std::hex << h;
+    }
   }
 }
 

@@ -3,6 +3,8 @@
 // path (f32 pointer, dequantized f16 blocks) with and without threads.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <random>
 
 #include "kv/model.h"
@@ -57,4 +59,44 @@ TEST(Gemm, LinearOverF32AndF16WeightsThreadedOrNot) {
       for (size_t i = 0; i < Y.size(); ++i) ASSERT_NEAR(Y[i], want[i], 1e-3) << i;
     }
   }
+}
+
+TEST(Softmax, RowAgainstDoubleReferenceOverEveryTailLength) {
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> logit(-30.0f, 30.0f), b(-3.0f, 1.0f);
+  for (int64_t n = 1; n <= 41; ++n)
+    for (bool with_bias : {false, true}) {
+      std::vector<float> x(static_cast<size_t>(n)), bias(static_cast<size_t>(n));
+      for (auto& v : x) v = logit(rng);
+      for (auto& v : bias) v = b(rng);
+      const float scale = 0.35f;
+      std::vector<double> ref(static_cast<size_t>(n));
+      double mx = -1e300, z = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        ref[size_t(j)] = double(x[size_t(j)]) * scale + (with_bias ? bias[size_t(j)] : 0.0);
+        mx = std::max(mx, ref[size_t(j)]);
+      }
+      std::vector<double> arg(ref);
+      for (double& r : ref) z += (r = std::exp(r - mx));
+      kvk::softmax_row(x.data(), n, scale, with_bias ? bias.data() : nullptr);
+      double sum = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        sum += x[size_t(j)];
+        // Relative error: the polynomial's ~2e-7 and the sum's rounding, plus the f32 rounding of the logit, which exp
+        // turns into a relative error proportional to its distance below the maximum.
+        const double tol = 1e-6 * (1 + std::abs(arg[size_t(j)] - mx)) * (ref[size_t(j)] / z);
+        ASSERT_NEAR(x[size_t(j)], ref[size_t(j)] / z, tol)
+            << "n " << n << " j " << j;
+      }
+      EXPECT_NEAR(sum, 1.0, 1e-6);
+    }
+}
+
+TEST(Softmax, FarBelowTheMaximumIsZeroAndEqualLogitsAreUniform) {
+  std::vector<float> x = {0.0f, -200.0f, 5.0f, -1e30f, 5.0f, 5.0f, 5.0f, 5.0f, 5.0f, 5.0f};
+  kvk::softmax_row(x.data(), int64_t(x.size()), 1.0f, nullptr);
+  EXPECT_EQ(x[1], 0.0f);
+  EXPECT_EQ(x[3], 0.0f);
+  EXPECT_NEAR(x[0], std::exp(-5.0) / (7 + std::exp(-5.0)), 1e-7);
+  for (int j : {2, 4, 5, 6, 7, 8, 9}) EXPECT_NEAR(x[size_t(j)], 1.0 / (7 + std::exp(-5.0)), 1e-7);
 }

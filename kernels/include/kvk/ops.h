@@ -49,4 +49,8 @@ namespace kvk {
 void gemm_nt(const float* X, int64_t B, int64_t K, const float* W, int64_t N, float* Y,
              int64_t ldy);
 
+// x[j] <- softmax_j(scale * x[j] + bias[j]) over j < n, in place (bias may be null): the
+// attention weights of one query over its visible keys. Multiversioned like gemm_nt.
+void softmax_row(float* x, int64_t n, float scale, const float* bias);
+
 }  // namespace kvk
