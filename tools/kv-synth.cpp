@@ -26,6 +26,8 @@ int main(int argc, char** argv) {
   app.add_option("--seed", spec.seed, "Random seed (same seed, same bytes)")->default_val(1);
   app.add_option("--window", spec.window, "Store W observation-window queries (0: none)")
       ->default_val(0);
+  app.add_flag("--attn-stats", spec.attn_stats,
+               "Store attention statistics computed from the window queries (needs --window)");
   app.add_option("--outlier-pairs", spec.outlier_pairs,
                  "RoPE channel pairs per head with large-magnitude keys")
       ->default_val(2);

@@ -1,8 +1,10 @@
 #include "kv/synth.h"
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
+#include "kv/attention.h"
 #include "kv/error.h"
 #include "kv/str.h"
 
@@ -77,6 +79,8 @@ Synthesizer::Synthesizer(const SynthSpec& spec) : spec_(spec) {
   if (spec.window < 0 || spec.window > spec.n_tokens)
     throw Error(Exit::usage, str("--window ", spec.window, " must be in [0, tokens = ",
                                  spec.n_tokens, "]"));
+  if (spec.attn_stats && spec.window == 0)
+    throw Error(Exit::usage, "--attn-stats needs --window W: the statistics come from the window queries");
   if (spec.outlier_pairs < 0 || 2 * spec.outlier_pairs > m.rope_dims)
     throw Error(Exit::usage, "--outlier-pairs must be in [0, head_dim / 2]");
   if (spec.vocab < 1) throw Error(Exit::usage, "--vocab must be positive");
@@ -89,6 +93,7 @@ Synthesizer::Synthesizer(const SynthSpec& spec) : spec_(spec) {
   for (size_t t = 1; t < h.tokens.size(); ++t) h.tokens[t] = int32_t(rng.next() % uint64_t(spec.vocab));
   for (int64_t p = spec.n_tokens - spec.window; p < spec.n_tokens; ++p)
     h.window_positions.push_back(int32_t(p));
+  h.has_attn_stats = spec.attn_stats;
   try {
     validate_header(h);
   } catch (const Error& e) {
@@ -174,8 +179,34 @@ void Synthesizer::layer(int l, Layer& out) const {
         rope_->apply(qr, T - W + w, pairs);
       }
     out.window_q = Tensor::from_f32(DType::f32, int64_t(m.n_q_heads) * W, D, q.data());
+    if (spec_.attn_stats) window_attention_stats(q, k, out);
   } else {
     out.window_q.clear();
+  }
+}
+
+void Synthesizer::window_attention_stats(const std::vector<float>& q, const std::vector<float>& k,
+                                         Layer& out) const {
+  const ModelInfo& m = spec_.model;
+  const int D = m.head_dim, G = m.group_size();
+  const int64_t T = spec_.n_tokens, W = spec_.window;
+  out.attn_acc.resize(DType::f32, m.n_q_heads, T);
+  out.attn_last.resize(DType::f32, m.n_q_heads, T);
+#pragma omp parallel for schedule(dynamic)
+  for (int qh = 0; qh < m.n_q_heads; ++qh) {
+    HeadView head;
+    head.k = k.data() + int64_t(qh / G) * T * D;
+    head.positions = out.positions.data() + int64_t(qh / G) * T;
+    head.n = T;
+    head.dim = D;
+    std::vector<float> weights(size_t(W * T));
+    attention_weights(head, q.data() + int64_t(qh) * W * D, header_.window_positions.data(), W,
+                      weights.data());
+    float* acc = out.attn_acc.as<float>() + int64_t(qh) * T;
+    std::fill(acc, acc + T, 0.0f);
+    for (int64_t w = 0; w < W; ++w)
+      for (int64_t j = 0; j < T; ++j) acc[j] += weights[size_t(w * T + j)];
+    std::copy_n(weights.data() + (W - 1) * T, T, out.attn_last.as<float>() + int64_t(qh) * T);
   }
 }
 

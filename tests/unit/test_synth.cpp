@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <numeric>
 
@@ -85,6 +86,38 @@ TEST(Synth, SinkDrawsTheWindowQueriesAttention) {
   for (double x : logits) z += std::exp(x - mx);
   // Uniform attention would give it 1/500; a real sink draws a large share.
   EXPECT_GT(std::exp(logits[0] - mx) / z, 0.1) << "the sink draws over 50x its uniform share";
+}
+
+TEST(Synth, AttentionStatisticsComeFromTheWindowQueries) {
+  kv::SynthSpec spec = small_spec();
+  spec.attn_stats = true;
+  spec.dtype = kv::DType::f32;
+  kv::Snapshot s = kv::synth_snapshot(spec);
+  ASSERT_TRUE(s.header.has_attn_stats);
+  ASSERT_NO_THROW(kv::validate_layer(s.header, 1, s.layers[1], true));
+  const kv::Layer& layer = s.layers[1];
+  auto k = layer.k.to_f32(), q = layer.window_q.to_f32();
+  const float* acc = layer.attn_acc.as<float>();
+  const float* last = layer.attn_last.as<float>();
+  // Query head 3 reads KV head 1: attn_last is the softmax of its last window query (position
+  // 199, which sees every key), computed here by hand.
+  const float* qr = &q[size_t(3 * 8 + 7) * 16];
+  std::vector<double> logits(200);
+  for (int t = 0; t < 200; ++t) logits[size_t(t)] = dot(qr, &k[size_t(200 + t) * 16], 16) / 4.0;
+  double mx = *std::max_element(logits.begin(), logits.end()), z = 0;
+  for (double x : logits) z += std::exp(x - mx);
+  for (int t = 0; t < 200; ++t)
+    ASSERT_NEAR(last[3 * 200 + t], std::exp(logits[size_t(t)] - mx) / z, 1e-6) << t;
+  // attn_acc sums the 8 window queries' distributions, so each row totals 8 and holds at least
+  // the last query's share.
+  for (int qh = 0; qh < 4; ++qh) {
+    double total = 0;
+    for (int t = 0; t < 200; ++t) total += acc[qh * 200 + t];
+    EXPECT_NEAR(total, 8.0, 1e-4);
+    for (int t = 0; t < 200; ++t) EXPECT_GE(acc[qh * 200 + t], last[qh * 200 + t]);
+  }
+  spec.window = 0;
+  EXPECT_THROW(kv::Synthesizer{spec}, kv::Error);
 }
 
 TEST(Rope, UndoRestoresAndDotDependsOnDistanceOnly) {

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "kv/rope.h"
 #include "kv/snapshot.h"
@@ -18,6 +19,10 @@ struct SynthSpec {
   DType dtype = DType::f16;
   uint64_t seed = 1;
   int window = 0;            // observation-window queries to store (0: none)
+  // Attention statistics computed from the window queries (needs window > 0): attn_last is the
+  // last window query's attention, attn_acc the sum over the window queries (a real capture sums
+  // over all later prompt queries; the window is the part of it a synthetic cache can afford).
+  bool attn_stats = false;
   int outlier_pairs = 2;     // RoPE pairs per head with large-magnitude keys
   float outlier_scale = 8;   // their mean magnitude, relative to unit noise
   int vocab = 32000;         // token ids are drawn below this
@@ -35,6 +40,8 @@ class Synthesizer {
   void layer(int l, Layer& out) const;
 
  private:
+  void window_attention_stats(const std::vector<float>& q, const std::vector<float>& k,
+                              Layer& out) const;
   SynthSpec spec_;
   Header header_;
   std::unique_ptr<RopeTable> rope_;
