@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sets everything up and runs the main job: capture the KV cache of the bundled model over a
 # TinyStories prompt (with observation window, attention statistics and a 64-token probe),
-# inspect it, and print the model's perplexity. Strategies (kv-evict, kv-compress, ...) and
-# kv-eval join the chain as they land. Outputs go to out/.
+# evict three quarters of it with three strategies, inspect, and print the model's perplexity.
+# More strategies (kv-merge, kv-compress, ...) and kv-eval join the chain as they land. Outputs go
+# to out/.
 #   KV_MODEL   model file (default ../shared/models/stories260K.gguf)
 #   KV_TEXT    prompt text (default ../shared/data/tinystories_val.txt)
 set -euo pipefail
@@ -19,5 +20,10 @@ fi
 mkdir -p out
 kv-capture -m "$model" -f "$text" --ctx 400 --window 32 --attn-stats --probe 64 -o out/capture.kv.h5
 kv-inspect --stats --plot out/capture-keys.svg out/capture.kv.h5
+# Strategies: a quarter of the cache kept by StreamingLLM, H2O, and SnapKV with AdaKV's budgets.
+kv-evict --score window --ratio 0.25 out/capture.kv.h5 -o out/window.kv.h5
+kv-evict --score h2o --ratio 0.25 out/capture.kv.h5 -o out/h2o.kv.h5
+kv-evict --score snapkv --alloc adaptive --ratio 0.25 out/capture.kv.h5 -o out/snapkv.kv.h5
+kv-inspect out/snapkv.kv.h5
 kv-capture -m "$model" --perplexity -f "$text" --ctx 512
-echo "main-job: wrote out/capture.kv.h5 and out/capture-keys.svg" >&2
+echo "main-job: wrote out/capture.kv.h5, out/{window,h2o,snapkv}.kv.h5 and out/capture-keys.svg" >&2
