@@ -51,7 +51,7 @@ __attribute__((always_inline)) inline void micro(const float* X, int64_t K, cons
 
 }  // namespace
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) void gemm_nt(
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void gemm_nt(
     const float* X, int64_t B, int64_t K, const float* W, int64_t N, float* Y, int64_t ldy) {
   thread_local std::vector<float> packed;
   const int64_t panels = (N + kNR - 1) / kNR;
@@ -64,19 +64,30 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void gemm_nt(
       for (int64_t k = 0; k < K; ++k) dst[k * kNR + r] = r < rows ? src[k] : 0.0f;
     }
   }
-  for (int64_t p = 0; p < panels; ++p) {
-    const float* panel = &packed[size_t(p * kNR * K)];
-    const int cols = int(std::min<int64_t>(kNR, N - p * kNR));
-    float* y = Y + p * kNR;
+  // Blocks of panels (up to 128 KiB of packed W, L2-resident) outside the rows, so a 6-row block
+  // of X stays in L1 across the panels and each row of Y is written in contiguous runs of up to
+  // 1 KiB: with panels outermost, every tile store hit a different page of a large Y.
+  const int64_t block = std::max<int64_t>(1, (128 << 10) / (kNR * K * int64_t(sizeof(float))));
+  for (int64_t p0 = 0; p0 < panels; p0 += block) {
+    const int64_t p1 = std::min(panels, p0 + block);
     int64_t b = 0;
-    for (; b + kMR <= B; b += kMR) micro<kMR>(X + b * K, K, panel, y + b * ldy, ldy, cols);
-    switch (B - b) {
-      case 5: micro<5>(X + b * K, K, panel, y + b * ldy, ldy, cols); break;
-      case 4: micro<4>(X + b * K, K, panel, y + b * ldy, ldy, cols); break;
-      case 3: micro<3>(X + b * K, K, panel, y + b * ldy, ldy, cols); break;
-      case 2: micro<2>(X + b * K, K, panel, y + b * ldy, ldy, cols); break;
-      case 1: micro<1>(X + b * K, K, panel, y + b * ldy, ldy, cols); break;
-      default: break;
+    for (; b + kMR <= B; b += kMR)
+      for (int64_t p = p0; p < p1; ++p)
+        micro<kMR>(X + b * K, K, &packed[size_t(p * kNR * K)], Y + b * ldy + p * kNR, ldy,
+                   int(std::min<int64_t>(kNR, N - p * kNR)));
+    for (int64_t p = p0; p < p1; ++p) {
+      const float* panel = &packed[size_t(p * kNR * K)];
+      const int cols = int(std::min<int64_t>(kNR, N - p * kNR));
+      float* y = Y + b * ldy + p * kNR;
+      const float* x = X + b * K;
+      switch (B - b) {
+        case 5: micro<5>(x, K, panel, y, ldy, cols); break;
+        case 4: micro<4>(x, K, panel, y, ldy, cols); break;
+        case 3: micro<3>(x, K, panel, y, ldy, cols); break;
+        case 2: micro<2>(x, K, panel, y, ldy, cols); break;
+        case 1: micro<1>(x, K, panel, y, ldy, cols); break;
+        default: break;
+      }
     }
   }
 }

@@ -57,7 +57,7 @@ __attribute__((always_inline)) inline v8 exp8(v8 x) {
 
 }  // namespace
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) void softmax_row(float* x, int64_t n,
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void softmax_row(float* x, int64_t n,
                                                                               float scale,
                                                                               const float* bias) {
   if (n <= 0) return;

@@ -121,6 +121,8 @@ void snapkv_head(const Header& header, const Layer& layer, int h, const float* w
     if (!std::binary_search(header.window_positions.begin(), header.window_positions.end(),
                             head.positions[j]))
       outside.push_back(j);
+  // Usually the window is the last W entries, and the votes are a plain vectorizable sum.
+  const bool window_at_end = outside.empty() || outside.back() == int64_t(outside.size()) - 1;
   // The group's query heads are consecutive rows of window_q: one product for all of them.
   thread_local std::vector<int32_t> q_positions;
   q_positions.clear();
@@ -136,7 +138,11 @@ void snapkv_head(const Header& header, const Layer& layer, int h, const float* w
     std::fill(vote.begin(), vote.end(), 0.0f);
     for (int64_t w = 0; w < W; ++w) {
       const float* row = weights.data() + (int64_t(g) * W + w) * n;
-      for (size_t t = 0; t < outside.size(); ++t) vote[t] += row[outside[t]];
+      if (window_at_end) {
+        for (size_t t = 0; t < outside.size(); ++t) vote[t] += row[t];
+      } else {
+        for (size_t t = 0; t < outside.size(); ++t) vote[t] += row[outside[t]];
+      }
     }
     pool_1d(vote, o.kernel, o.pool, pooled);
     for (size_t t = 0; t < outside.size(); ++t)
@@ -168,17 +174,24 @@ struct Ranked {
   int32_t head;
   int64_t row;
 };
-bool ranks_before(const Ranked& a, const Ranked& b) {
-  if (a.score != b.score) return a.score > b.score;
-  if (a.position != b.position) return a.position > b.position;
-  return a.head < b.head;
-}
+struct RanksBefore {
+  bool operator()(const Ranked& a, const Ranked& b) const {
+    if (a.score != b.score) return a.score > b.score;
+    if (a.position != b.position) return a.position > b.position;
+    return a.head < b.head;
+  }
+};
 
-std::vector<Ranked> ranked_head(const Layer& layer, int h, const std::vector<float>& scores) {
+// The entries of head h with their best `top` first (in no particular order among themselves):
+// selection needs the split, not a full sort.
+std::vector<Ranked> head_top(const Layer& layer, int h, const std::vector<float>& scores,
+                             int64_t top) {
   std::vector<Ranked> r;
+  r.reserve(size_t(layer.head_entries(h)));
   for (int64_t i = layer.head_offsets[size_t(h)]; i < layer.head_offsets[size_t(h) + 1]; ++i)
     r.push_back({scores[size_t(i)], layer.positions[size_t(i)], h, i});
-  std::sort(r.begin(), r.end(), ranks_before);
+  if (top > 0 && top < int64_t(r.size()))
+    std::nth_element(r.begin(), r.begin() + top, r.end(), RanksBefore());
   return r;
 }
 
@@ -350,11 +363,11 @@ std::vector<int64_t> allocate_layer(const Header& header, int l, const Layer& la
         total += b;
         floors += own;
         kept[size_t(h)] = own;
-        const std::vector<Ranked> r = ranked_head(layer, h, scores);
+        const std::vector<Ranked> r = head_top(layer, h, scores, own);
         rest.insert(rest.end(), r.begin() + own, r.end());
       }
       const int64_t extra = std::min<int64_t>(total - floors, int64_t(rest.size()));
-      std::nth_element(rest.begin(), rest.begin() + extra, rest.end(), ranks_before);
+      std::nth_element(rest.begin(), rest.begin() + extra, rest.end(), RanksBefore());
       for (int64_t i = 0; i < extra; ++i) ++kept[size_t(rest[size_t(i)].head)];
       break;
     }
@@ -376,7 +389,7 @@ Selection select_layer(const Header& header, int l, const Layer& layer,
   const std::vector<int64_t> kept = allocate_layer(header, l, layer, scores, options);
   Selection selection(kept.size());
   for (int h = 0; h < int(kept.size()); ++h) {
-    const std::vector<Ranked> ranked = ranked_head(layer, h, scores);
+    const std::vector<Ranked> ranked = head_top(layer, h, scores, kept[size_t(h)]);
     auto& rows = selection[size_t(h)];
     for (int64_t i = 0; i < kept[size_t(h)]; ++i) rows.push_back(ranked[size_t(i)].row);
     std::sort(rows.begin(), rows.end());
