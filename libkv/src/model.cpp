@@ -383,18 +383,28 @@ void Session::load(const Header& header, const std::vector<Layer>& layers) {
                                 m.n_kv_heads, " heads, head_dim ", m.head_dim, ") is not this model's"));
   const int64_t T = header.n_tokens, D = c_.head_dim;
   if (T > capacity_) throw Error(Exit::usage, str("the snapshot's ", T, " tokens exceed the session's capacity ", capacity_));
+  // Entries go to the slots of their positions. A position a head no longer holds is masked out
+  // and a merged entry's logit gets + log(mass), through a per-slot bias that stays empty (no
+  // cost) for full, unmerged caches.
+  bias_.assign(size_t(c_.n_layers), {});
   for (int l = 0; l < c_.n_layers; ++l) {
     const Layer& layer = layers[size_t(l)];
+    validate_layer(header, l, layer, false);
     const std::vector<float> k = layer.k.to_f32(), v = layer.v.to_f32();
+    bool full = layer.mass.empty();
+    for (int h = 0; full && h < c_.n_kv_heads; ++h) full = layer.head_entries(h) == T;
+    if (!full) bias_[size_t(l)].assign(size_t(c_.n_kv_heads * capacity_), 0.0f);
     for (int h = 0; h < c_.n_kv_heads; ++h) {
-      const int64_t lo = layer.head_offsets[size_t(h)];
-      bool full = layer.head_entries(h) == T;
-      for (int64_t i = 0; full && i < T; ++i) full = layer.positions[size_t(lo + i)] == i;
-      if (!full)
-        throw Error(Exit::data, str("layer ", l, " head ", h, " does not hold every position 0..", T - 1,
-                                    ": only full caches load into the runtime"));
-      std::copy_n(&k[size_t(lo * D)], T * D, &k_[size_t(l)][size_t(h * capacity_ * D)]);
-      std::copy_n(&v[size_t(lo * D)], T * D, &v_[size_t(l)][size_t(h * capacity_ * D)]);
+      float* bias = full ? nullptr : &bias_[size_t(l)][size_t(h * capacity_)];
+      if (bias) std::fill(bias, bias + T, -INFINITY);
+      for (int64_t i = layer.head_offsets[size_t(h)]; i < layer.head_offsets[size_t(h) + 1]; ++i) {
+        const int64_t pos = layer.positions[size_t(i)];
+        if (pos < 0 || pos >= T)
+          throw Error(Exit::data, str("layer ", l, " head ", h, ": position ", pos, " is outside [0, ", T, ")"));
+        std::copy_n(&k[size_t(i * D)], D, &k_[size_t(l)][size_t((h * capacity_ + pos) * D)]);
+        std::copy_n(&v[size_t(i * D)], D, &v_[size_t(l)][size_t((h * capacity_ + pos) * D)]);
+        if (bias) bias[pos] = layer.mass.empty() ? 0.0f : std::log(layer.mass[size_t(i)]);
+      }
     }
   }
   n_past_ = T;
@@ -464,6 +474,7 @@ void Session::forward(const int32_t* tokens, int64_t n, std::vector<float>& logi
       // Causal attention; one thread per query head, so per-head statistics need no locks.
       float* acc = capture.attn_stats ? attn_acc[size_t(l)].data() : nullptr;
       float* last = capture.attn_stats ? attn_last[size_t(l)].data() : nullptr;
+      const float* bias = bias_.empty() || bias_[size_t(l)].empty() ? nullptr : bias_[size_t(l)].data();
       const bool threaded = double(B) * double(p0 + B) * double(Hq * Hd) > double(1 << 20);
 #pragma omp parallel for schedule(static) if (threaded)
       for (int64_t h = 0; h < Hq; ++h) {
@@ -477,7 +488,7 @@ void Session::forward(const int32_t* tokens, int64_t n, std::vector<float>& logi
             const float* kr = &kc[size_t((kvh * capacity_ + j) * Hd)];
             float s = 0;
             for (int64_t d = 0; d < Hd; ++d) s += qr[d] * kr[d];
-            score[size_t(j)] = s * inv_sqrt;
+            score[size_t(j)] = s * inv_sqrt + (bias ? bias[kvh * capacity_ + j] : 0.0f);
             mx = std::max(mx, score[size_t(j)]);
           }
           double z = 0;

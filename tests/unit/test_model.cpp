@@ -343,8 +343,13 @@ TEST(Capture, SnapshotLoadsBackAndDecodingContinuesIdentically) {
   from_snap.forward(rest.data(), int64_t(rest.size()), a, true);
   direct.forward(rest.data(), int64_t(rest.size()), b, true);
   EXPECT_EQ(a, b);
-  // An evicted head cannot load.
-  snap.layers[2].positions.erase(snap.layers[2].positions.begin() + 3);
-  snap.layers[2].head_offsets = {0, 29, 59, 89, 119};
-  EXPECT_THROW(kv::Session(*m, 64).load(snap.header, snap.layers), kv::Error);
+  // A layer whose arrays disagree (positions dropped, k and v not) is refused; a position past
+  // the sequence too (evicted caches load: tests/unit/test_eval.cpp).
+  kv::Snapshot bad = snap;
+  bad.layers[2].positions.erase(bad.layers[2].positions.begin() + 3);
+  bad.layers[2].head_offsets = {0, 29, 59, 89, 119};
+  EXPECT_THROW(kv::Session(*m, 64).load(bad.header, bad.layers), kv::Error);
+  bad = snap;
+  bad.layers[1].positions[5] = 30;
+  EXPECT_THROW(kv::Session(*m, 64).load(bad.header, bad.layers), kv::Error);
 }

@@ -90,9 +90,10 @@ class Session {
   void forward(const int32_t* tokens, int64_t n, std::vector<float>& logits, bool all_logits);
   int64_t n_past() const { return n_past_; }
 
-  // Replaces the cache with a snapshot's: every KV head must hold positions 0..n_tokens-1 (a
-  // full cache, any dense dtype); decoding then continues at position n_tokens. Error(65) when
-  // the snapshot's model shape differs or a head is incomplete.
+  // Replaces the cache with a snapshot's (any dense dtype); decoding then continues at position
+  // n_tokens, appending dense entries. Evicted caches load too: positions a head no longer holds
+  // are masked out of attention, and a merged entry's logit gets + log(mass). Error(65) when the
+  // snapshot's model shape differs.
   void load(const Header& header, const std::vector<Layer>& layers);
   int64_t capacity() const { return capacity_; }
 
@@ -121,6 +122,9 @@ class Session {
   const ModelConfig& c_;
   int64_t capacity_, n_past_ = 0;
   std::vector<std::vector<float>> k_, v_;  // per layer [kv head][capacity][head_dim]
+  // Per layer [kv head][capacity] logit bias of a loaded sparse or merged cache: -inf for a
+  // dropped position, log(mass) for a merged entry; empty for a full, unmerged layer.
+  std::vector<std::vector<float>> bias_;
   std::unique_ptr<RopeTable> rope_;
 };
 

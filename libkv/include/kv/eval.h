@@ -1,0 +1,52 @@
+// Evaluation: what a candidate cache (evicted, merged, compressed...) costs against the reference
+// cache it came from. Attention fidelity compares the attention outputs of the probe queries over
+// both caches; model fidelity teacher-forces the probe through the runtime with each cache.
+// Definitions follow ../shared/METHODS.md ("Evaluation"); man/kv-eval.1 states them for users.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kv/model.h"
+#include "kv/snapshot.h"
+
+namespace kv {
+
+// Throws Error(Exit::data) naming the first field in which the two snapshots differ, when they
+// are not two caches of the same token sequence under the same model.
+void check_comparable(const Header& reference, const Header& candidate);
+
+// Attention fidelity of one layer, as sums over (query head, probe query) rows, so layers and
+// files add up; divide by `rows` for means.
+struct AttentionFidelity {
+  int64_t rows = 0;
+  double rel_error = 0;    // ||o_cand - o_ref|| / ||o_ref||
+  double cosine = 0;       // o_cand . o_ref / (||o_cand|| ||o_ref||)
+  double mass_recall = 0;  // reference attention on positions the candidate still holds
+  double topk_recall = 0;  // share of the reference's top-k positions the candidate holds
+  AttentionFidelity& operator+=(const AttentionFidelity& o);
+};
+
+// Compares layer l of both caches on the probe queries stored in the reference (`topk` for the
+// top-k recall). Needs header.has_probe() (Error(Exit::data) naming kv-capture --probe).
+AttentionFidelity attention_fidelity(const Header& reference, const Layer& ref_layer,
+                                     const Layer& cand_layer, int topk);
+
+// Next-token fidelity over the probe tokens, from the runtime with each cache loaded.
+struct ModelFidelity {
+  int64_t tokens = 0;        // probe rows compared
+  double ppl_reference = 0;  // perplexity of probe[1..P-1] given the reference cache
+  double ppl_candidate = 0;
+  double kl = 0;              // mean KL(p_ref || p_cand) over the probe rows
+  double top1_agreement = 0;  // share of rows whose argmax agrees
+};
+
+// Next-token logits [P, vocab] of the probe teacher-forced after the snapshot's cache.
+std::vector<float> probe_logits(const Model& model, const Header& header,
+                                const std::vector<Layer>& layers);
+
+// Compares two probe logit tables [P, vocab] (reference first) for the probe tokens.
+ModelFidelity compare_logits(const std::vector<float>& ref, const std::vector<float>& cand,
+                             int64_t vocab, const std::vector<int32_t>& probe_tokens);
+
+}  // namespace kv

@@ -1,0 +1,177 @@
+#include "kv/eval.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "kv/attention.h"
+#include "kv/error.h"
+#include "kv/str.h"
+
+namespace kv {
+
+namespace {
+
+template <class T>
+void same(const char* field, const T& a, const T& b) {
+  if (a == b) return;
+  if constexpr (std::is_arithmetic_v<T> || std::is_same_v<T, std::string>)
+    throw Error(Exit::data, str("reference and candidate differ in ", field, " (", a, " vs ", b,
+                                "): not caches of the same sequence and model"));
+  else
+    throw Error(Exit::data, str("reference and candidate differ in ", field,
+                                ": not caches of the same sequence and model"));
+}
+
+// log-softmax of one row of logits, in double.
+void log_softmax(const float* logits, int64_t n, std::vector<double>& out) {
+  out.resize(size_t(n));
+  double mx = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, double(logits[i]));
+  double z = 0;
+  for (int64_t i = 0; i < n; ++i) z += std::exp(double(logits[i]) - mx);
+  const double lz = mx + std::log(z);
+  for (int64_t i = 0; i < n; ++i) out[size_t(i)] = double(logits[i]) - lz;
+}
+
+}  // namespace
+
+AttentionFidelity& AttentionFidelity::operator+=(const AttentionFidelity& o) {
+  rows += o.rows;
+  rel_error += o.rel_error;
+  cosine += o.cosine;
+  mass_recall += o.mass_recall;
+  topk_recall += o.topk_recall;
+  return *this;
+}
+
+void check_comparable(const Header& r, const Header& c) {
+  const ModelInfo &a = r.model, &b = c.model;
+  same("model.n_layers", a.n_layers, b.n_layers);
+  same("model.n_q_heads", a.n_q_heads, b.n_q_heads);
+  same("model.n_kv_heads", a.n_kv_heads, b.n_kv_heads);
+  same("model.head_dim", a.head_dim, b.head_dim);
+  same("model.rope_theta", a.rope_theta, b.rope_theta);
+  same("model.rope_dims", a.rope_dims, b.rope_dims);
+  same("model.rope_style", a.rope_style, b.rope_style);
+  same("model.file_sha256", a.file_sha256, b.file_sha256);
+  same("n_tokens", r.n_tokens, c.n_tokens);
+  same("tokens", r.tokens, c.tokens);
+  same("probe tokens", r.probe_tokens, c.probe_tokens);
+  same("probe positions", r.probe_positions, c.probe_positions);
+}
+
+AttentionFidelity attention_fidelity(const Header& header, const Layer& ref_layer,
+                                     const Layer& cand_layer, int topk) {
+  if (!header.has_probe())
+    throw Error(Exit::data,
+                "attention metrics need probe queries, which the reference lacks (capture with "
+                "kv-capture --probe P)");
+  const ModelInfo& m = header.model;
+  const int D = m.head_dim, Hq = m.n_q_heads, G = m.group_size();
+  const int64_t P = int64_t(header.probe_tokens.size()), T = header.n_tokens;
+  const std::vector<float> q = ref_layer.probe_q.to_f32();
+  const std::vector<float> rk = ref_layer.k.to_f32(), rv = ref_layer.v.to_f32();
+  const std::vector<float> ck = cand_layer.k.to_f32(), cv = cand_layer.v.to_f32();
+  const int32_t* qpos = header.probe_positions.data();
+  std::vector<AttentionFidelity> per_head(static_cast<size_t>(Hq));
+#pragma omp parallel for schedule(dynamic)
+  for (int j = 0; j < Hq; ++j) {
+    const HeadView ref = head_view(ref_layer, j / G, rk, rv, D);
+    const HeadView cand = head_view(cand_layer, j / G, ck, cv, D);
+    std::vector<float> w_ref(size_t(P * ref.n)), w_cand(size_t(P * cand.n));
+    std::vector<float> o_ref(size_t(P * D)), o_cand(size_t(P * D));
+    const float* qj = q.data() + int64_t(j) * P * D;
+    attention_weights(ref, qj, qpos, P, w_ref.data());
+    attention_apply(ref, w_ref.data(), P, o_ref.data());
+    attention_weights(cand, qj, qpos, P, w_cand.data());
+    attention_apply(cand, w_cand.data(), P, o_cand.data());
+    std::vector<char> held(static_cast<size_t>(T), 0);
+    for (int64_t i = 0; i < cand.n; ++i)
+      if (cand.positions[i] >= 0 && cand.positions[i] < T) held[size_t(cand.positions[i])] = 1;
+    std::vector<int64_t> order(static_cast<size_t>(ref.n));
+    AttentionFidelity& f = per_head[size_t(j)];
+    for (int64_t i = 0; i < P; ++i) {
+      const float *a = o_cand.data() + i * D, *b = o_ref.data() + i * D;
+      double diff = 0, na = 0, nb = 0, dot = 0;
+      for (int d = 0; d < D; ++d) {
+        diff += (double(a[d]) - b[d]) * (double(a[d]) - b[d]);
+        na += double(a[d]) * a[d];
+        nb += double(b[d]) * b[d];
+        dot += double(a[d]) * b[d];
+      }
+      f.rel_error += nb > 0 ? std::sqrt(diff / nb) : (na > 0 ? 1.0 : 0.0);
+      f.cosine += na > 0 && nb > 0 ? dot / std::sqrt(na * nb) : (na == nb ? 1.0 : 0.0);
+      const float* wr = w_ref.data() + i * ref.n;
+      double recall = 0;
+      for (int64_t e = 0; e < ref.n; ++e)
+        if (held[size_t(ref.positions[e])]) recall += wr[e];
+      f.mass_recall += recall;
+      // Top-k of the reference attention among the entries this query sees.
+      const int64_t visible =
+          std::upper_bound(ref.positions, ref.positions + ref.n, qpos[i]) - ref.positions;
+      const int64_t k = std::min<int64_t>(topk, visible);
+      if (k > 0) {
+        std::iota(order.begin(), order.begin() + visible, 0);
+        std::partial_sort(order.begin(), order.begin() + k, order.begin() + visible,
+                          [&](int64_t x, int64_t y) { return wr[x] > wr[y]; });
+        int64_t hit = 0;
+        for (int64_t e = 0; e < k; ++e) hit += held[size_t(ref.positions[order[size_t(e)]])];
+        f.topk_recall += double(hit) / double(k);
+      } else {
+        f.topk_recall += 1.0;
+      }
+      ++f.rows;
+    }
+  }
+  AttentionFidelity total;
+  for (const auto& f : per_head) total += f;
+  return total;
+}
+
+std::vector<float> probe_logits(const Model& model, const Header& header,
+                                const std::vector<Layer>& layers) {
+  if (!header.has_probe())
+    throw Error(Exit::data,
+                "model metrics need probe tokens, which the reference lacks (capture with "
+                "kv-capture --probe P)");
+  const int64_t P = int64_t(header.probe_tokens.size());
+  Session session(model, header.n_tokens + P);
+  session.load(header, layers);
+  std::vector<float> logits;
+  session.forward(header.probe_tokens.data(), P, logits, true);
+  return logits;
+}
+
+ModelFidelity compare_logits(const std::vector<float>& ref, const std::vector<float>& cand,
+                             int64_t vocab, const std::vector<int32_t>& probe_tokens) {
+  const int64_t P = int64_t(probe_tokens.size());
+  if (int64_t(ref.size()) != P * vocab || int64_t(cand.size()) != P * vocab)
+    throw Error(Exit::software, "logit tables do not match the probe");
+  ModelFidelity f;
+  std::vector<double> lr, lc;
+  double nll_ref = 0, nll_cand = 0, kl = 0;
+  int64_t agree = 0;
+  for (int64_t i = 0; i < P; ++i) {
+    const float *r = ref.data() + i * vocab, *c = cand.data() + i * vocab;
+    log_softmax(r, vocab, lr);
+    log_softmax(c, vocab, lc);
+    double row_kl = 0;
+    for (int64_t t = 0; t < vocab; ++t)
+      row_kl += std::exp(lr[size_t(t)]) * (lr[size_t(t)] - lc[size_t(t)]);
+    kl += std::max(0.0, row_kl);
+    agree += std::max_element(r, r + vocab) - r == std::max_element(c, c + vocab) - c;
+    if (i + 1 < P) {  // row i predicts probe token i + 1
+      nll_ref -= lr[size_t(probe_tokens[size_t(i + 1)])];
+      nll_cand -= lc[size_t(probe_tokens[size_t(i + 1)])];
+    }
+  }
+  f.tokens = P;
+  f.kl = P ? kl / double(P) : 0;
+  f.top1_agreement = P ? double(agree) / double(P) : 0;
+  f.ppl_reference = P > 1 ? std::exp(nll_ref / double(P - 1)) : 0;
+  f.ppl_candidate = P > 1 ? std::exp(nll_cand / double(P - 1)) : 0;
+  return f;
+}
+
+}  // namespace kv

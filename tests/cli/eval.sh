@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# kv-eval end to end on stories260K: identity gives zero, eviction costs accuracy, the outputs
+# (table, JSON, CSV, JSON Lines) agree, and bad requests fail with one line and a sysexits code.
+source "$(dirname "$0")/lib.sh"
+model="$KV_MODELS_DIR/stories260K.gguf"
+text="$KV_DATA_DIR/tinystories_val.txt"
+if [ ! -f "$model" ] || [ ! -f "$text" ]; then echo "skip: no model or text"; exit 77; fi
+
+kv-capture -m "$model" -f "$text" --ctx 300 --window 16 --attn-stats --probe 32 -o full.kv.h5 || fail "capture"
+
+kv-eval --ref full.kv.h5 -m "$model" --json full.kv.h5 > same.json || fail "eval identity"
+/usr/bin/python3 - same.json <<'PY' && pass "identity: zero error, zero KL, equal perplexity" || fail "identity: $(cat same.json)"
+import json, sys
+j = json.load(open(sys.argv[1]))
+assert j["rel_error"] == 0 and j["kl"] == 0 and j["ppl_delta"] == 0, j
+assert abs(j["cosine"] - 1) < 1e-9 and abs(j["mass_recall"] - 1) < 1e-5 and j["topk_recall"] == 1, j
+assert j["ratio_to_reference"] == 1 and j["top1_agreement"] == 1
+PY
+
+kv-evict -s snapkv -r 0.25 full.kv.h5 | kv-eval --ref full.kv.h5 -m "$model" --label snap25 \
+  --append results.jsonl --per-layer > table.txt || fail "evict | eval"
+grep -q "^entries     1500 of 6000 (25.0%)" table.txt && pass "table: entries" || fail "table: $(cat table.txt)"
+grep -qE "^attention   rel. error 0\.[0-9]+, cosine 0\.9" table.txt && pass "table: attention" || fail "attention line: $(grep attention table.txt)"
+grep -qE "^model       perplexity [0-9.]+ \(reference [0-9.]+, \+?-?[0-9.]+\), KL 0\.[0-9]+" table.txt \
+  && pass "table: model" || fail "model line: $(grep model table.txt)"
+[ "$(grep -cE '^ +[0-4] +300 ' table.txt)" = 5 ] && pass "per-layer rows" || fail "per-layer: $(tail -6 table.txt)"
+
+kv-evict -s random -r 0.25 full.kv.h5 -o random.kv.h5 || fail "random"
+kv-eval --ref full.kv.h5 -m "$model" --label rand25 --append results.jsonl --csv random.kv.h5 > r.csv || fail "csv"
+[ "$(wc -l < r.csv)" = 2 ] && head -1 r.csv | grep -q "^label,candidate,entries,kv_bytes" && pass "csv: header + one row" || fail "csv: $(cat r.csv)"
+/usr/bin/python3 - results.jsonl <<'PY' && pass "JSON Lines: two runs, snapkv beats random, provenance kept" || fail "results.jsonl: $(cat results.jsonl)"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+assert [r["label"] for r in rows] == ["snap25", "rand25"]
+snap, rand = rows
+assert snap["kv_bytes"] == rand["kv_bytes"] == 1500 * 8 * 2 * 2
+assert snap["rel_error"] < rand["rel_error"] and snap["kl"] < rand["kl"], (snap, rand)
+assert snap["mass_recall"] > rand["mass_recall"]
+assert "kv-evict -s snapkv -r 0.25 full.kv.h5" in snap["provenance"][-1]
+assert len(snap["layers"]) == 5 and "layers" not in rand
+PY
+
+# Bad requests.
+expect_code 64 kv-eval random.kv.h5
+expect_code 64 kv-eval --ref full.kv.h5 --json --csv random.kv.h5
+kv-capture -m "$model" -f "$text" --ctx 200 --probe 8 -o short.kv.h5
+expect_code 65 kv-eval --ref full.kv.h5 short.kv.h5
+expect_err_line "^kv-eval: reference and candidate differ in n_tokens \(300 vs 200\)"
+kv-capture -m "$model" -f "$text" --ctx 300 -o noprobe.kv.h5
+expect_code 65 kv-eval --ref noprobe.kv.h5 noprobe.kv.h5
+expect_err_line "kv-capture --probe"
+expect_code 66 kv-eval --ref missing.kv.h5 random.kv.h5
+expect_code 73 kv-eval --ref full.kv.h5 --append no/such/dir/r.jsonl random.kv.h5
+if ! nvidia-smi >/dev/null 2>&1; then
+  expect_code 69 kv-eval --ref full.kv.h5 --device cuda random.kv.h5
+  expect_err_line "no usable GPU|built without CUDA"
+fi
+
+finish

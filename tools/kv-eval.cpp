@@ -1,0 +1,181 @@
+// kv-eval: what a candidate cache costs in accuracy and gains in memory, against its reference.
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+
+#include "common/tool.h"
+#include "kv/backend.h"
+#include "kv/error.h"
+#include "kv/eval.h"
+#include "kv/json.h"
+#include "kv/model.h"
+#include "kv/str.h"
+
+namespace {
+
+std::string fmt(const char* f, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, f, v);
+  return buf;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  kvt::Tool tool("kv-eval",
+                 "Measure what a candidate KV cache (evicted, merged, compressed) costs against "
+                 "the reference cache it came from: bytes, attention fidelity on the probe "
+                 "queries, and with --model the next-token fidelity of the model.");
+  auto& app = tool.app();
+  std::string input = "-", ref_path, model_path, append_path, label;
+  int topk = 16;
+  bool per_layer = false, csv = false;
+  tool.add_input(&input);
+  app.add_option("-r,--ref", ref_path, "Reference snapshot (the full cache, with its probe)")
+      ->required();
+  app.add_option("-m,--model", model_path,
+                 "Model file (GGUF or llama2.c): also teacher-force the probe with each cache "
+                 "and compare next-token distributions");
+  app.add_option("--topk", topk, "k of the top-k attention recall")
+      ->default_val(16)
+      ->check(CLI::Range(1, 1 << 20));
+  app.add_flag("--per-layer", per_layer, "Show every layer, not only the totals");
+  app.add_flag("--csv", csv, "Print one CSV header line and one row of totals");
+  app.add_option("--append", append_path,
+                 "Append the result as one JSON line to FILE (results of sweeps)");
+  app.add_option("--label", label, "A name for this candidate in the output");
+  app.add_flag("--allow-nonfinite", tool.allow_nonfinite, "Accept NaN/Inf in keys and values");
+  tool.add_json_option();
+  tool.add_device_option();
+
+  return tool.run(argc, argv, [&] {
+    if (tool.json && csv) throw kv::Error(kv::Exit::usage, "give --json or --csv, not both");
+    kv::select_backend(tool.device);
+    kv::SnapshotReader ref(ref_path, tool.read_options());
+    kv::SnapshotReader cand(input, tool.read_options());
+    const kv::Header& h = ref.header();
+    kv::check_comparable(h, cand.header());
+    if (!h.has_probe())
+      throw kv::Error(kv::Exit::data,
+                      "the reference has no probe, which attention metrics need (capture with "
+                      "kv-capture --probe P)");
+    std::unique_ptr<kv::Model> model;
+    if (!model_path.empty()) model = kv::Model::load(model_path);
+
+    const int L = h.model.n_layers;
+    kv::AttentionFidelity total;
+    int64_t ref_entries = 0, cand_entries = 0, ref_bytes = 0, cand_bytes = 0;
+    kv::Json layers = kv::Json::array();
+    std::string table =
+        "  layer   entries  k+v stored  rel.error   cosine  mass recall  top-k recall\n";
+    std::vector<kv::Layer> ref_layers(size_t(model ? L : 1)), cand_layers(size_t(model ? L : 1));
+    for (int l = 0; l < L; ++l) {
+      tool.progress("layer", l, L);
+      kv::Layer& rl = ref_layers[model ? size_t(l) : 0];
+      kv::Layer& cl = cand_layers[model ? size_t(l) : 0];
+      ref.read_layer(l, rl);
+      cand.read_layer(l, cl);
+      const kv::AttentionFidelity f = kv::attention_fidelity(h, rl, cl, topk);
+      total += f;
+      const int64_t rb = ref.layer_storage(l).kv_bytes_stored;
+      const int64_t cb = cand.layer_storage(l).kv_bytes_stored;
+      ref_entries += rl.entries();
+      cand_entries += cl.entries();
+      ref_bytes += rb;
+      cand_bytes += cb;
+      const double n = double(f.rows);
+      kv::Json lj = kv::Json::object();
+      lj.set("layer", l).set("entries", cl.entries()).set("kv_bytes", cb);
+      lj.set("rel_error", f.rel_error / n).set("cosine", f.cosine / n);
+      lj.set("mass_recall", f.mass_recall / n).set("topk_recall", f.topk_recall / n);
+      layers.push(std::move(lj));
+      char row[200];
+      std::snprintf(row, sizeof row, "  %5d  %8lld  %10s  %9.4f  %7.4f  %11.4f  %12.4f\n", l,
+                    (long long)cl.entries(), kvt::human_bytes(double(cb)).c_str(), f.rel_error / n,
+                    f.cosine / n, f.mass_recall / n, f.topk_recall / n);
+      table += row;
+    }
+    tool.progress_done();
+    kv::ModelFidelity mf;
+    if (model) {
+      const auto ref_logits = kv::probe_logits(*model, h, ref_layers);
+      const auto cand_logits = kv::probe_logits(*model, cand.header(), cand_layers);
+      mf = kv::compare_logits(ref_logits, cand_logits, model->config().vocab, h.probe_tokens);
+    }
+
+    const double rows = double(total.rows);
+    const double per_token = double(cand_bytes) / double(h.n_tokens);
+    const int64_t dense = kv::dense_f16_bytes(ref_entries, h.model.head_dim);
+    kv::Json j = kv::Json::object();
+    if (!label.empty()) j.set("label", label);
+    j.set("reference", ref_path).set("candidate", cand.path());
+    j.set("entries", cand_entries).set("entries_reference", ref_entries);
+    j.set("kv_bytes", cand_bytes).set("kv_bytes_reference", ref_bytes);
+    j.set("bytes_per_token", per_token);
+    j.set("ratio_to_reference", double(cand_bytes) / double(ref_bytes));
+    j.set("ratio_to_dense_f16", double(cand_bytes) / double(dense));
+    j.set("probe_rows", total.rows).set("topk", topk);
+    j.set("rel_error", total.rel_error / rows).set("cosine", total.cosine / rows);
+    j.set("mass_recall", total.mass_recall / rows).set("topk_recall", total.topk_recall / rows);
+    if (model) {
+      j.set("ppl_reference", mf.ppl_reference).set("ppl_candidate", mf.ppl_candidate);
+      j.set("ppl_delta", mf.ppl_candidate - mf.ppl_reference);
+      j.set("kl", mf.kl).set("top1_agreement", mf.top1_agreement);
+    }
+    kv::Json chain = kv::Json::array();
+    for (const auto& p : cand.header().provenance) chain.push(p.command_line);
+    j.set("provenance", std::move(chain));
+    if (per_layer) j.set("layers", std::move(layers));
+
+    if (!append_path.empty()) {
+      std::ofstream out(append_path, std::ios::app);
+      if (!out || !(out << j.dump() << "\n"))
+        throw kv::Error(kv::Exit::cant_create,
+                        kv::str("cannot append to '", append_path, "': ", kv::errno_text()));
+    }
+    if (tool.json) {
+      std::cout << j.dump() << "\n";
+    } else if (csv) {
+      std::cout << "label,candidate,entries,kv_bytes,bytes_per_token,ratio_to_reference,"
+                   "rel_error,cosine,mass_recall,topk_recall"
+                << (model ? ",ppl_reference,ppl_candidate,kl,top1_agreement" : "") << "\n";
+      std::cout << label << "," << cand.path() << "," << cand_entries << "," << cand_bytes << ","
+                << fmt("%.2f", per_token) << ","
+                << fmt("%.6f", double(cand_bytes) / double(ref_bytes)) << ","
+                << fmt("%.6f", total.rel_error / rows) << "," << fmt("%.6f", total.cosine / rows)
+                << "," << fmt("%.6f", total.mass_recall / rows) << ","
+                << fmt("%.6f", total.topk_recall / rows);
+      if (model)
+        std::cout << "," << fmt("%.6f", mf.ppl_reference) << "," << fmt("%.6f", mf.ppl_candidate)
+                  << "," << fmt("%.6f", mf.kl) << "," << fmt("%.6f", mf.top1_agreement);
+      std::cout << "\n";
+    } else {
+      std::string out;
+      out += kv::str("reference   ", ref_path, "\n");
+      out += kv::str("candidate   ", cand.path(), label.empty() ? "" : kv::str(" (", label, ")"),
+                     "\n");
+      if (!cand.header().provenance.empty())
+        out += kv::str("made by     ", cand.header().provenance.back().command_line, "\n");
+      out += kv::str("storage     k+v ", kvt::human_bytes(double(cand_bytes)), " of ",
+                     kvt::human_bytes(double(ref_bytes)), " (",
+                     fmt("%.3f", double(cand_bytes) / double(ref_bytes)), " of the reference, ",
+                     fmt("%.3f", double(cand_bytes) / double(dense)), " of dense f16), ",
+                     fmt("%.1f", per_token), " bytes per token\n");
+      out += kv::str("entries     ", cand_entries, " of ", ref_entries, " (",
+                     fmt("%.1f", 100.0 * double(cand_entries) / double(ref_entries)), "%)\n");
+      out +=
+          kv::str("attention   rel. error ", fmt("%.4f", total.rel_error / rows), ", cosine ",
+                  fmt("%.4f", total.cosine / rows), ", mass recall ",
+                  fmt("%.4f", total.mass_recall / rows), ", top-", topk, " recall ",
+                  fmt("%.4f", total.topk_recall / rows), "  (", total.rows, " probe query rows)\n");
+      if (model)
+        out += kv::str("model       perplexity ", fmt("%.4f", mf.ppl_candidate), " (reference ",
+                       fmt("%.4f", mf.ppl_reference), ", ",
+                       fmt("%+.4f", mf.ppl_candidate - mf.ppl_reference), "), KL ",
+                       fmt("%.5f", mf.kl), ", top-1 agreement ", fmt("%.4f", mf.top1_agreement),
+                       "  (", mf.tokens, " probe tokens)\n");
+      if (per_layer) out += "\n" + table;
+      std::cout << out;
+    }
+  });
+}
