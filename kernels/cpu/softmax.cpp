@@ -14,31 +14,27 @@ namespace {
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t vi8 __attribute__((vector_size(32)));
 
-__attribute__((always_inline)) inline v8 load8(const float* p) {
-  v8 v;
+// Vectors go by reference: clang rejects passing 32-byte vectors by value in the baseline
+// (non-AVX) clone, even to always_inline helpers.
+__attribute__((always_inline)) inline void load8(v8& v, const float* p) {
   std::memcpy(&v, p, sizeof v);
-  return v;
 }
-__attribute__((always_inline)) inline void store8(float* p, v8 v) {
+__attribute__((always_inline)) inline void store8(float* p, const v8& v) {
   std::memcpy(p, &v, sizeof v);
 }
-__attribute__((always_inline)) inline v8 splat(float x) {
-  return v8{} + x;
-}
 
-// exp(x) for x <= 0 (softmax arguments after the max is subtracted); below -87 it flushes to 0.
-__attribute__((always_inline)) inline v8 exp8(v8 x) {
-  const v8 lo = splat(-87.0f);
-  const vi8 under = x < lo;
-  x = x < lo ? lo : x;
+// x <- exp(x) for x <= 0 (softmax arguments after the max is subtracted); below -87 it is 0.
+__attribute__((always_inline)) inline void exp8(v8& x) {
+  const vi8 under = x < -87.0f;
+  x = x < -87.0f ? v8{} - 87.0f : x;
   // x = n ln2 + r, |r| <= ln2 / 2, with ln2 split in two for an exact n ln2.
-  v8 t = x * 1.44269504088896341f + 0.5f;
+  const v8 t = x * 1.44269504088896341f + 0.5f;
   vi8 n = __builtin_convertvector(t, vi8);             // truncates toward zero
   n = __builtin_convertvector(n, v8) > t ? n - 1 : n;  // floor, since t is negative
   const v8 fn = __builtin_convertvector(n, v8);
   v8 r = x - fn * 0.693359375f;
   r = r - fn * -2.12194440e-4f;
-  v8 p = splat(1.9875691500e-4f);
+  v8 p = v8{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
@@ -50,23 +46,25 @@ __attribute__((always_inline)) inline v8 exp8(v8 x) {
   std::memcpy(&bits, &p, sizeof bits);
   bits += n << 23;
   bits = under ? 0 : bits;
-  v8 out;
-  std::memcpy(&out, &bits, sizeof out);
-  return out;
+  std::memcpy(&x, &bits, sizeof x);
 }
 
 }  // namespace
 
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void softmax_row(float* x, int64_t n,
-                                                                              float scale,
-                                                                              const float* bias) {
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void softmax_row(
+    float* x, int64_t n, float scale, const float* bias) {
   if (n <= 0) return;
   const int64_t body = n & ~int64_t(7);
   // Pass 1: logits and their maximum.
-  v8 vmax = splat(-INFINITY);
+  v8 vmax = v8{} - INFINITY, v;
   for (int64_t j = 0; j < body; j += 8) {
-    v8 v = load8(x + j) * scale;
-    if (bias) v += load8(bias + j);
+    load8(v, x + j);
+    v *= scale;
+    if (bias) {
+      v8 b;
+      load8(b, bias + j);
+      v += b;
+    }
     store8(x + j, v);
     vmax = v > vmax ? v : vmax;
   }
@@ -79,24 +77,32 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
   // Pass 2: exponentials and their sum; the tail goes through a padded vector.
   v8 vsum = {};
   for (int64_t j = 0; j < body; j += 8) {
-    const v8 e = exp8(load8(x + j) - mx);
-    store8(x + j, e);
-    vsum += e;
+    load8(v, x + j);
+    v -= mx;
+    exp8(v);
+    store8(x + j, v);
+    vsum += v;
   }
   if (body < n) {
     float tail[8];
-    std::fill(tail, tail + 8, -INFINITY);
+    std::fill(tail, tail + 8, -INFINITY);  // exp gives 0 for the padding
     std::copy(x + body, x + n, tail);
-    const v8 e = exp8(load8(tail) - mx);  // the -inf padding gives 0
-    store8(tail, e);
+    load8(v, tail);
+    v -= mx;
+    exp8(v);
+    store8(tail, v);
     std::copy(tail, tail + (n - body), x + body);
-    vsum += e;
+    vsum += v;
   }
   double sum = 0;
   for (int i = 0; i < 8; ++i) sum += vsum[i];
   // Pass 3: normalize.
   const float inv = float(1.0 / sum);
-  for (int64_t j = 0; j < body; j += 8) store8(x + j, load8(x + j) * inv);
+  for (int64_t j = 0; j < body; j += 8) {
+    load8(v, x + j);
+    v *= inv;
+    store8(x + j, v);
+  }
   for (int64_t j = body; j < n; ++j) x[j] *= inv;
 }
 
