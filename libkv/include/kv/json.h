@@ -1,9 +1,11 @@
-// A small JSON value for the tools' --json output (ordered keys, no parsing).
+// A small JSON value: built and dump()ed for the tools' --json output (ordered keys), and
+// parse()d back from files those tools wrote (e.g. kv-eval's JSON Lines), which are untrusted.
 #pragma once
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -43,6 +45,44 @@ class Json {
   Json& push(Json value);
 
   std::string dump() const;  // compact, one line
+
+  // Parses one JSON text (RFC 8259) with optional surrounding whitespace: objects, arrays,
+  // strings with every escape (\uXXXX incl. surrogate pairs, written out as UTF-8), numbers,
+  // true/false/null. An integral number without fraction/exponent that fits int64_t is stored
+  // as int64_t, every other number as double, "-0" included (so -0.0, which dump() writes as
+  // "-0", keeps its sign); one that underflows becomes a signed 0.0, one too large for a double
+  // is an error. Raw bytes >= 0x20 in strings are kept as they
+  // are, so strings that dump() wrote from non-UTF-8 bytes read back unchanged. Duplicate
+  // object keys are all kept, in order. Throws Error(Exit::data, "JSON: <what> at offset N") on
+  // malformed input: trailing garbage, bad escapes, lone surrogates, control characters in
+  // strings, leading zeros, '+' signs, NaN/Infinity, nesting deeper than 256, unterminated
+  // anything. Linear time; kv::Error is the only exception it throws (bar std::bad_alloc).
+  static Json parse(std::string_view text);
+
+  bool is_null() const;
+  bool is_bool() const;
+  bool is_number() const;  // int64 or double
+  bool is_string() const;
+  bool is_array() const;
+  bool is_object() const;
+
+  // Checked accessors: each throws Error(Exit::data, "JSON: expected ...") for another type.
+  // (The array and object accessors are as_array()/as_object(): array() and object() are the
+  // static factories above, and C++ cannot overload a static member on constness.)
+  double number() const;    // int64 or double, as double
+  int64_t integer() const;  // int64 values, and doubles that are exact integers in range
+  bool boolean() const;
+  const std::string& string() const;
+  const Array& as_array() const;
+  const Object& as_object() const;
+  // The first member with that key; null when absent or when this is not an object.
+  const Json* find(const std::string& key) const;
+
+  // Structural equality: same type, same strings, arrays element by element, objects member by
+  // member in order (keys included). Numbers compare by exact mathematical value whatever their
+  // representation, so int64 1 == double 1.0 (dump() writes both as "1") but int64 2^53 + 1 !=
+  // double 2^53; doubles compare with ==, so -0.0 == 0.0 and a NaN equals nothing.
+  bool operator==(const Json& other) const;
 
  private:
   void dump_to(std::string& out) const;
