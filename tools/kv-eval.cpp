@@ -9,6 +9,8 @@
 #include "kv/eval.h"
 #include "kv/json.h"
 #include "kv/model.h"
+#include "kv/plot.h"
+#include "kv/report.h"
 #include "kv/str.h"
 
 namespace {
@@ -17,6 +19,39 @@ std::string fmt(const char* f, double v) {
   char buf[64];
   std::snprintf(buf, sizeof buf, f, v);
   return buf;
+}
+
+void print_report(const std::string& path, std::string metric, const std::string& plot_path) {
+  std::vector<kv::ResultRow> rows = kv::read_results(path, metric);
+  const bool lower = kv::metric_lower_is_better(metric);
+  std::string out = kv::str("  ", metric, lower ? " (lower is better)" : " (higher is better)",
+                            " against bytes per token; * marks the Pareto front\n");
+  char line[512];
+  std::snprintf(line, sizeof line, "  %-28s %15s %9s %12s  %s\n", "label", "bytes/token", "ratio",
+                metric.c_str(), "front");
+  out += line;
+  std::vector<double> x, y;
+  std::vector<std::string> labels;
+  std::vector<bool> front;
+  for (const auto& r : rows) {
+    std::snprintf(line, sizeof line, "  %-28s %15.1f %9.4f %12.6f  %s\n", r.label.c_str(),
+                  r.bytes_per_token, r.ratio, r.metric, r.pareto ? "*" : "");
+    out += line;
+    x.push_back(r.bytes_per_token);
+    y.push_back(r.metric);
+    labels.push_back(r.label);
+    front.push_back(r.pareto);
+  }
+  if (!plot_path.empty()) {
+    const std::string svg = kv::svg_scatter_front(
+        x, y, labels, front, kv::str(metric, " against bytes per token (", path, ")"),
+        "bytes per token (k+v stored)", metric);
+    std::ofstream f(plot_path);
+    if (!f || !(f << svg) || !f.flush())
+      throw kv::Error(kv::Exit::cant_create,
+                      kv::str("cannot write '", plot_path, "': ", kv::errno_text()));
+  }
+  std::cout << out;
 }
 
 }  // namespace
@@ -28,17 +63,31 @@ int main(int argc, char** argv) {
                  "queries, and with --model the next-token fidelity of the model.");
   auto& app = tool.app();
   std::string input = "-", ref_path, model_path, append_path, label;
-  int topk = 16;
+  int topk = 16, recall_max = 8;
+  int64_t generate = 0;
+  std::string task;
   bool per_layer = false, csv = false;
   tool.add_input(&input);
-  app.add_option("-r,--ref", ref_path, "Reference snapshot (the full cache, with its probe)")
-      ->required();
+  app.add_option("-r,--ref", ref_path,
+                 "Reference snapshot (the full cache, with its probe); required except for "
+                 "'report'");
   app.add_option("-m,--model", model_path,
                  "Model file (GGUF or llama2.c): also teacher-force the probe with each cache "
                  "and compare next-token distributions");
   app.add_option("--topk", topk, "k of the top-k attention recall")
       ->default_val(16)
       ->check(CLI::Range(1, 1 << 20));
+  app.add_option("--generate", generate,
+                 "With --model: greedy-decode N tokens after the first probe token from each "
+                 "cache and report their common prefix")
+      ->check(CLI::Range(int64_t(1), int64_t(1) << 20));
+  app.add_option("--task", task,
+                 "With --model: 'recall': sentences from the prompt's first half, cued by their "
+                 "first tokens, must be continued exactly (exact-match rate of each cache)")
+      ->check(CLI::IsMember({"recall"}));
+  app.add_option("--recall-items", recall_max, "recall: at most this many sentences")
+      ->default_val(8)
+      ->check(CLI::Range(1, 1000));
   app.add_flag("--per-layer", per_layer, "Show every layer, not only the totals");
   app.add_flag("--csv", csv, "Print one CSV header line and one row of totals");
   app.add_option("--append", append_path,
@@ -48,7 +97,24 @@ int main(int argc, char** argv) {
   tool.add_json_option();
   tool.add_device_option();
 
+  std::string results_path, plot_path, metric;
+  CLI::App* report = app.add_subcommand(
+      "report",
+      "Summarize a results file of --append lines: a table sorted by bytes per token "
+      "with the Pareto front of a metric against bytes marked, and an SVG chart");
+  report->add_option("RESULTS", results_path, "JSON Lines written by kv-eval --append")->required();
+  report->add_option("--plot", plot_path, "Write the chart of the metric against bytes per token");
+  report->add_option("--metric", metric,
+                     "Metric to rank by: " + kv::report_metric_names() +
+                         " (default: kl when every result has it, else rel_error)");
+  app.require_subcommand(0, 1);
+
   return tool.run(argc, argv, [&] {
+    if (report->parsed()) {
+      print_report(results_path, metric, plot_path);
+      return;
+    }
+    if (ref_path.empty()) throw kv::Error(kv::Exit::usage, "--ref REFERENCE is required");
     if (tool.json && csv) throw kv::Error(kv::Exit::usage, "give --json or --csv, not both");
     kv::select_backend(tool.device);
     kv::SnapshotReader ref(ref_path, tool.read_options());
@@ -59,8 +125,12 @@ int main(int argc, char** argv) {
       throw kv::Error(kv::Exit::data,
                       "the reference has no probe, which attention metrics need (capture with "
                       "kv-capture --probe P)");
+    if ((generate || !task.empty()) && model_path.empty())
+      throw kv::Error(kv::Exit::usage, "--generate and --task need --model");
     std::unique_ptr<kv::Model> model;
     if (!model_path.empty()) model = kv::Model::load(model_path);
+    if (!task.empty() && !model->has_tokenizer())
+      throw kv::Error(kv::Exit::usage, "--task recall needs a model with a tokenizer (GGUF)");
 
     const int L = h.model.n_layers;
     kv::AttentionFidelity total;
@@ -102,6 +172,28 @@ int main(int argc, char** argv) {
       const auto cand_logits = kv::probe_logits(*model, cand.header(), cand_layers);
       mf = kv::compare_logits(ref_logits, cand_logits, model->config().vocab, h.probe_tokens);
     }
+    std::vector<int32_t> gen_ref, gen_cand;
+    int64_t common = 0;
+    if (generate) {
+      const std::vector<int32_t> cue = {h.probe_tokens.front()};
+      gen_ref = kv::generate_after(*model, h, ref_layers, cue, generate);
+      gen_cand = kv::generate_after(*model, cand.header(), cand_layers, cue, generate);
+      while (common < int64_t(std::min(gen_ref.size(), gen_cand.size())) &&
+             gen_ref[size_t(common)] == gen_cand[size_t(common)])
+        ++common;
+    }
+    std::vector<kv::RecallItem> items;
+    double recall_ref = 0, recall_cand = 0;
+    if (!task.empty()) {
+      items = kv::recall_items(model->tokenizer(), h.tokens, recall_max);
+      if (items.empty())
+        throw kv::Error(kv::Exit::data, "the prompt has no sentence the recall task can cue");
+      recall_ref = kv::recall_rate(*model, h, ref_layers, items);
+      recall_cand = kv::recall_rate(*model, cand.header(), cand_layers, items);
+    }
+    auto text = [&](const std::vector<int32_t>& t) {
+      return model && model->has_tokenizer() ? model->tokenizer().decode(t) : std::string();
+    };
 
     const double rows = double(total.rows);
     const double per_token = double(cand_bytes) / double(h.n_tokens);
@@ -121,6 +213,14 @@ int main(int argc, char** argv) {
       j.set("ppl_reference", mf.ppl_reference).set("ppl_candidate", mf.ppl_candidate);
       j.set("ppl_delta", mf.ppl_candidate - mf.ppl_reference);
       j.set("kl", mf.kl).set("top1_agreement", mf.top1_agreement);
+    }
+    if (generate) {
+      j.set("generate_tokens", generate).set("generate_common_prefix", common);
+      j.set("generate_reference", text(gen_ref)).set("generate_candidate", text(gen_cand));
+    }
+    if (!task.empty()) {
+      j.set("recall_items", int64_t(items.size()));
+      j.set("recall_reference", recall_ref).set("recall_candidate", recall_cand);
     }
     kv::Json chain = kv::Json::array();
     for (const auto& p : cand.header().provenance) chain.push(p.command_line);
@@ -174,6 +274,15 @@ int main(int argc, char** argv) {
                        fmt("%+.4f", mf.ppl_candidate - mf.ppl_reference), "), KL ",
                        fmt("%.5f", mf.kl), ", top-1 agreement ", fmt("%.4f", mf.top1_agreement),
                        "  (", mf.tokens, " probe tokens)\n");
+      if (generate)
+        out += kv::str("generate    common prefix ", common, " of ", generate,
+                       " greedy tokens after the first probe token\n",
+                       "  reference: ", text(gen_ref), "\n", "  candidate: ", text(gen_cand), "\n");
+      if (!task.empty())
+        out +=
+            kv::str("recall      ", fmt("%.3f", recall_cand), " exact with the candidate, ",
+                    fmt("%.3f", recall_ref), " with the reference (", items.size(), " sentences, ",
+                    kv::kRecallCue, "-token cues, ", kv::kRecallTarget, "-token targets)\n");
       if (per_layer) out += "\n" + table;
       std::cout << out;
     }

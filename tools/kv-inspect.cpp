@@ -7,6 +7,7 @@
 #include "kv/backend.h"
 #include "kv/error.h"
 #include "kv/json.h"
+#include "kv/plot.h"
 #include "kv/stats.h"
 #include "kv/str.h"
 

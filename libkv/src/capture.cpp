@@ -100,6 +100,19 @@ Snapshot capture(const Model& model, const std::vector<int32_t>& prompt,
   return snap;
 }
 
+std::vector<int32_t> continue_greedy(const Model& model, Session& session,
+                                     std::vector<float>& logits, int64_t steps) {
+  std::vector<int32_t> out;
+  const int eos = model.has_tokenizer() ? model.tokenizer().eos() : -1;
+  while (int64_t(out.size()) < steps) {
+    const int32_t next = int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    out.push_back(next);
+    if (next == eos || int64_t(out.size()) >= steps || session.n_past() >= session.capacity()) break;
+    session.forward(&next, 1, logits, false);
+  }
+  return out;
+}
+
 std::vector<int32_t> generate_greedy(const Model& model, const std::vector<int32_t>& prompt, int64_t steps) {
   if (prompt.empty()) throw Error(Exit::usage, "the prompt is empty");
   const int64_t cap = std::min<int64_t>(model.config().context, int64_t(prompt.size()) + steps);
@@ -109,13 +122,8 @@ std::vector<int32_t> generate_greedy(const Model& model, const std::vector<int32
   std::vector<float> logits;
   std::vector<int32_t> out = prompt;
   session.forward(prompt.data(), int64_t(prompt.size()), logits, false);
-  const int eos = model.has_tokenizer() ? model.tokenizer().eos() : -1;
-  while (int64_t(out.size()) < cap) {
-    int32_t next = int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
-    out.push_back(next);
-    if (next == eos || int64_t(out.size()) >= cap) break;
-    session.forward(&next, 1, logits, false);
-  }
+  const std::vector<int32_t> more = continue_greedy(model, session, logits, cap - int64_t(prompt.size()));
+  out.insert(out.end(), more.begin(), more.end());
   return out;
 }
 

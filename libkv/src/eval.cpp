@@ -5,6 +5,7 @@
 #include <numeric>
 
 #include "kv/attention.h"
+#include "kv/capture.h"
 #include "kv/error.h"
 #include "kv/str.h"
 
@@ -172,6 +173,57 @@ ModelFidelity compare_logits(const std::vector<float>& ref, const std::vector<fl
   f.ppl_reference = P > 1 ? std::exp(nll_ref / double(P - 1)) : 0;
   f.ppl_candidate = P > 1 ? std::exp(nll_cand / double(P - 1)) : 0;
   return f;
+}
+
+std::vector<int32_t> generate_after(const Model& model, const Header& header,
+                                    const std::vector<Layer>& layers,
+                                    const std::vector<int32_t>& cue, int64_t steps) {
+  if (cue.empty()) throw Error(Exit::software, "generate_after needs a cue");
+  Session session(model, header.n_tokens + int64_t(cue.size()) + steps);
+  session.load(header, layers);
+  std::vector<float> logits;
+  session.forward(cue.data(), int64_t(cue.size()), logits, false);
+  return continue_greedy(model, session, logits, steps);
+}
+
+std::vector<RecallItem> recall_items(const Tokenizer& tokenizer, const std::vector<int32_t>& prompt,
+                                     int max_items) {
+  const int64_t T = int64_t(prompt.size()), span = kRecallCue + kRecallTarget;
+  auto occurrences = [&](int64_t at) {
+    int64_t n = 0;
+    for (int64_t p = 0; p + kRecallCue <= T; ++p)
+      n += std::equal(prompt.begin() + p, prompt.begin() + p + kRecallCue, prompt.begin() + at);
+    return n;
+  };
+  std::vector<int64_t> starts;
+  for (int64_t s = 1; s < T / 2 && s + span <= T; ++s) {
+    const std::string prev =
+        tokenizer.decode(s >= 2 ? prompt[size_t(s - 2)] : -1, prompt[size_t(s - 1)]);
+    const bool boundary =
+        !prev.empty() && std::string(".!?\n").find(prev.back()) != std::string::npos;
+    if (boundary && occurrences(s) == 1) starts.push_back(s);
+  }
+  std::vector<RecallItem> items;
+  const size_t n = std::min(starts.size(), size_t(std::max(0, max_items)));
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t s = starts[i * starts.size() / n];
+    RecallItem item;
+    item.start = s;
+    item.cue.assign(prompt.begin() + s, prompt.begin() + s + kRecallCue);
+    item.target.assign(prompt.begin() + s + kRecallCue, prompt.begin() + s + span);
+    items.push_back(std::move(item));
+  }
+  return items;
+}
+
+double recall_rate(const Model& model, const Header& header, const std::vector<Layer>& layers,
+                   const std::vector<RecallItem>& items) {
+  if (items.empty()) return 0;
+  int64_t hits = 0;
+  for (const RecallItem& item : items)
+    hits +=
+        generate_after(model, header, layers, item.cue, int64_t(item.target.size())) == item.target;
+  return double(hits) / double(items.size());
 }
 
 }  // namespace kv

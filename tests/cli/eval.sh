@@ -40,7 +40,34 @@ assert "kv-evict -s snapkv -r 0.25 full.kv.h5" in snap["provenance"][-1]
 assert len(snap["layers"]) == 5 and "layers" not in rand
 PY
 
+# Generation and the recall task: identical caches agree exactly.
+kv-eval --ref full.kv.h5 -m "$model" --generate 8 --task recall --json full.kv.h5 > gen.json || fail "generate"
+/usr/bin/python3 - gen.json <<'PY' && pass "identity: same greedy continuation, same recall" || fail "generate/recall: $(cat gen.json)"
+import json, sys
+j = json.load(open(sys.argv[1]))
+assert j["generate_common_prefix"] == 8 and j["generate_reference"] == j["generate_candidate"] != ""
+assert j["recall_items"] > 0 and j["recall_candidate"] == j["recall_reference"]
+PY
+
+# The report: sorted by bytes, Pareto front marked, an SVG chart.
+kv-eval report results.jsonl --plot pareto.svg > report.txt || fail "report"
+grep -qE "^  snap25 +[0-9.]+ +0\.2500 +[0-9.]+  \*$" report.txt && grep -qE "^  rand25 .*[0-9]  $" report.txt \
+  && pass "report: snapkv on the front, random off it (same bytes, worse KL)" || fail "report: $(cat report.txt)"
+/usr/bin/python3 -c "
+import xml.dom.minidom as m; d = m.parse('pareto.svg')
+assert len(d.getElementsByTagName('circle')) == 2
+assert 'snap25' in d.toxml() and 'rand25' in d.toxml()
+" && pass "report: SVG with both points" || fail "pareto.svg"
+kv-eval report results.jsonl --metric mass_recall | grep -q "mass_recall (higher is better)" && pass "report --metric" || fail "report --metric"
+expect_code 64 kv-eval report results.jsonl --metric speed
+echo '{"label": "x", "kv_bytes": 1' > broken.jsonl
+expect_code 65 kv-eval report broken.jsonl
+expect_err_line "broken.jsonl line 1: JSON"
+expect_code 66 kv-eval report missing.jsonl
+
 # Bad requests.
+expect_code 64 kv-eval --ref full.kv.h5 --generate 4 random.kv.h5
+expect_err_line "need --model"
 expect_code 64 kv-eval random.kv.h5
 expect_code 64 kv-eval --ref full.kv.h5 --json --csv random.kv.h5
 kv-capture -m "$model" -f "$text" --ctx 200 --probe 8 -o short.kv.h5

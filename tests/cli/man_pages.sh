@@ -36,7 +36,8 @@ for page in kvsnap.5 kv.7; do
   if [ -f "$MAN_DIR/$page" ]; then pass "$page exists"; else fail "$page is missing"; fi
 done
 
-# 2. Every tool has a page that documents each long option of its --help, and documents no
+# 2. Every tool has a page that documents each long option of its --help (and of its
+#    subcommands' --help), and documents no
 #    option (in the tags of its OPTIONS section) that the tool does not accept.
 tools=("$KV_BIN"/kv-*)
 if [ "${#tools[@]}" = 0 ]; then fail "no kv-* tools in $KV_BIN"; fi
@@ -53,6 +54,10 @@ for bin in "${tools[@]}"; do
     fail "$tool --help failed: $(head -c 300 "$WORK/help")"
     continue
   fi
+  # Subcommands (kv-eval report) have their own --help: their options count as the tool's.
+  for sub in $(awk '/^Subcommands:/{f = 1; next} f && /^  [a-z]/{print $1} f && /^$/{f = 0}' "$WORK/help"); do
+    "$bin" "$sub" --help >>"$WORK/help" 2>&1 || fail "$tool $sub --help failed"
+  done
   plain_source "$page" >"$WORK/source"
   options=$(grep -oE -- '--[a-z][a-z0-9-]*' "$WORK/help" | sort -u)
   if [ -z "$options" ]; then fail "$tool --help lists no long options"; fi

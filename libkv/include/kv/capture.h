@@ -32,6 +32,11 @@ Snapshot capture(const Model& model, const std::vector<int32_t>& prompt,
 std::vector<int32_t> generate_greedy(const Model& model, const std::vector<int32_t>& prompt,
                                      int64_t steps);
 
+// Greedy decoding from a session whose last forward() left next-token `logits` ([vocab]): up to
+// `steps` tokens, stopping after EOS or when the session is full.
+std::vector<int32_t> continue_greedy(const Model& model, Session& session,
+                                     std::vector<float>& logits, int64_t steps);
+
 // Teacher-forced perplexity over documents (each already starting with BOS): exp of the mean
 // negative log-likelihood of every token after the first. `n_scored` gets the token count.
 double perplexity(const Model& model, const std::vector<std::vector<int32_t>>& docs,

@@ -9,6 +9,7 @@
 
 #include "kv/model.h"
 #include "kv/snapshot.h"
+#include "kv/tokenizer.h"
 
 namespace kv {
 
@@ -48,5 +49,30 @@ std::vector<float> probe_logits(const Model& model, const Header& header,
 // Compares two probe logit tables [P, vocab] (reference first) for the probe tokens.
 ModelFidelity compare_logits(const std::vector<float>& ref, const std::vector<float>& cand,
                              int64_t vocab, const std::vector<int32_t>& probe_tokens);
+
+// Teacher-forces `cue` after the snapshot's cache, then decodes up to `steps` tokens greedily
+// (stopping after EOS). Returns the generated tokens.
+std::vector<int32_t> generate_after(const Model& model, const Header& header,
+                                    const std::vector<Layer>& layers,
+                                    const std::vector<int32_t>& cue, int64_t steps);
+
+// The recall task: a sentence of the prompt's first half, cued after the prompt by its first
+// tokens, must be continued exactly.
+struct RecallItem {
+  int64_t start = 0;            // position of the sentence in the prompt
+  std::vector<int32_t> cue;     // its first kRecallCue tokens
+  std::vector<int32_t> target;  // the next kRecallTarget tokens
+};
+constexpr int kRecallCue = 4, kRecallTarget = 2;
+
+// Up to `max_items` items, deterministic: sentence starts (tokens after one whose text ends in
+// '.', '!', '?' or a newline) in the first half of the prompt whose cue occurs nowhere else in
+// the prompt, spread evenly over the candidates.
+std::vector<RecallItem> recall_items(const Tokenizer& tokenizer, const std::vector<int32_t>& prompt,
+                                     int max_items);
+
+// Exact-match rate of the items with the given cache.
+double recall_rate(const Model& model, const Header& header, const std::vector<Layer>& layers,
+                   const std::vector<RecallItem>& items);
 
 }  // namespace kv

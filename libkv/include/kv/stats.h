@@ -20,9 +20,4 @@ constexpr double kOutlierRatio = 4.0;
 std::vector<HeadStats> layer_stats(const Layer& layer, int n_kv_heads,
                                    const kvk::Ops& ops = kvk::cpu_ops());
 
-// An SVG heat map: cells[r][c] coloured on a perceptual scale from the minimum to the maximum.
-std::string svg_heatmap(const std::vector<std::vector<float>>& cells,
-                        const std::vector<std::string>& row_labels, const std::string& title,
-                        const std::string& x_label, int x_group = 0);
-
 }  // namespace kv
