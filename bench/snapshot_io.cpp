@@ -47,6 +47,7 @@
 #include <string>
 #include <vector>
 
+#include "common.h"
 #include "kv/error.h"
 #include "kv/snapshot_io.h"
 #include "kv/synth.h"
@@ -57,9 +58,8 @@ namespace {
 
 constexpr size_t kMiB = size_t(1) << 20;
 
-double now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
+using kvbench::now;
+using kvbench::stream_read_gbps;
 
 [[noreturn]] void die(const std::string& msg) {
   std::fprintf(stderr, "bench-snapshot-io: %s\n", msg.c_str());
@@ -518,25 +518,6 @@ double pipe_read_plain_fresh(const std::string& feed, size_t expect) {
 
 // ---------------------------------------------------------------------------------------------
 // Memory bandwidth
-
-double stream_read_gbps(size_t bytes, int threads, int reps) {
-  size_t n = bytes / 8;
-  auto* a = static_cast<uint64_t*>(std::aligned_alloc(64, n * 8));
-  if (!a) die("out of memory for the bandwidth test");
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (size_t i = 0; i < n; ++i) a[i] = i;
-  double best = 1e30;
-  for (int r = 0; r < reps; ++r) {
-    uint64_t s = 0;
-    double t0 = now();
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : s)
-    for (size_t i = 0; i < n; ++i) s += a[i];
-    best = std::min(best, now() - t0);
-    g_sink = s;
-  }
-  std::free(a);
-  return double(n * 8) / best / 1e9;
-}
 
 double memcpy_gbps(size_t bytes, int reps) {
   std::vector<char> src(bytes, 1), dst(bytes, 0);

@@ -1,4 +1,7 @@
 // kv-eval: what a candidate cache costs in accuracy and gains in memory, against its reference.
+#include <omp.h>
+
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -66,7 +69,7 @@ int main(int argc, char** argv) {
   int topk = 16, recall_max = 8;
   int64_t generate = 0;
   std::string task;
-  bool per_layer = false, csv = false;
+  bool per_layer = false, csv = false, speed = false;
   tool.add_input(&input);
   app.add_option("-r,--ref", ref_path,
                  "Reference snapshot (the full cache, with its probe); required except for "
@@ -88,6 +91,9 @@ int main(int argc, char** argv) {
   app.add_option("--recall-items", recall_max, "recall: at most this many sentences")
       ->default_val(8)
       ->check(CLI::Range(1, 1000));
+  app.add_flag("--speed", speed,
+               "Time one decode step of attention over every layer of each cache (the first "
+               "probe query of each head), with the memory bandwidth measured in the same run");
   app.add_flag("--per-layer", per_layer, "Show every layer, not only the totals");
   app.add_flag("--csv", csv, "Print one CSV header line and one row of totals");
   app.add_option("--append", append_path,
@@ -138,11 +144,13 @@ int main(int argc, char** argv) {
     kv::Json layers = kv::Json::array();
     std::string table =
         "  layer   entries  k+v stored  rel.error   cosine  mass recall  top-k recall\n";
-    std::vector<kv::Layer> ref_layers(size_t(model ? L : 1)), cand_layers(size_t(model ? L : 1));
+    // The runtime (--model) and the timing (--speed) need every layer at once; else one at a time.
+    const bool keep = model || speed;
+    std::vector<kv::Layer> ref_layers(size_t(keep ? L : 1)), cand_layers(size_t(keep ? L : 1));
     for (int l = 0; l < L; ++l) {
       tool.progress("layer", l, L);
-      kv::Layer& rl = ref_layers[model ? size_t(l) : 0];
-      kv::Layer& cl = cand_layers[model ? size_t(l) : 0];
+      kv::Layer& rl = ref_layers[keep ? size_t(l) : 0];
+      kv::Layer& cl = cand_layers[keep ? size_t(l) : 0];
       ref.read_layer(l, rl);
       cand.read_layer(l, cl);
       const kv::AttentionFidelity f = kv::attention_fidelity(h, rl, cl, topk);
@@ -191,6 +199,24 @@ int main(int argc, char** argv) {
       recall_ref = kv::recall_rate(*model, h, ref_layers, items);
       recall_cand = kv::recall_rate(*model, cand.header(), cand_layers, items);
     }
+    double t_ref = 0, t_cand = 0, bandwidth = 0;
+    if (speed) {
+      // The first probe query of every query head, per layer: [L][H_q][D].
+      const int Hq = h.model.n_q_heads, D = h.model.head_dim;
+      const int64_t P = int64_t(h.probe_tokens.size());
+      std::vector<float> queries;
+      for (const kv::Layer& rl : ref_layers) {
+        const std::vector<float> q = rl.probe_q.to_f32();
+        for (int j = 0; j < Hq; ++j)
+          queries.insert(queries.end(), q.begin() + int64_t(j) * P * D, q.begin() + (int64_t(j) * P + 1) * D);
+      }
+      // Enough repetitions for about 0.2 s per cache; the best step counts.
+      const double once = kv::decode_step_seconds(h.model, ref_layers, queries, 1);
+      const int reps = int(std::clamp(0.2 / std::max(once, 1e-7), 3.0, 2000.0));
+      t_ref = kv::decode_step_seconds(h.model, ref_layers, queries, reps);
+      t_cand = kv::decode_step_seconds(cand.header().model, cand_layers, queries, reps);
+      bandwidth = kvk::stream_read_gbps(size_t(256) << 20, omp_get_max_threads(), 3);
+    }
     auto text = [&](const std::vector<int32_t>& t) {
       return model && model->has_tokenizer() ? model->tokenizer().decode(t) : std::string();
     };
@@ -221,6 +247,12 @@ int main(int argc, char** argv) {
     if (!task.empty()) {
       j.set("recall_items", int64_t(items.size()));
       j.set("recall_reference", recall_ref).set("recall_candidate", recall_cand);
+    }
+    if (speed) {
+      j.set("decode_ms_reference", t_ref * 1e3).set("decode_ms_candidate", t_cand * 1e3);
+      j.set("decode_speedup", t_ref / t_cand);
+      j.set("decode_gbps_candidate", double(cand_bytes) / t_cand / 1e9);
+      j.set("bandwidth_gbps", bandwidth);
     }
     kv::Json chain = kv::Json::array();
     for (const auto& p : cand.header().provenance) chain.push(p.command_line);
@@ -283,6 +315,12 @@ int main(int argc, char** argv) {
             kv::str("recall      ", fmt("%.3f", recall_cand), " exact with the candidate, ",
                     fmt("%.3f", recall_ref), " with the reference (", items.size(), " sentences, ",
                     kv::kRecallCue, "-token cues, ", kv::kRecallTarget, "-token targets)\n");
+      if (speed)
+        out += kv::str("speed       decode step ", fmt("%.4f", t_cand * 1e3), " ms (reference ",
+                       fmt("%.4f", t_ref * 1e3), " ms, ", fmt("%.2f", t_ref / t_cand),
+                       "x); candidate reads ", fmt("%.1f", double(cand_bytes) / t_cand / 1e9),
+                       " GB/s = ", fmt("%.0f", 100.0 * double(cand_bytes) / t_cand / 1e9 / bandwidth),
+                       "% of the ", fmt("%.1f", bandwidth), " GB/s memory read bandwidth\n");
       if (per_layer) out += "\n" + table;
       std::cout << out;
     }

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "kvk/ops.h"
+#include "simd.h"
 
 namespace kvk {
 
@@ -106,13 +107,6 @@ __attribute__((target("avx2"))) size_t nonfinite16_avx2(const uint16_t* s, size_
   return count;
 }
 
-bool have_avx2_f16c() {
-  static const bool ok = [] {
-    unsigned a, b, c, d;  // F16C is CPUID.1:ECX bit 29 (clang's builtin does not name it)
-    return __builtin_cpu_supports("avx2") && __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
-  }();
-  return ok;
-}
 
 // Large arrays are split across OpenMP threads; a block is big enough to amortize the fork.
 constexpr size_t kBlock = size_t(1) << 16;
@@ -164,6 +158,14 @@ void cpu_from_f32(DType to, const float* src, void* dst, size_t n) {
 
 }  // namespace
 
+bool have_avx2_f16c() {
+  static const bool ok = [] {
+    unsigned a, b, c, d;  // F16C is CPUID.1:ECX bit 29 (clang's builtin does not name it)
+    return __builtin_cpu_supports("avx2") && __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
+  }();
+  return ok;
+}
+
 size_t count_nonfinite(DType t, const void* data, size_t n) {
   if (t == DType::f32) {
     const auto* u = static_cast<const uint32_t*>(data);
@@ -180,7 +182,7 @@ size_t count_nonfinite(DType t, const void* data, size_t n) {
 }
 
 const Ops& cpu_ops() {
-  static const Ops ops{"cpu", cpu_to_f32, cpu_from_f32};
+  static const Ops ops{"cpu", cpu_to_f32, cpu_from_f32, attend_head};
   return ops;
 }
 

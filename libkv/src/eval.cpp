@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <chrono>
 #include <numeric>
 
 #include "kv/attention.h"
@@ -173,6 +174,38 @@ ModelFidelity compare_logits(const std::vector<float>& ref, const std::vector<fl
   f.ppl_reference = P > 1 ? std::exp(nll_ref / double(P - 1)) : 0;
   f.ppl_candidate = P > 1 ? std::exp(nll_cand / double(P - 1)) : 0;
   return f;
+}
+
+double decode_step_seconds(const ModelInfo& m, const std::vector<Layer>& layers,
+                           const std::vector<float>& queries, int reps) {
+  const int D = m.head_dim, Hkv = m.n_kv_heads, G = m.group_size();
+  const float scale = 1.0f / std::sqrt(float(D));
+  std::vector<std::vector<float>> log_mass(layers.size());
+  for (size_t l = 0; l < layers.size(); ++l)
+    for (float x : layers[l].mass) log_mass[l].push_back(std::log(x));
+  for (const Layer& layer : layers)
+    if (layer.k.dtype() != layer.v.dtype())
+      throw Error(Exit::data, "decode timing needs keys and values of one type");
+  std::vector<float> out(queries.size());
+  double best = INFINITY;
+  for (int r = 0; r < std::max(reps, 1); ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (size_t l = 0; l < layers.size(); ++l) {
+      const Layer& layer = layers[l];
+      const size_t ks = kvk::dtype_size(layer.k.dtype()) * size_t(D);
+#pragma omp parallel for schedule(static)
+      for (int h = 0; h < Hkv; ++h) {
+        const int64_t begin = layer.head_offsets[size_t(h)];
+        const size_t q0 = (l * size_t(m.n_q_heads) + size_t(h) * size_t(G)) * size_t(D);
+        kvk::attend_head(layer.k.dtype(), static_cast<const std::byte*>(layer.k.data()) + size_t(begin) * ks,
+                         static_cast<const std::byte*>(layer.v.data()) + size_t(begin) * ks,
+                         layer.head_entries(h), D, &queries[q0], G, scale,
+                         log_mass[l].empty() ? nullptr : log_mass[l].data() + begin, &out[q0]);
+      }
+    }
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return best;
 }
 
 std::vector<int32_t> generate_after(const Model& model, const Header& header,

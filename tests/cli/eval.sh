@@ -49,6 +49,15 @@ assert j["generate_common_prefix"] == 8 and j["generate_reference"] == j["genera
 assert j["recall_items"] > 0 and j["recall_candidate"] == j["recall_reference"]
 PY
 
+# Decode timing: fields present and positive (speed itself is for benchmarks, not tests).
+kv-evict -s h2o -r 0.5 full.kv.h5 | kv-eval --ref full.kv.h5 --speed --json > speed.json || fail "speed"
+/usr/bin/python3 - speed.json <<'PY' && pass "--speed reports step times and bandwidth" || fail "speed: $(cat speed.json)"
+import json, sys
+j = json.load(open(sys.argv[1]))
+for k in ("decode_ms_reference", "decode_ms_candidate", "decode_speedup", "decode_gbps_candidate", "bandwidth_gbps"):
+    assert j[k] > 0, k
+PY
+
 # The report: sorted by bytes, Pareto front marked, an SVG chart.
 kv-eval report results.jsonl --plot pareto.svg > report.txt || fail "report"
 grep -qE "^  snap25 +[0-9.]+ +0\.2500 +[0-9.]+  \*$" report.txt && grep -qE "^  rand25 .*[0-9]  $" report.txt \

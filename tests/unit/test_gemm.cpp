@@ -100,3 +100,49 @@ TEST(Softmax, FarBelowTheMaximumIsZeroAndEqualLogitsAreUniform) {
   EXPECT_NEAR(x[0], std::exp(-5.0) / (7 + std::exp(-5.0)), 1e-7);
   for (int j : {2, 4, 5, 6, 7, 8, 9}) EXPECT_NEAR(x[size_t(j)], 1.0 / (7 + std::exp(-5.0)), 1e-7);
 }
+
+TEST(DecodeAttention, MatchesTheDoubleReferenceForEveryTypeAndShape) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd;
+  for (kvk::DType type : {kvk::DType::f32, kvk::DType::f16, kvk::DType::bf16})
+    for (int d : {8, 64, 128, 12})
+      for (int64_t n : {1, 7, 64, 65, 300})
+        for (int G : {1, 4, 9})
+          for (bool with_bias : {false, true}) {
+            const size_t kvn = size_t(n) * size_t(d);
+            std::vector<float> k32(kvn), v32(kvn), q(size_t(G) * size_t(d)), bias(static_cast<size_t>(n));
+            for (auto& x : k32) x = 2 * nd(rng);
+            for (auto& x : v32) x = nd(rng);
+            for (auto& x : q) x = nd(rng);
+            for (auto& x : bias) x = with_bias ? std::log(1.0f + float(rng() % 3)) : 0.0f;
+            std::vector<uint16_t> k16(kvn), v16(kvn);
+            for (size_t i = 0; i < kvn; ++i) {
+              k16[i] = type == kvk::DType::f16 ? kvk::f32_to_f16(k32[i]) : kvk::f32_to_bf16(k32[i]);
+              v16[i] = type == kvk::DType::f16 ? kvk::f32_to_f16(v32[i]) : kvk::f32_to_bf16(v32[i]);
+            }
+            const void* k = type == kvk::DType::f32 ? static_cast<const void*>(k32.data()) : k16.data();
+            const void* v = type == kvk::DType::f32 ? static_cast<const void*>(v32.data()) : v16.data();
+            const float scale = 1.0f / std::sqrt(float(d));
+            std::vector<float> got(q.size()), want(q.size());
+            const float* b = with_bias ? bias.data() : nullptr;
+            kvk::attend_head(type, k, v, n, d, q.data(), G, scale, b, got.data());
+            kvk::attend_head_reference(type, k, v, n, d, q.data(), G, scale, b, want.data());
+            for (size_t i = 0; i < got.size(); ++i)
+              ASSERT_NEAR(got[i], want[i], 2e-5 * (1 + std::abs(want[i])))
+                  << kvk::dtype_name(type) << " d " << d << " n " << n << " G " << G << " i " << i;
+          }
+}
+
+TEST(DecodeAttention, ReferenceByHand) {
+  // Two keys (1, 0), (0, 1); values (2, 0), (0, 4); q = (ln 3, 0) with scale 1: weights 3/4, 1/4,
+  // so o = (1.5, 1). A bias of ln 3 on key 1 makes them equal: o = (1, 2).
+  const float k[] = {1, 0, 0, 1}, v[] = {2, 0, 0, 4}, q[] = {float(std::log(3.0)), 0};
+  float o[2];
+  kvk::attend_head_reference(kvk::DType::f32, k, v, 2, 2, q, 1, 1.0f, nullptr, o);
+  EXPECT_NEAR(o[0], 1.5, 1e-6);
+  EXPECT_NEAR(o[1], 1.0, 1e-6);
+  const float bias[] = {0, float(std::log(3.0))};
+  kvk::attend_head_reference(kvk::DType::f32, k, v, 2, 2, q, 1, 1.0f, bias, o);
+  EXPECT_NEAR(o[0], 1.0, 1e-6);
+  EXPECT_NEAR(o[1], 2.0, 1e-6);
+}

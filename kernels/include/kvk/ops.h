@@ -21,6 +21,9 @@ struct Ops {
   void (*to_f32)(DType from, const void* src, float* dst, size_t n);
   // dst[i] = round-to-nearest-even(src[i]) into type `to`.
   void (*from_f32)(DType to, const float* src, void* dst, size_t n);
+  // Decode attention of one KV head (see attend_head below); host pointers.
+  void (*attend_head)(DType type, const void* k, const void* v, int64_t n, int d, const float* q,
+                      int G, float scale, const float* bias, float* out);
 };
 
 const Ops& cpu_ops();
@@ -52,5 +55,19 @@ void gemm_nt(const float* X, int64_t B, int64_t K, const float* W, int64_t N, fl
 // x[j] <- softmax_j(scale * x[j] + bias[j]) over j < n, in place (bias may be null): the
 // attention weights of one query over its visible keys. Multiversioned like gemm_nt.
 void softmax_row(float* x, int64_t n, float scale, const float* bias);
+
+// Decode attention of one KV head for the G query heads that share it: out[g] = sum_j
+// softmax_j(scale * q[g] . k_j + bias[j]) v_j over n rows of K and V stored as `type`, row-major
+// [n, d]; q and out are [G, d] f32, bias [n] or null. One pass over K and V (online softmax).
+// Multiversioned: AVX2/F16C when the CPU has them and d % 8 == 0, else the reference.
+void attend_head(DType type, const void* k, const void* v, int64_t n, int d, const float* q,
+                 int G, float scale, const float* bias, float* out);
+// The reference: plain loops in double precision.
+void attend_head_reference(DType type, const void* k, const void* v, int64_t n, int d,
+                           const float* q, int G, float scale, const float* bias, float* out);
+
+// Memory read bandwidth in GB/s (1e9 B/s): a STREAM-like sum over `bytes` of uint64 with
+// `threads` OpenMP threads, best of `reps`.
+double stream_read_gbps(size_t bytes, int threads, int reps);
 
 }  // namespace kvk

@@ -50,6 +50,13 @@ std::vector<float> probe_logits(const Model& model, const Header& header,
 ModelFidelity compare_logits(const std::vector<float>& ref, const std::vector<float>& cand,
                              int64_t vocab, const std::vector<int32_t>& probe_tokens);
 
+// Seconds of one decode step of attention over every layer and KV head of a cache (best of
+// `reps`, OpenMP threads over KV heads): each head's entries are read in their stored type by
+// kvk::attend_head for the query heads of its group; mass enters as a log bias. `queries` holds
+// [n_layers][H_q][D] f32.
+double decode_step_seconds(const ModelInfo& model, const std::vector<Layer>& layers,
+                           const std::vector<float>& queries, int reps);
+
 // Teacher-forces `cue` after the snapshot's cache, then decodes up to `steps` tokens greedily
 // (stopping after EOS). Returns the generated tokens.
 std::vector<int32_t> generate_after(const Model& model, const Header& header,
