@@ -16,8 +16,8 @@ namespace kvk {
 
 namespace {
 
+constexpr int64_t kAhead = 16;  // K rows prefetched ahead of the one being read
 constexpr int64_t kChunk = 64;  // keys per online-softmax step: K and V chunks stay in L1/L2
-constexpr int kMaxGroup = 8;    // query heads handled together (larger groups loop)
 
 float load_scalar(DType t, const void* p, int64_t i) {
   switch (t) {
@@ -53,11 +53,11 @@ void attend_scalar(DType type, const void* k, const void* v, int64_t n, int d, c
   }
 }
 
-// 8 values of row `p` at channel i, as floats.
-__attribute__((target("avx2,fma,f16c"), always_inline)) inline void load_row8(DType type,
-                                                                              const void* p,
+// 8 values of a row at element `at`, as floats.
+template <DType type>
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline void load_row8(const void* p,
                                                                               int64_t at, v8& out) {
-  if (type == DType::f32) {
+  if constexpr (type == DType::f32) {
     load8(out, static_cast<const float*>(p) + at);
   } else {
     const __m128i h =
@@ -69,34 +69,71 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) inline void load_row8(DT
   }
 }
 
-// G <= kMaxGroup queries, d a multiple of 8.
-__attribute__((target("avx2,fma,f16c"))) void attend_avx2(DType type, const void* k, const void* v,
-                                                          int64_t n, int d, const float* q, int G,
-                                                          float scale, const float* bias,
-                                                          float* out) {
-  alignas(32) float s[kMaxGroup][kChunk];
-  float m[kMaxGroup], l[kMaxGroup];
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline float hsum8(const v8& x) {
+  __m256 v;
+  std::memcpy(&v, &x, sizeof v);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+
+// G queries, d a multiple of 8. Type and group size are template parameters, so the group's
+// accumulators stay in registers and the row loads carry no type test.
+template <DType type, int G>
+__attribute__((target("avx2,fma,f16c"))) void attend_avx2(const void* k, const void* v, int64_t n,
+                                                          int d, const float* q, float scale,
+                                                          const float* bias, float* out) {
+  alignas(32) float s[G][kChunk];
+  float m[G], l[G];
   std::fill(m, m + G, -INFINITY);
   std::fill(l, l + G, 0.0f);
   std::fill(out, out + G * d, 0.0f);
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t C = std::min(kChunk, n - c0);
-    // Scores: each K row converted once, dotted with every query of the group.
-    for (int64_t j = 0; j < C; ++j) {
-      v8 acc[kMaxGroup] = {};
+    // Scores: each K row converted once, dotted with every query of the group. The V rows of
+    // the chunk are prefetched meanwhile: the value pass below walks them 8 channels at a time
+    // across rows, a pattern the hardware prefetcher does not follow from memory.
+    const size_t row_bytes = size_t(d) * dtype_size(type);
+    int64_t j = 0;
+    for (; j + 2 <= C; j += 2) {  // two rows at a time: each query load serves both
+      for (int r = 0; r < 2; ++r) {
+        const char* vrow = static_cast<const char*>(v) + size_t(c0 + j + r) * row_bytes;
+        const char* kahead = static_cast<const char*>(k) + size_t(c0 + j + r + kAhead) * row_bytes;
+        for (size_t b = 0; b < row_bytes; b += 64) {
+          __builtin_prefetch(vrow + b);
+          if (c0 + j + r + kAhead < n) __builtin_prefetch(kahead + b);
+        }
+      }
+      v8 a0[G] = {}, a1[G] = {};
+      for (int i = 0; i < d; i += 8) {
+        v8 k0, k1, qv;
+        load_row8<type>(k, (c0 + j) * d + i, k0);
+        load_row8<type>(k, (c0 + j + 1) * d + i, k1);
+        for (int g = 0; g < G; ++g) {
+          load8(qv, q + g * d + i);
+          a0[g] += qv * k0;
+          a1[g] += qv * k1;
+        }
+      }
+      for (int g = 0; g < G; ++g) {
+        s[g][j] = hsum8(a0[g]) * scale + (bias ? bias[c0 + j] : 0.0f);
+        s[g][j + 1] = hsum8(a1[g]) * scale + (bias ? bias[c0 + j + 1] : 0.0f);
+      }
+    }
+    for (; j < C; ++j) {
+      const char* vrow = static_cast<const char*>(v) + size_t(c0 + j) * row_bytes;
+      for (size_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(vrow + b);
+      v8 acc[G] = {};
       for (int i = 0; i < d; i += 8) {
         v8 kv, qv;
-        load_row8(type, k, (c0 + j) * d + i, kv);
+        load_row8<type>(k, (c0 + j) * d + i, kv);
         for (int g = 0; g < G; ++g) {
           load8(qv, q + g * d + i);
           acc[g] += qv * kv;
         }
       }
-      for (int g = 0; g < G; ++g) {
-        float t = 0;
-        for (int e = 0; e < 8; ++e) t += acc[g][e];
-        s[g][j] = t * scale + (bias ? bias[c0 + j] : 0.0f);
-      }
+      for (int g = 0; g < G; ++g) s[g][j] = hsum8(acc[g]) * scale + (bias ? bias[c0 + j] : 0.0f);
     }
     // Online softmax: rescale what came before to the new maximum, exponentiate this chunk.
     for (int g = 0; g < G; ++g) {
@@ -122,14 +159,32 @@ __attribute__((target("avx2,fma,f16c"))) void attend_avx2(DType type, const void
       }
       l[g] += sum;
     }
-    // Values: 8 channels at a time, the group's accumulators in registers across the chunk.
-    for (int i = 0; i < d; i += 8) {
-      v8 acc[kMaxGroup];
+    // Values: 16 channels at a time, the group's accumulators in registers across the chunk,
+    // each broadcast weight serving two vectors.
+    int i = 0;
+    for (; i + 16 <= d; i += 16) {
+      v8 a0[G], a1[G];
+      for (int g = 0; g < G; ++g) load8(a0[g], out + g * d + i), load8(a1[g], out + g * d + i + 8);
+      for (int64_t jj = 0; jj < C; ++jj) {
+        v8 v0, v1;
+        load_row8<type>(v, (c0 + jj) * d + i, v0);
+        load_row8<type>(v, (c0 + jj) * d + i + 8, v1);
+        for (int g = 0; g < G; ++g) {
+          const float p = s[g][jj];
+          a0[g] += p * v0;
+          a1[g] += p * v1;
+        }
+      }
+      for (int g = 0; g < G; ++g)
+        store8(out + g * d + i, a0[g]), store8(out + g * d + i + 8, a1[g]);
+    }
+    for (; i < d; i += 8) {
+      v8 acc[G];
       for (int g = 0; g < G; ++g) load8(acc[g], out + g * d + i);
-      for (int64_t j = 0; j < C; ++j) {
+      for (int64_t jj = 0; jj < C; ++jj) {
         v8 vv;
-        load_row8(type, v, (c0 + j) * d + i, vv);
-        for (int g = 0; g < G; ++g) acc[g] += s[g][j] * vv;
+        load_row8<type>(v, (c0 + jj) * d + i, vv);
+        for (int g = 0; g < G; ++g) acc[g] += s[g][jj] * vv;
       }
       for (int g = 0; g < G; ++g) store8(out + g * d + i, acc[g]);
     }
@@ -140,15 +195,45 @@ __attribute__((target("avx2,fma,f16c"))) void attend_avx2(DType type, const void
   }
 }
 
+template <DType type>
+void attend_group(const void* k, const void* v, int64_t n, int d, const float* q, int G,
+                  float scale, const float* bias, float* out) {
+  // Passes of 8, 4, 2 or 1 query heads: the common GQA groups run in one pass over K and V.
+  for (int g0 = 0; g0 < G;) {
+    const int left = G - g0, g = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+    const float* qg = q + int64_t(g0) * d;
+    float* og = out + int64_t(g0) * d;
+    switch (g) {
+      case 8:
+        attend_avx2<type, 8>(k, v, n, d, qg, scale, bias, og);
+        break;
+      case 4:
+        attend_avx2<type, 4>(k, v, n, d, qg, scale, bias, og);
+        break;
+      case 2:
+        attend_avx2<type, 2>(k, v, n, d, qg, scale, bias, og);
+        break;
+      default:
+        attend_avx2<type, 1>(k, v, n, d, qg, scale, bias, og);
+        break;
+    }
+    g0 += g;
+  }
+}
+
 }  // namespace
 
 void attend_head(DType type, const void* k, const void* v, int64_t n, int d, const float* q, int G,
                  float scale, const float* bias, float* out) {
   if (!have_avx2_f16c() || d % 8 != 0)
     return attend_scalar(type, k, v, n, d, q, G, scale, bias, out);
-  for (int g0 = 0; g0 < G; g0 += kMaxGroup) {
-    const int g = std::min(kMaxGroup, G - g0);
-    attend_avx2(type, k, v, n, d, q + int64_t(g0) * d, g, scale, bias, out + int64_t(g0) * d);
+  switch (type) {
+    case DType::f32:
+      return attend_group<DType::f32>(k, v, n, d, q, G, scale, bias, out);
+    case DType::f16:
+      return attend_group<DType::f16>(k, v, n, d, q, G, scale, bias, out);
+    case DType::bf16:
+      return attend_group<DType::bf16>(k, v, n, d, q, G, scale, bias, out);
   }
 }
 

@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "kvk/cuda.h"
 #include "kvk/ops.h"
 
 namespace kvk {
@@ -82,7 +83,7 @@ const Ops* cuda_ops(std::string* why) {
              (e != cudaSuccess ? cudaGetErrorString(e) : "no CUDA devices") + ")";
     return nullptr;
   }
-  static const Ops ops{"cuda", cuda_to_f32, cuda_from_f32};
+  static const Ops ops{"cuda", cuda_to_f32, cuda_from_f32, cuda::attend_head_host};
   return &ops;
 }
 
