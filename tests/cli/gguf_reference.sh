@@ -6,10 +6,7 @@ source "$(dirname "$0")/lib.sh"
 : "${KV_TEST_BIN:?KV_TEST_BIN must point at the test binaries}"
 : "${KV_SOURCE_DIR:?KV_SOURCE_DIR must point at the source tree}"
 
-if ! python3 -c 'import gguf, numpy' 2>/dev/null; then
-  echo "skip: python3 cannot import gguf and numpy"
-  exit 77
-fi
+need_gguf_py
 script="$KV_SOURCE_DIR/tests/python/gguf_reference.py"
 
 # 1. gguf-py writes tensors of each type with its reference dequantization; test_gguf compares.

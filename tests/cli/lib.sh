@@ -21,3 +21,11 @@ expect_err_line() {
   if [ "$lines" = 1 ] && grep -qE -- "$1" "$WORK/err"; then pass "message: $1"; else fail "stderr not one line matching '$1': $(cat "$WORK/err")"; fi
 }
 finish() { if [ "$failures" = 0 ]; then echo "all passed"; exit 0; else echo "$failures failed"; exit 1; fi; }
+# need_gguf_py: skips the test (77) when the PATH python3 cannot import gguf and numpy (PyPI's
+# gguf-py, the reference for the GGUF and llama.cpp-quantization tests; scripts/setup.sh installs it).
+need_gguf_py() {
+  if ! python3 -c 'import gguf, numpy' 2>/dev/null; then
+    echo "skip: python3 cannot import gguf and numpy"
+    exit 77
+  fi
+}
