@@ -33,16 +33,6 @@ __global__ void fill_f16(__half* a, size_t n, uint32_t seed) {
   }
 }
 
-__global__ void read_all(const uint4* a, size_t n, unsigned* sink) {
-  unsigned acc = 0;
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
-       i += size_t(gridDim.x) * blockDim.x) {
-    const uint4 v = a[i];
-    acc ^= v.x ^ v.y ^ v.z ^ v.w;
-  }
-  if (acc == 0x12345678u) *sink = acc;  // keeps the loads
-}
-
 template <class F>
 float best_ms(F&& f, int reps) {
   cudaEvent_t a, b;
@@ -70,17 +60,7 @@ int main(int argc, char** argv) {
   if (argc == 3 && std::string(argv[1]) == "--tokens") tokens = {std::atoll(argv[2])};
   cudaDeviceProp prop{};
   check(cudaGetDeviceProperties(&prop, 0), "no usable GPU");
-  // Device read bandwidth: a 4 GiB streaming read.
-  const size_t bw_bytes = size_t(4) << 30;
-  uint4* buf = nullptr;
-  unsigned* sink = nullptr;
-  check(cudaMalloc(&buf, bw_bytes), "cudaMalloc");
-  check(cudaMalloc(&sink, 4), "cudaMalloc");
-  check(cudaMemset(buf, 1, bw_bytes), "cudaMemset");
-  const float bw_ms = best_ms(
-      [&] { read_all<<<prop.multiProcessorCount * 8, 512>>>(buf, bw_bytes / 16, sink); }, 10);
-  const double bw = double(bw_bytes) / (bw_ms * 1e-3) / 1e9;
-  cudaFree(buf);
+  const double bw = kvk::cuda::read_gbps(size_t(4) << 30);  // a streaming read of 4 GiB
   std::printf(
       "bench-decode-attention-cuda: %s, llama3-8b shape, f16 K and V resident on the GPU\n"
       "  device read bandwidth (streaming read of 4 GiB): %.0f GB/s\n",

@@ -15,6 +15,7 @@
 #include "kv/plot.h"
 #include "kv/report.h"
 #include "kv/str.h"
+#include "kvk/cuda.h"
 
 namespace {
 
@@ -122,7 +123,7 @@ int main(int argc, char** argv) {
     }
     if (ref_path.empty()) throw kv::Error(kv::Exit::usage, "--ref REFERENCE is required");
     if (tool.json && csv) throw kv::Error(kv::Exit::usage, "give --json or --csv, not both");
-    kv::select_backend(tool.device);
+    const bool on_cuda = std::string(kv::select_backend(tool.device).name) == "cuda";
     kv::SnapshotReader ref(ref_path, tool.read_options());
     kv::SnapshotReader cand(input, tool.read_options());
     const kv::Header& h = ref.header();
@@ -208,14 +209,16 @@ int main(int argc, char** argv) {
       for (const kv::Layer& rl : ref_layers) {
         const std::vector<float> q = rl.probe_q.to_f32();
         for (int j = 0; j < Hq; ++j)
-          queries.insert(queries.end(), q.begin() + int64_t(j) * P * D, q.begin() + (int64_t(j) * P + 1) * D);
+          queries.insert(queries.end(), q.begin() + int64_t(j) * P * D,
+                         q.begin() + (int64_t(j) * P + 1) * D);
       }
       // Enough repetitions for about 0.2 s per cache; the best step counts.
-      const double once = kv::decode_step_seconds(h.model, ref_layers, queries, 1);
+      const double once = kv::decode_step_seconds(h.model, ref_layers, queries, 1, on_cuda);
       const int reps = int(std::clamp(0.2 / std::max(once, 1e-7), 3.0, 2000.0));
-      t_ref = kv::decode_step_seconds(h.model, ref_layers, queries, reps);
-      t_cand = kv::decode_step_seconds(cand.header().model, cand_layers, queries, reps);
-      bandwidth = kvk::stream_read_gbps(size_t(256) << 20, omp_get_max_threads(), 3);
+      t_ref = kv::decode_step_seconds(h.model, ref_layers, queries, reps, on_cuda);
+      t_cand = kv::decode_step_seconds(cand.header().model, cand_layers, queries, reps, on_cuda);
+      bandwidth = on_cuda ? kvk::cuda::read_gbps(size_t(1) << 30)
+                          : kvk::stream_read_gbps(size_t(256) << 20, omp_get_max_threads(), 3);
     }
     auto text = [&](const std::vector<int32_t>& t) {
       return model && model->has_tokenizer() ? model->tokenizer().decode(t) : std::string();
@@ -252,7 +255,7 @@ int main(int argc, char** argv) {
       j.set("decode_ms_reference", t_ref * 1e3).set("decode_ms_candidate", t_cand * 1e3);
       j.set("decode_speedup", t_ref / t_cand);
       j.set("decode_gbps_candidate", double(cand_bytes) / t_cand / 1e9);
-      j.set("bandwidth_gbps", bandwidth);
+      j.set("bandwidth_gbps", bandwidth).set("speed_device", on_cuda ? "cuda" : "cpu");
     }
     kv::Json chain = kv::Json::array();
     for (const auto& p : cand.header().provenance) chain.push(p.command_line);
@@ -316,11 +319,12 @@ int main(int argc, char** argv) {
                     fmt("%.3f", recall_ref), " with the reference (", items.size(), " sentences, ",
                     kv::kRecallCue, "-token cues, ", kv::kRecallTarget, "-token targets)\n");
       if (speed)
-        out += kv::str("speed       decode step ", fmt("%.4f", t_cand * 1e3), " ms (reference ",
-                       fmt("%.4f", t_ref * 1e3), " ms, ", fmt("%.2f", t_ref / t_cand),
-                       "x); candidate reads ", fmt("%.1f", double(cand_bytes) / t_cand / 1e9),
-                       " GB/s = ", fmt("%.0f", 100.0 * double(cand_bytes) / t_cand / 1e9 / bandwidth),
-                       "% of the ", fmt("%.1f", bandwidth), " GB/s memory read bandwidth\n");
+        out += kv::str(
+            "speed       ", on_cuda ? "(cuda) " : "", "decode step ", fmt("%.4f", t_cand * 1e3),
+            " ms (reference ", fmt("%.4f", t_ref * 1e3), " ms, ", fmt("%.2f", t_ref / t_cand),
+            "x); candidate reads ", fmt("%.1f", double(cand_bytes) / t_cand / 1e9),
+            " GB/s = ", fmt("%.0f", 100.0 * double(cand_bytes) / t_cand / 1e9 / bandwidth),
+            "% of the ", fmt("%.1f", bandwidth), " GB/s memory read bandwidth\n");
       if (per_layer) out += "\n" + table;
       std::cout << out;
     }

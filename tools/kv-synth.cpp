@@ -28,6 +28,9 @@ int main(int argc, char** argv) {
       ->default_val(0);
   app.add_flag("--attn-stats", spec.attn_stats,
                "Store attention statistics computed from the window queries (needs --window)");
+  app.add_option("--probe", spec.probe,
+                 "Store P probe queries after the sequence (for kv-eval's attention metrics)")
+      ->default_val(0);
   app.add_option("--outlier-pairs", spec.outlier_pairs,
                  "RoPE channel pairs per head with large-magnitude keys")
       ->default_val(2);

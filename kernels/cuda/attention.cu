@@ -268,4 +268,105 @@ void attend_head_host(DType type, const void* k, const void* v, int64_t n, int d
     cudaFree(p);
 }
 
+namespace {
+
+__global__ void read_all(const uint4* a, size_t n, unsigned* sink) {
+  unsigned acc = 0;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
+       i += size_t(gridDim.x) * blockDim.x) {
+    const uint4 v = a[i];
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x12345678u) *sink = acc;  // keeps the loads
+}
+
+// Best time in ms of `f` over `reps` runs after one warm-up, by CUDA events.
+template <class F>
+float best_ms(F&& f, int reps) {
+  cudaEvent_t a, b;
+  check(cudaEventCreate(&a), "cudaEventCreate");
+  check(cudaEventCreate(&b), "cudaEventCreate");
+  f();
+  float best = 1e30f;
+  for (int r = 0; r < std::max(reps, 1); ++r) {
+    cudaEventRecord(a);
+    f();
+    cudaEventRecord(b);
+    check(cudaEventSynchronize(b), "kernel");
+    float ms = 0;
+    cudaEventElapsedTime(&ms, a, b);
+    best = std::min(best, ms);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  check(cudaGetLastError(), "kernel");
+  return best;
+}
+
+}  // namespace
+
+double read_gbps(size_t bytes) {
+  cudaDeviceProp prop{};
+  check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
+  uint4* buf = nullptr;
+  unsigned* sink = nullptr;
+  check(cudaMalloc(&buf, bytes), "cudaMalloc");
+  check(cudaMalloc(&sink, 4), "cudaMalloc");
+  check(cudaMemset(buf, 1, bytes), "cudaMemset");
+  const float ms =
+      best_ms([&] { read_all<<<prop.multiProcessorCount * 8, 512>>>(buf, bytes / 16, sink); }, 10);
+  cudaFree(buf);
+  cudaFree(sink);
+  return double(bytes) / (double(ms) * 1e-3) / 1e9;
+}
+
+double decode_step_ms(DType type, const std::vector<HostLayer>& layers, int H, int d, int G,
+                      float scale, const float* q, int reps) {
+  struct DeviceLayer {
+    void *k = nullptr, *v = nullptr;
+    float* bias = nullptr;
+    int64_t n = 0;
+  };
+  std::vector<DeviceLayer> dev(layers.size());
+  size_t work_bytes = 4;
+  const size_t qn = layers.size() * size_t(H) * size_t(G) * size_t(d);
+  float *dq = nullptr, *dout = nullptr, *work = nullptr;
+  try {
+    for (size_t l = 0; l < layers.size(); ++l) {
+      const size_t bytes = size_t(H) * size_t(layers[l].n) * size_t(d) * dtype_size(type);
+      dev[l].n = layers[l].n;
+      check(cudaMalloc(&dev[l].k, bytes + 16), "cudaMalloc");
+      check(cudaMalloc(&dev[l].v, bytes + 16), "cudaMalloc");
+      check(cudaMemcpy(dev[l].k, layers[l].k, bytes, cudaMemcpyHostToDevice), "cudaMemcpy");
+      check(cudaMemcpy(dev[l].v, layers[l].v, bytes, cudaMemcpyHostToDevice), "cudaMemcpy");
+      if (layers[l].bias) {
+        check(cudaMalloc(&dev[l].bias, size_t(H) * size_t(layers[l].n) * 4 + 4), "cudaMalloc");
+        check(cudaMemcpy(dev[l].bias, layers[l].bias, size_t(H) * size_t(layers[l].n) * 4,
+                         cudaMemcpyHostToDevice),
+              "cudaMemcpy");
+      }
+      work_bytes = std::max(work_bytes, attend_workspace_bytes(H, layers[l].n, d, G));
+    }
+    check(cudaMalloc(&dq, qn * 4), "cudaMalloc");
+    check(cudaMalloc(&dout, qn * 4), "cudaMalloc");
+    check(cudaMalloc(&work, work_bytes), "cudaMalloc");
+    check(cudaMemcpy(dq, q, qn * 4, cudaMemcpyHostToDevice), "cudaMemcpy");
+    const size_t per_layer = size_t(H) * size_t(G) * size_t(d);
+    const float ms = best_ms(
+        [&] {
+          for (size_t l = 0; l < dev.size(); ++l)
+            attend_heads(type, dev[l].k, dev[l].v, H, dev[l].n, d, dq + l * per_layer, G, scale,
+                         dev[l].bias, dout + l * per_layer, work, nullptr);
+        },
+        reps);
+    for (auto& x : dev) cudaFree(x.k), cudaFree(x.v), cudaFree(x.bias);
+    cudaFree(dq), cudaFree(dout), cudaFree(work);
+    return ms;
+  } catch (...) {
+    for (auto& x : dev) cudaFree(x.k), cudaFree(x.v), cudaFree(x.bias);
+    cudaFree(dq), cudaFree(dout), cudaFree(work);
+    throw;
+  }
+}
+
 }  // namespace kvk::cuda

@@ -1,14 +1,16 @@
 #include "kv/eval.h"
 
 #include <algorithm>
-#include <cmath>
 #include <chrono>
+#include <cmath>
+#include <cstring>
 #include <numeric>
 
 #include "kv/attention.h"
 #include "kv/capture.h"
 #include "kv/error.h"
 #include "kv/str.h"
+#include "kvk/cuda.h"
 
 namespace kv {
 
@@ -176,8 +178,53 @@ ModelFidelity compare_logits(const std::vector<float>& ref, const std::vector<fl
   return f;
 }
 
+namespace {
+
+// The CUDA form: each layer's heads padded to its longest head, padding masked by the bias.
+double decode_step_seconds_cuda(const ModelInfo& m, const std::vector<Layer>& layers,
+                                const std::vector<float>& queries, int reps) {
+  const int D = m.head_dim, H = m.n_kv_heads;
+  if (!kvk::cuda::attend_supported(D, m.group_size()))
+    throw Error(Exit::unavailable,
+                str("CUDA decode attention handles head_dim 32, 64, 128 or 256 and groups of 1, "
+                    "2, 4 or 8 query heads; this model has head_dim ",
+                    D, " and groups of ", m.group_size(), " (use --device cpu)"));
+  const DType type = layers.empty() ? DType::f16 : layers[0].k.dtype();
+  const size_t row = kvk::dtype_size(type) * size_t(D);
+  std::vector<std::vector<std::byte>> k(layers.size()), v(layers.size());
+  std::vector<std::vector<float>> bias(layers.size());
+  std::vector<kvk::cuda::HostLayer> host(layers.size());
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const Layer& layer = layers[l];
+    if (layer.k.dtype() != type || layer.v.dtype() != type)
+      throw Error(Exit::data, "decode timing needs keys and values of one type in every layer");
+    int64_t n = 1;
+    for (int h = 0; h < H; ++h) n = std::max(n, layer.head_entries(h));
+    k[l].assign(size_t(H) * size_t(n) * row, std::byte{0});
+    v[l].assign(k[l].size(), std::byte{0});
+    bias[l].assign(size_t(H) * size_t(n), -INFINITY);
+    for (int h = 0; h < H; ++h) {
+      const int64_t begin = layer.head_offsets[size_t(h)], count = layer.head_entries(h);
+      const auto* ks = static_cast<const std::byte*>(layer.k.data()) + size_t(begin) * row;
+      const auto* vs = static_cast<const std::byte*>(layer.v.data()) + size_t(begin) * row;
+      std::memcpy(&k[l][size_t(h) * size_t(n) * row], ks, size_t(count) * row);
+      std::memcpy(&v[l][size_t(h) * size_t(n) * row], vs, size_t(count) * row);
+      for (int64_t j = 0; j < count; ++j)
+        bias[l][size_t(h) * size_t(n) + size_t(j)] =
+            layer.mass.empty() ? 0.0f : std::log(layer.mass[size_t(begin + j)]);
+    }
+    host[l] = {k[l].data(), v[l].data(), n, bias[l].data()};
+  }
+  const double ms = kvk::cuda::decode_step_ms(type, host, H, D, m.group_size(),
+                                              1.0f / std::sqrt(float(D)), queries.data(), reps);
+  return ms / 1e3;
+}
+
+}  // namespace
+
 double decode_step_seconds(const ModelInfo& m, const std::vector<Layer>& layers,
-                           const std::vector<float>& queries, int reps) {
+                           const std::vector<float>& queries, int reps, bool cuda) {
+  if (cuda) return decode_step_seconds_cuda(m, layers, queries, reps);
   const int D = m.head_dim, Hkv = m.n_kv_heads, G = m.group_size();
   const float scale = 1.0f / std::sqrt(float(D));
   std::vector<std::vector<float>> log_mass(layers.size());
@@ -197,13 +244,15 @@ double decode_step_seconds(const ModelInfo& m, const std::vector<Layer>& layers,
       for (int h = 0; h < Hkv; ++h) {
         const int64_t begin = layer.head_offsets[size_t(h)];
         const size_t q0 = (l * size_t(m.n_q_heads) + size_t(h) * size_t(G)) * size_t(D);
-        kvk::attend_head(layer.k.dtype(), static_cast<const std::byte*>(layer.k.data()) + size_t(begin) * ks,
+        kvk::attend_head(layer.k.dtype(),
+                         static_cast<const std::byte*>(layer.k.data()) + size_t(begin) * ks,
                          static_cast<const std::byte*>(layer.v.data()) + size_t(begin) * ks,
                          layer.head_entries(h), D, &queries[q0], G, scale,
                          log_mass[l].empty() ? nullptr : log_mass[l].data() + begin, &out[q0]);
       }
     }
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    best = std::min(best,
+                    std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
   return best;
 }

@@ -79,6 +79,8 @@ Synthesizer::Synthesizer(const SynthSpec& spec) : spec_(spec) {
   if (spec.window < 0 || spec.window > spec.n_tokens)
     throw Error(Exit::usage, str("--window ", spec.window, " must be in [0, tokens = ",
                                  spec.n_tokens, "]"));
+  if (spec.probe < 0 || spec.probe > 65536)
+    throw Error(Exit::usage, str("--probe ", spec.probe, " must be in [0, 65536]"));
   if (spec.attn_stats && spec.window == 0)
     throw Error(Exit::usage, "--attn-stats needs --window W: the statistics come from the window queries");
   if (spec.outlier_pairs < 0 || 2 * spec.outlier_pairs > m.rope_dims)
@@ -94,12 +96,16 @@ Synthesizer::Synthesizer(const SynthSpec& spec) : spec_(spec) {
   for (int64_t p = spec.n_tokens - spec.window; p < spec.n_tokens; ++p)
     h.window_positions.push_back(int32_t(p));
   h.has_attn_stats = spec.attn_stats;
+  for (int p = 0; p < spec.probe; ++p) {  // probe queries follow the prompt; tokens drawn too
+    h.probe_tokens.push_back(int32_t(rng.next() % uint64_t(spec.vocab)));
+    h.probe_positions.push_back(int32_t(spec.n_tokens + p));
+  }
   try {
     validate_header(h);
   } catch (const Error& e) {
     throw Error(Exit::usage, e.what());
   }
-  rope_ = std::make_unique<RopeTable>(m.rope_dims, m.rope_theta, spec.n_tokens);
+  rope_ = std::make_unique<RopeTable>(m.rope_dims, m.rope_theta, spec.n_tokens + spec.probe);
 }
 
 void Synthesizer::layer(int l, Layer& out) const {
@@ -165,23 +171,31 @@ void Synthesizer::layer(int l, Layer& out) const {
   out.k = Tensor::from_f32(spec_.dtype, N, D, k.data());
   out.v = Tensor::from_f32(spec_.dtype, N, D, v.data());
 
-  if (W > 0) {
-    // Window queries lean toward their KV head's mean key (so keys sharing its outlier channels
-    // draw attention) and toward the sink channel.
-    std::vector<float> q(size_t(m.n_q_heads) * W * D);
+  // Window and probe queries lean toward their KV head's mean key (so keys sharing its outlier
+  // channels draw attention) and toward the sink channel; each query row has its own stream.
+  auto queries = [&](int64_t count, int64_t first_position, uint64_t stream) {
+    std::vector<float> q(size_t(m.n_q_heads) * size_t(count) * D);
     for (int qh = 0; qh < m.n_q_heads; ++qh)
-      for (int64_t w = 0; w < W; ++w) {
-        Rng rng(spec_.seed, uint64_t(l), uint64_t(qh), 0x1000000 + uint64_t(w));
+      for (int64_t w = 0; w < count; ++w) {
+        Rng rng(spec_.seed, uint64_t(l), uint64_t(qh), stream + uint64_t(w));
         const float* mu = &mean[size_t(qh / G) * D];
-        float* qr = &q[(size_t(qh) * W + w) * D];
+        float* qr = &q[(size_t(qh) * size_t(count) + size_t(w)) * D];
         for (int c = 0; c < D; ++c) qr[c] = 0.25f * mu[c] + rng.normal();
         qr[sink_channel] += query_sink;
-        rope_->apply(qr, T - W + w, pairs);
+        rope_->apply(qr, first_position + w, pairs);
       }
+    return q;
+  };
+  if (W > 0) {
+    const std::vector<float> q = queries(W, T - W, 0x1000000);
     out.window_q = Tensor::from_f32(DType::f32, int64_t(m.n_q_heads) * W, D, q.data());
     if (spec_.attn_stats) window_attention_stats(q, k, out);
   } else {
     out.window_q.clear();
+  }
+  if (spec_.probe > 0) {
+    const std::vector<float> q = queries(spec_.probe, T, 0x2000000);
+    out.probe_q = Tensor::from_f32(DType::f32, int64_t(m.n_q_heads) * spec_.probe, D, q.data());
   }
 }
 

@@ -58,6 +58,14 @@ for k in ("decode_ms_reference", "decode_ms_candidate", "decode_speedup", "decod
     assert j[k] > 0, k
 PY
 
+# Synthetic caches with a probe (kv-synth --probe): attention metrics and timing for any shape.
+kv-synth --preset tiny -n 300 --window 8 --probe 4 -o synth.kv.h5 || fail "synth --probe"
+kv-evict -s snapkv -r 0.25 synth.kv.h5 | kv-eval --ref synth.kv.h5 --speed --json > synth.json || fail "eval synth"
+/usr/bin/python3 -c "
+import json; j = json.load(open('synth.json'))
+assert j['probe_rows'] == 2 * 4 * 4 and 0 < j['rel_error'] < 1 and j['decode_ms_candidate'] > 0, j
+" && pass "kv-eval on a synthetic cache with a probe" || fail "synth eval: $(cat synth.json)"
+
 # The report: sorted by bytes, Pareto front marked, an SVG chart.
 kv-eval report results.jsonl --plot pareto.svg > report.txt || fail "report"
 grep -qE "^  snap25 +[0-9.]+ +0\.2500 +[0-9.]+  \*$" report.txt && grep -qE "^  rand25 .*[0-9]  $" report.txt \

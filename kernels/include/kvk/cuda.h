@@ -3,6 +3,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "kvk/ops.h"
 
@@ -21,5 +22,23 @@ void attend_heads(DType type, const void* k, const void* v, int H, int64_t n, in
 // Host pointers in and out (copies): the Ops table's attend_head for this backend.
 void attend_head_host(DType type, const void* k, const void* v, int64_t n, int d, const float* q,
                       int G, float scale, const float* bias, float* out);
+
+// One layer of a cache on the host, for timing: K and V [H][n][d] of one type (heads padded to
+// a common n), bias [H][n] (-inf on padding, log(mass) on merged entries) or null.
+struct HostLayer {
+  const void* k = nullptr;
+  const void* v = nullptr;
+  int64_t n = 0;
+  const float* bias = nullptr;
+};
+
+// Uploads the layers, then times decode steps (per layer one attend_heads over its H heads, the
+// layers in sequence, as a runtime runs them) with CUDA events; the best of `reps`, in ms.
+// `q` is [layers][H * G][d] f32 on the host.
+double decode_step_ms(DType type, const std::vector<HostLayer>& layers, int H, int d, int G,
+                      float scale, const float* q, int reps);
+
+// The device's read bandwidth in GB/s: a streaming read of `bytes`, best of 10.
+double read_gbps(size_t bytes);
 
 }  // namespace kvk::cuda

@@ -51,11 +51,12 @@ ModelFidelity compare_logits(const std::vector<float>& ref, const std::vector<fl
                              int64_t vocab, const std::vector<int32_t>& probe_tokens);
 
 // Seconds of one decode step of attention over every layer and KV head of a cache (best of
-// `reps`, OpenMP threads over KV heads): each head's entries are read in their stored type by
-// kvk::attend_head for the query heads of its group; mass enters as a log bias. `queries` holds
-// [n_layers][H_q][D] f32.
+// `reps`): each head's entries are read in their stored type for the query heads of its group;
+// mass enters as a log bias. `queries` holds [n_layers][H_q][D] f32. On the CPU, OpenMP threads
+// over KV heads (kvk::attend_head); with `cuda`, the cache is uploaded first (heads padded to
+// the layer's longest, padding masked) and each layer is one kvk::cuda::attend_heads.
 double decode_step_seconds(const ModelInfo& model, const std::vector<Layer>& layers,
-                           const std::vector<float>& queries, int reps);
+                           const std::vector<float>& queries, int reps, bool cuda = false);
 
 // Teacher-forces `cue` after the snapshot's cache, then decodes up to `steps` tokens greedily
 // (stopping after EOS). Returns the generated tokens.

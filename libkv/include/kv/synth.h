@@ -23,6 +23,7 @@ struct SynthSpec {
   // last window query's attention, attn_acc the sum over the window queries (a real capture sums
   // over all later prompt queries; the window is the part of it a synthetic cache can afford).
   bool attn_stats = false;
+  int probe = 0;  // probe queries at positions T..T+P-1 (random probe tokens; no logits)
   int outlier_pairs = 2;     // RoPE pairs per head with large-magnitude keys
   float outlier_scale = 8;   // their mean magnitude, relative to unit noise
   int vocab = 32000;         // token ids are drawn below this
