@@ -282,16 +282,16 @@ __global__ void read_all(const uint4* a, size_t n, unsigned* sink) {
 
 // Best time in ms of `f` over `reps` runs after one warm-up, by CUDA events.
 template <class F>
-float best_ms(F&& f, int reps) {
+float best_ms(F&& f, int reps, cudaStream_t stream = nullptr) {
   cudaEvent_t a, b;
   check(cudaEventCreate(&a), "cudaEventCreate");
   check(cudaEventCreate(&b), "cudaEventCreate");
   f();
   float best = 1e30f;
   for (int r = 0; r < std::max(reps, 1); ++r) {
-    cudaEventRecord(a);
+    cudaEventRecord(a, stream);
     f();
-    cudaEventRecord(b);
+    cudaEventRecord(b, stream);
     check(cudaEventSynchronize(b), "kernel");
     float ms = 0;
     cudaEventElapsedTime(&ms, a, b);
@@ -352,13 +352,22 @@ double decode_step_ms(DType type, const std::vector<HostLayer>& layers, int H, i
     check(cudaMalloc(&work, work_bytes), "cudaMalloc");
     check(cudaMemcpy(dq, q, qn * 4, cudaMemcpyHostToDevice), "cudaMemcpy");
     const size_t per_layer = size_t(H) * size_t(G) * size_t(d);
-    const float ms = best_ms(
-        [&] {
-          for (size_t l = 0; l < dev.size(); ++l)
-            attend_heads(type, dev[l].k, dev[l].v, H, dev[l].n, d, dq + l * per_layer, G, scale,
-                         dev[l].bias, dout + l * per_layer, work, nullptr);
-        },
-        reps);
+    // The step's launches (two per layer) are captured once in a CUDA graph and replayed, as
+    // decode loops do: launched one by one, their overhead exceeds the work of a small layer.
+    cudaStream_t stream = nullptr;
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+    check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), "cudaStreamBeginCapture");
+    for (size_t l = 0; l < dev.size(); ++l)
+      attend_heads(type, dev[l].k, dev[l].v, H, dev[l].n, d, dq + l * per_layer, G, scale,
+                   dev[l].bias, dout + l * per_layer, work, stream);
+    check(cudaStreamEndCapture(stream, &graph), "cudaStreamEndCapture");
+    check(cudaGraphInstantiate(&exec, graph, 0), "cudaGraphInstantiate");
+    const float ms = best_ms([&] { cudaGraphLaunch(exec, stream); }, reps, stream);
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    cudaStreamDestroy(stream);
     for (auto& x : dev) cudaFree(x.k), cudaFree(x.v), cudaFree(x.bias);
     cudaFree(dq), cudaFree(dout), cudaFree(work);
     return ms;

@@ -33,7 +33,8 @@ struct HostLayer {
 };
 
 // Uploads the layers, then times decode steps (per layer one attend_heads over its H heads, the
-// layers in sequence, as a runtime runs them) with CUDA events; the best of `reps`, in ms.
+// layers in sequence, as a runtime runs them), the step captured once as a CUDA graph and
+// replayed; CUDA events, the best of `reps`, in ms.
 // `q` is [layers][H * G][d] f32 on the host.
 double decode_step_ms(DType type, const std::vector<HostLayer>& layers, int H, int d, int G,
                       float scale, const float* q, int reps);
