@@ -6,7 +6,7 @@ packages=(build-essential cmake ninja-build pkg-config git
   libhdf5-dev hdf5-tools libcli11-dev libzstd-dev zstd
   libgtest-dev libgmock-dev libbenchmark-dev libomp-dev
   python3 python3-h5py python3-numpy man-db clang-format
-  clang libclang-rt-dev bsdutils)
+  clang libclang-rt-dev bsdutils parallel)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
