@@ -2,6 +2,7 @@
 #include <cstdio>
 #include <iostream>
 
+#include "common/selection.h"
 #include "common/tool.h"
 #include "kv/error.h"
 #include "kv/evict.h"
@@ -23,58 +24,18 @@ int main(int argc, char** argv) {
                  "allocate a budget to each layer and KV head, write the kept entries (ragged "
                  "heads where budgets differ, so memory is really freed).");
   auto& app = tool.app();
-  std::string input = "-", score = "", alloc = "uniform", group_agg = "mean", pool = "avg";
-  kv::EvictOptions o;
+  std::string input = "-";
+  kvt::SelectionOptions selection;
   bool dry_run = false;
   tool.add_input(&input);
-  app.add_option("-s,--score", score,
-                 "What to keep: window (StreamingLLM sinks + recent), h2o (accumulated "
-                 "attention + recent), tova (last query's attention), snapkv (pooled "
-                 "observation-window attention), knorm (low key norm), random")
-      ->required()
-      ->check(CLI::IsMember({"window", "h2o", "tova", "snapkv", "knorm", "random"}));
-  app.add_option("-a,--alloc", alloc,
-                 "Budget per layer and head: uniform, pyramid (PyramidKV), adaptive (AdaKV)")
-      ->default_val("uniform")
-      ->check(CLI::IsMember({"uniform", "pyramid", "adaptive"}));
-  auto* budget = app.add_option("-b,--budget", o.budget,
-                                "Entries each KV head keeps (the mean per head for pyramid and "
-                                "adaptive); sinks, recent and window count inside it");
-  auto* ratio =
-      app.add_option("-r,--ratio", o.ratio, "Fraction of each head's entries to keep, in (0, 1]")
-          ->excludes(budget);
-  app.add_option("--sink", o.sink,
-                 "First entries of each head always kept (default: 4 for window, else 0)");
-  app.add_option("--recent", o.recent,
-                 "Most recent entries always kept (default: half the budget for h2o, else 0; "
-                 "window without a budget keeps --sink + --recent)");
-  app.add_option("--group-agg", group_agg,
-                 "How the query heads of a KV group combine their attention: mean or max")
-      ->default_val("mean")
-      ->check(CLI::IsMember({"mean", "max"}));
-  app.add_option("--pool", pool, "snapkv: pooling of the votes along the tokens, avg or max")
-      ->default_val("avg")
-      ->check(CLI::IsMember({"avg", "max"}));
-  app.add_option("--kernel", o.kernel, "snapkv: pooling width (odd)")->default_val(5);
-  app.add_option("--beta", o.beta, "pyramid: how steep the schedule is (>= 1)")->default_val(20);
-  app.add_option("--alpha", o.alpha, "adaptive: fraction of the budget every head keeps of its own")
-      ->default_val(0.2);
-  app.add_option("--seed", o.seed, "random: seed (same seed, same selection)")->default_val(1);
+  selection.add(app, "dropped");
   app.add_flag("-n,--dry-run", dry_run,
                "Print the kept entries per layer and head instead of writing a snapshot");
   tool.add_json_option();
   tool.add_output_options();
 
   return tool.run(argc, argv, [&] {
-    // 0 means "not given" inside EvictOptions; given on the command line it is impossible.
-    if (budget->count() && o.budget < 1)
-      throw kv::Error(kv::Exit::usage, kv::str("--budget ", o.budget, " must be at least 1"));
-    if (ratio->count() && !(o.ratio > 0 && o.ratio <= 1))
-      throw kv::Error(kv::Exit::usage, kv::str("--ratio ", o.ratio, " must be in (0, 1]"));
-    o.score = kv::parse_evict_score(score);
-    o.alloc = kv::parse_evict_alloc(alloc);
-    o.group_agg = kv::parse_group_agg(group_agg);
-    o.pool = kv::parse_pool(pool);
+    const kv::EvictOptions o = selection.resolve();
     if (tool.json && !dry_run && tool.output == "-")
       throw kv::Error(kv::Exit::usage,
                       "--json prints the selection on stdout: give --dry-run or -o FILE");

@@ -16,6 +16,32 @@ namespace kvtest {
   return true;
 }();
 
+kv::Snapshot one_head_snapshot(const std::vector<float>& k, const std::vector<float>& v, int dim,
+                               const std::vector<float>& probe_q) {
+  kv::Snapshot s;
+  kv::Header& h = s.header;
+  h.model.n_layers = h.model.n_q_heads = h.model.n_kv_heads = 1;
+  h.model.head_dim = h.model.rope_dims = dim;
+  h.model.context_length = 1 << 16;
+  h.n_tokens = int64_t(k.size()) / dim;
+  kv::Layer l;
+  for (int64_t t = 0; t < h.n_tokens; ++t) {
+    h.tokens.push_back(int32_t(t + 1));
+    l.positions.push_back(int32_t(t));
+  }
+  for (int64_t p = 0; p < int64_t(probe_q.size()) / dim; ++p) {
+    h.probe_tokens.push_back(9);
+    h.probe_positions.push_back(int32_t(h.n_tokens + p));
+  }
+  l.head_offsets = {0, h.n_tokens};
+  l.k = kv::Tensor::from_f32(kv::DType::f32, h.n_tokens, dim, k.data());
+  l.v = kv::Tensor::from_f32(kv::DType::f32, h.n_tokens, dim, v.data());
+  if (!probe_q.empty())
+    l.probe_q = kv::Tensor::from_f32(kv::DType::f32, int64_t(probe_q.size()) / dim, dim, probe_q.data());
+  s.layers.push_back(l);
+  return s;
+}
+
 kv::Snapshot tiny_snapshot(kv::DType dtype, bool side_data, bool ragged) {
   kv::Snapshot s;
   kv::Header& h = s.header;

@@ -1,6 +1,7 @@
 // Small hand-made snapshots for the unit tests.
 #pragma once
 #include <string>
+#include <vector>
 
 #include "kv/snapshot.h"
 
@@ -9,6 +10,12 @@ namespace kvtest {
 // A 2-layer snapshot (4 query heads, 2 KV heads, head_dim 4, 6 tokens) whose values encode
 // their coordinates, with ragged heads in layer 1, optional side data and mass.
 kv::Snapshot tiny_snapshot(kv::DType dtype, bool side_data, bool ragged);
+
+// One layer with one KV head and one query head of `dim` channels holding every position of a
+// sequence of k.size() / dim tokens (f32 keys and values, row-major), and the given probe
+// queries ([P, dim]) at the positions right after the sequence. For hand-computed cases.
+kv::Snapshot one_head_snapshot(const std::vector<float>& k, const std::vector<float>& v, int dim,
+                               const std::vector<float>& probe_q);
 
 // Asserts (gtest) that two snapshots hold identical data.
 void expect_same(const kv::Snapshot& a, const kv::Snapshot& b);

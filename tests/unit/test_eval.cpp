@@ -11,6 +11,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "helpers.h"
 #include "kv/capture.h"
 #include "kv/error.h"
 #include "kv/eval.h"
@@ -23,27 +24,7 @@ namespace {
 // position 3 with q = (0, 0): every logit is 0, so the reference attention is uniform (1/3).
 // Values (3, 0), (0, 3), (0, 0): o_ref = (1, 1).
 kv::Snapshot tiny() {
-  kv::Snapshot s;
-  kv::Header& h = s.header;
-  h.model.n_layers = 1;
-  h.model.n_q_heads = 1;
-  h.model.n_kv_heads = 1;
-  h.model.head_dim = 2;
-  h.model.rope_dims = 2;
-  h.model.context_length = 16;
-  h.n_tokens = 3;
-  h.tokens = {1, 5, 6};
-  h.probe_tokens = {7};
-  h.probe_positions = {3};
-  kv::Layer l;
-  l.positions = {0, 1, 2};
-  l.head_offsets = {0, 3};
-  const float k[] = {1, 0, 0, 1, 1, 1}, v[] = {3, 0, 0, 3, 0, 0}, q[] = {0, 0};
-  l.k = kv::Tensor::from_f32(kv::DType::f32, 3, 2, k);
-  l.v = kv::Tensor::from_f32(kv::DType::f32, 3, 2, v);
-  l.probe_q = kv::Tensor::from_f32(kv::DType::f32, 1, 2, q);
-  s.layers.push_back(l);
-  return s;
+  return kvtest::one_head_snapshot({1, 0, 0, 1, 1, 1}, {3, 0, 0, 3, 0, 0}, 2, {0, 0});
 }
 
 kv::Layer keep_rows(const kv::Layer& in, std::vector<int64_t> rows) {

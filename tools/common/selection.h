@@ -1,0 +1,26 @@
+// The selection options kv-evict and kv-merge share (one definition, so the two tools accept and
+// document the same scores and budgets): --score, --alloc, --budget/--ratio, --sink, --recent,
+// --group-agg, --pool, --kernel, --beta, --alpha, --seed.
+#pragma once
+#include <CLI/CLI.hpp>
+#include <string>
+
+#include "kv/evict.h"
+
+namespace kvt {
+
+class SelectionOptions {
+ public:
+  // Adds the options to `app`; `verb` ("keep", "merge into") words the --budget help.
+  void add(CLI::App& app, const std::string& verb);
+  // After parsing: the names resolved and the values checked (Error(Exit::usage)).
+  kv::EvictOptions resolve();
+
+ private:
+  kv::EvictOptions o_;
+  std::string score_, alloc_ = "uniform", group_agg_ = "mean", pool_ = "avg";
+  CLI::Option* budget_ = nullptr;
+  CLI::Option* ratio_ = nullptr;
+};
+
+}  // namespace kvt
