@@ -8,7 +8,8 @@
 //          --ratio, default 0.1), which is what kv-evict does.
 // The ratio evict / copy is the figure the kv-evict issue sets (target <= 1.5). Finally the
 // kv-evict tool itself runs in a child process with KV_REPORT_PEAK_RSS=1 for its peak RSS, to
-// compare with one layer of the input.
+// compare with one layer of the input. With --merge, kv-merge's nearest method runs once on the
+// same selection, timed against the eviction.
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -20,6 +21,7 @@
 #include <string>
 
 #include "kv/evict.h"
+#include "kv/merge.h"
 #include "kv/snapshot_io.h"
 #include "kv/synth.h"
 
@@ -69,6 +71,21 @@ Phases run(const std::string& in, const std::string& out, const kv::EvictOptions
   return p;
 }
 
+// The same loop with kv-merge's nearest method (selection, then dropped entries folded in).
+double run_merge(const std::string& in, const std::string& out, const kv::MergeOptions& options) {
+  const auto t0 = Clock::now();
+  kv::SnapshotReader reader(in);
+  kv::SnapshotWriter writer(out, reader.header());
+  kv::Layer layer, merged;
+  for (int l = 0; l < reader.n_layers(); ++l) {
+    reader.read_layer(l, layer);
+    kv::merge_nearest(reader.header(), l, layer, options, merged);
+    writer.write_layer(merged);
+  }
+  writer.finish();
+  return since(t0);
+}
+
 void print_phases(const char* name, const Phases& p) {
   std::printf("  %-6s %7.2f s  (read %.2f, select %.2f, copy rows %.2f, write+finish %.2f)\n", name,
               p.total, p.read, p.select, p.apply, p.write);
@@ -76,7 +93,8 @@ void print_phases(const char* name, const Phases& p) {
 
 int usage() {
   std::fprintf(stderr,
-               "usage: bench-evict [--tokens T] [--ratio R] [--reps N] [--dir DIR] [--keep]\n");
+               "usage: bench-evict [--tokens T] [--ratio R] [--reps N] [--dir DIR] [--keep] "
+               "[--merge]\n");
   return 64;
 }
 
@@ -87,7 +105,7 @@ int main(int argc, char** argv) {
   double ratio = 0.1;
   int reps = 2;
   std::string dir = "/tmp";
-  bool keep = false;
+  bool keep = false, merge = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     const bool has_value = i + 1 < argc;
@@ -101,6 +119,8 @@ int main(int argc, char** argv) {
       dir = argv[++i];
     else if (a == "--keep")
       keep = true;
+    else if (a == "--merge")
+      merge = true;
     else
       return usage();
   }
@@ -194,6 +214,16 @@ int main(int argc, char** argv) {
         "(%.1f MiB)\n",
         WEXITSTATUS(status), since(t0), double(rss) / (1 << 20), double(rss) / layer,
         layer / (1 << 20));
+    if (merge) {
+      // kv-merge --method nearest with the same selection, once, against the best eviction.
+      kv::MergeOptions mo;
+      mo.select = options;
+      std::filesystem::remove(out_evict);
+      sync();
+      const double t = run_merge(in, out_evict, mo);
+      std::printf("  nearest merge (same selection, tau 0): %.2f s = %.2f x evict\n", t,
+                  t / best_evict.total);
+    }
     if (!keep)
       for (const auto& f : {in, out_copy, out_evict}) std::filesystem::remove(f);
     return 0;
