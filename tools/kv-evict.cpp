@@ -60,32 +60,35 @@ int main(int argc, char** argv) {
       tool.progress("layer", l, L);
       reader.read_layer(l, in);
       const kv::Selection kept = kv::select_layer(header, l, in, o);
-      kv::Json counts = kv::Json::array(), kept_counts = kv::Json::array(),
-               positions = kv::Json::array();
       int64_t layer_kept = 0;
-      for (int h = 0; h < int(kept.size()); ++h) {
-        const auto& rows = kept[size_t(h)];
-        layer_kept += int64_t(rows.size());
-        counts.push(in.head_entries(h));
-        kept_counts.push(int64_t(rows.size()));
-        kv::Json p = kv::Json::array();
-        for (int64_t r : rows) p.push(in.positions[size_t(r)]);
-        positions.push(std::move(p));
-        char row[64];
-        std::snprintf(row, sizeof row, "  %5d  %4d  %7lld  %7lld\n", l, h,
-                      (long long)in.head_entries(h), (long long)rows.size());
-        table += row;
+      for (const auto& rows : kept) layer_kept += int64_t(rows.size());
+      // The listings are built only when asked for: at 32k tokens they hold every kept position.
+      if (tool.json) {
+        kv::Json counts = kv::Json::array(), kept_counts = kv::Json::array(),
+                 positions = kv::Json::array();
+        for (int h = 0; h < int(kept.size()); ++h) {
+          counts.push(in.head_entries(h));
+          kept_counts.push(int64_t(kept[size_t(h)].size()));
+          kv::Json p = kv::Json::array();
+          for (int64_t r : kept[size_t(h)]) p.push(in.positions[size_t(r)]);
+          positions.push(std::move(p));
+        }
+        kv::Json lj = kv::Json::object();
+        lj.set("layer", l).set("entries", std::move(counts)).set("kept", std::move(kept_counts));
+        lj.set("positions", std::move(positions));
+        layers.push(std::move(lj));
+      } else if (dry_run) {
+        for (int h = 0; h < int(kept.size()); ++h) {
+          char row[64];
+          std::snprintf(row, sizeof row, "  %5d  %4d  %7lld  %7lld\n", l, h,
+                        (long long)in.head_entries(h), (long long)kept[size_t(h)].size());
+          table += row;
+        }
       }
       before += in.entries();
       after += layer_kept;
       bytes_before += kv_bytes(in, in.entries());
       bytes_after += kv_bytes(in, layer_kept);
-      if (tool.json) {
-        kv::Json lj = kv::Json::object();
-        lj.set("layer", l).set("entries", std::move(counts)).set("kept", std::move(kept_counts));
-        lj.set("positions", std::move(positions));
-        layers.push(std::move(lj));
-      }
       if (writer) {
         kv::apply_selection(in, kept, out);
         writer->write_layer(out);

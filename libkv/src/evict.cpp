@@ -38,23 +38,19 @@ int sink_count(const EvictOptions& o) {
   return o.sink >= 0 ? o.sink : o.score == EvictScore::window ? 4 : 0;
 }
 
-int64_t token_budget(const EvictOptions& o) {
-  if (o.budget != 0 || o.ratio != 0) return o.budget;
-  return o.score == EvictScore::window && o.recent >= 0 ? sink_count(o) + o.recent : 0;
-}
 
 // The budget of one head under a uniform allocation: --budget, or --ratio of its own entries
 // (rounded, at least one), never more than it holds.
 int64_t head_budget(const Layer& layer, int h, const EvictOptions& o) {
   const int64_t n = layer.head_entries(h);
-  const int64_t b = token_budget(o) > 0 ? token_budget(o)
+  const int64_t b = evict_budget(o) > 0 ? evict_budget(o)
                                         : std::max<int64_t>(1, std::llround(o.ratio * double(n)));
   return std::min(b, n);
 }
 
 // The mean budget per head of a layer: PyramidKV's C, AdaKV's b.
 int64_t mean_budget(const Layer& layer, const EvictOptions& o) {
-  if (token_budget(o) > 0) return token_budget(o);
+  if (evict_budget(o) > 0) return evict_budget(o);
   const double heads = double(layer.head_offsets.size() - 1);
   return std::max<int64_t>(1, std::llround(o.ratio * double(layer.entries()) / heads));
 }
@@ -224,17 +220,19 @@ const char* evict_alloc_name(EvictAlloc a) {
 }
 
 int64_t evict_budget(const EvictOptions& o) {
-  return token_budget(o);
+  if (o.budget != 0 || o.ratio != 0) return o.budget;
+  return o.score == EvictScore::window && o.recent >= 0 ? sink_count(o) + o.recent : 0;
 }
 
 void check_evict_options(const Header& header, const EvictOptions& o) {
-  const bool has_budget = token_budget(o) != 0, has_ratio = o.ratio != 0;
+  const int64_t budget = evict_budget(o);
+  const bool has_budget = budget != 0, has_ratio = o.ratio != 0;
   if (has_budget && has_ratio) throw Error(Exit::usage, "give --budget or --ratio, not both");
   if (!has_budget && !has_ratio) throw Error(Exit::usage, "give --budget N or --ratio r");
-  if (has_budget && token_budget(o) < 1)
-    throw Error(Exit::usage, str("--budget ", token_budget(o), " must be at least 1"));
-  if (has_budget && token_budget(o) > header.n_tokens)
-    throw Error(Exit::usage, str("--budget ", token_budget(o), " is larger than the sequence (",
+  if (has_budget && budget < 1)
+    throw Error(Exit::usage, str("--budget ", budget, " must be at least 1"));
+  if (has_budget && budget > header.n_tokens)
+    throw Error(Exit::usage, str("--budget ", budget, " is larger than the sequence (",
                                  header.n_tokens, " tokens)"));
   if (has_ratio && !(o.ratio > 0 && o.ratio <= 1))
     throw Error(Exit::usage, str("--ratio ", o.ratio, " must be in (0, 1]"));
