@@ -38,6 +38,16 @@ std::string range_text(const Range& r) {
   return buf;
 }
 
+// "dense f16", or the scheme with its parameters ("kivi bits=2 group=32 axis=channel ...").
+std::string encoding_text(const kv::Encoding& e, kvk::DType dtype) {
+  return e.dense() ? std::string("dense ") + kvk::dtype_name(dtype) : e.describe();
+}
+
+// Bits per value of k and v as stored before any lossless codec (codes, scales, residual).
+double bits_per_value(int64_t bytes, int64_t values) {
+  return values ? 8.0 * double(bytes) / double(values) : 0.0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -65,18 +75,19 @@ int main(int argc, char** argv) {
     const kv::Header& h = reader.header();
     const kv::ModelInfo& m = h.model;
     if (only_layer >= m.n_layers || only_layer < -1)
-      throw kv::Error(kv::Exit::usage, kv::str("--layer ", only_layer, " is outside [0, ",
-                                               m.n_layers, ")"));
+      throw kv::Error(kv::Exit::usage,
+                      kv::str("--layer ", only_layer, " is outside [0, ", m.n_layers, ")"));
     if (only_head >= m.n_kv_heads || only_head < -1)
-      throw kv::Error(kv::Exit::usage, kv::str("--head ", only_head, " is outside [0, ",
-                                               m.n_kv_heads, ")"));
+      throw kv::Error(kv::Exit::usage,
+                      kv::str("--head ", only_head, " is outside [0, ", m.n_kv_heads, ")"));
     const bool need_stats = stats || !plot.empty();
 
     kv::Json layers_json = kv::Json::array();
     std::vector<std::vector<float>> heat;
     std::vector<std::string> heat_labels;
     std::string table;
-    int64_t total_entries = 0, kv_stored = 0, other_stored = 0, dense_f16 = 0;
+    int64_t total_entries = 0, kv_stored = 0, kv_logical = 0, kv_values = 0, other_stored = 0,
+            dense_f16 = 0;
     kv::Layer layer;
     std::string k_enc, v_enc;
     bool any_mass = false;
@@ -85,24 +96,30 @@ int main(int argc, char** argv) {
       reader.read_layer(l, layer);  // validates: a damaged layer is reported, not skipped
       if (only_layer >= 0 && l != only_layer) continue;
       kv::LayerStorage st = reader.layer_storage(l);
-      k_enc = std::string("dense ") + kvk::dtype_name(st.k_dtype);
-      v_enc = std::string("dense ") + kvk::dtype_name(st.v_dtype);
+      k_enc = encoding_text(st.k_encoding, st.k_dtype);
+      v_enc = encoding_text(st.v_encoding, st.v_dtype);
       any_mass |= st.has_mass;
       const Range r = entry_range(layer.head_offsets, only_head);
       const int64_t entries = only_head < 0 ? layer.entries() : layer.head_entries(only_head);
       total_entries += entries;
       kv_stored += st.kv_bytes_stored;
+      kv_logical += st.kv_bytes_logical;
+      kv_values += 2 * layer.entries() * m.head_dim;
       other_stored += st.other_bytes_stored;
       dense_f16 += kv::dense_f16_bytes(layer.entries(), m.head_dim);
       kv::Json lj = kv::Json::object();
       lj.set("layer", l).set("entries", entries).set("entries_min", r.min);
       lj.set("entries_mean", r.mean).set("entries_max", r.max);
       lj.set("kv_bytes_stored", st.kv_bytes_stored);
+      lj.set("bits_per_value",
+             bits_per_value(st.kv_bytes_logical, 2 * layer.entries() * m.head_dim));
       lj.set("kv_bytes_dense_f16", kv::dense_f16_bytes(layer.entries(), m.head_dim));
       char row[160];
-      std::snprintf(row, sizeof row, "  %5d  %16s  %12s  %12s\n", l, range_text(r).c_str(),
-                    kvt::human_bytes(double(st.kv_bytes_stored)).c_str(),
-                    kvt::human_bytes(double(kv::dense_f16_bytes(layer.entries(), m.head_dim))).c_str());
+      std::snprintf(
+          row, sizeof row, "  %5d  %16s  %10.2f  %12s  %12s\n", l, range_text(r).c_str(),
+          bits_per_value(st.kv_bytes_logical, 2 * layer.entries() * m.head_dim),
+          kvt::human_bytes(double(st.kv_bytes_stored)).c_str(),
+          kvt::human_bytes(double(kv::dense_f16_bytes(layer.entries(), m.head_dim))).c_str());
       table += row;
       if (need_stats) {
         auto hs = kv::layer_stats(layer, m.n_kv_heads, ops);
@@ -121,8 +138,7 @@ int main(int argc, char** argv) {
           heads.push(std::move(hj));
           if (stats && !tool.json) {
             std::string outl;
-            for (int c : s.outlier_channels)
-              outl += kv::str(outl.empty() ? "" : ",", c);
+            for (int c : s.outlier_channels) outl += kv::str(outl.empty() ? "" : ",", c);
             std::snprintf(row, sizeof row,
                           "         head %2d  |k| %8.3f mean %8.3f max  |v| %8.3f mean %8.3f max"
                           "  outlier channels: %s\n",
@@ -144,7 +160,8 @@ int main(int argc, char** argv) {
       std::string x = only_head >= 0 ? kv::str("channel of KV head ", only_head)
                                      : kv::str("KV head x channel (", m.n_kv_heads, " heads of ",
                                                m.head_dim, ")");
-      std::string svg = kv::svg_heatmap(heat, heat_labels, title, x, only_head >= 0 ? 0 : m.head_dim);
+      std::string svg =
+          kv::svg_heatmap(heat, heat_labels, title, x, only_head >= 0 ? 0 : m.head_dim);
       std::ofstream out(plot);
       out << svg;
       out.close();
@@ -154,7 +171,8 @@ int main(int argc, char** argv) {
     const double ratio = dense_f16 ? double(kv_stored) / double(dense_f16) : 0.0;
     const int64_t heads_shown = only_head >= 0 ? 1 : m.n_kv_heads;
     const int64_t layers_shown = only_layer >= 0 ? 1 : m.n_layers;
-    const double kept = double(total_entries) / double(std::max<int64_t>(1, h.n_tokens * heads_shown * layers_shown));
+    const double kept = double(total_entries) /
+                        double(std::max<int64_t>(1, h.n_tokens * heads_shown * layers_shown));
     if (tool.json) {
       kv::Json j = kv::Json::object();
       j.set("file", input).set("file_bytes", reader.file_bytes());
@@ -171,6 +189,7 @@ int main(int argc, char** argv) {
       j.set("k_encoding", k_enc).set("v_encoding", v_enc).set("mass", any_mass);
       j.set("entries", total_entries).set("kept_fraction", kept);
       j.set("kv_bytes_stored", kv_stored).set("kv_bytes_dense_f16", dense_f16);
+      j.set("bits_per_value", bits_per_value(kv_logical, kv_values));
       j.set("ratio_to_dense_f16", ratio).set("other_bytes_stored", other_stored);
       kv::Json side = kv::Json::object();
       side.set("window", int64_t(h.window_positions.size()));
@@ -195,10 +214,12 @@ int main(int argc, char** argv) {
                 kvt::human_bytes(double(reader.file_bytes())).c_str());
     std::printf("format      kvsnap %d.%d, codec %s\n", h.format_major, h.format_minor,
                 reader.codec_name().c_str());
-    std::printf("model       %s %s%s%s\n", m.arch.c_str(), m.name.empty() ? "(unnamed)" : m.name.c_str(),
+    std::printf("model       %s %s%s%s\n", m.arch.c_str(),
+                m.name.empty() ? "(unnamed)" : m.name.c_str(),
                 m.file_sha256.empty() ? "" : ", sha256 ", m.file_sha256.substr(0, 16).c_str());
-    std::printf("shape       %d layers, %d query heads, %d KV heads (group %d), head_dim %d, context %d\n",
-                m.n_layers, m.n_q_heads, m.n_kv_heads, m.group_size(), m.head_dim, m.context_length);
+    std::printf(
+        "shape       %d layers, %d query heads, %d KV heads (group %d), head_dim %d, context %d\n",
+        m.n_layers, m.n_q_heads, m.n_kv_heads, m.group_size(), m.head_dim, m.context_length);
     std::printf("rope        theta %g over %d dims (%s), keys stored post-RoPE\n", m.rope_theta,
                 m.rope_dims, m.rope_style.c_str());
     std::printf("tokens      %lld%s\n", (long long)h.n_tokens,
@@ -207,19 +228,28 @@ int main(int argc, char** argv) {
                 (long long)(h.n_tokens * heads_shown * layers_shown), 100.0 * kept,
                 only_layer >= 0 ? kv::str(", layer ", only_layer).c_str() : "",
                 only_head >= 0 ? kv::str(", head ", only_head).c_str() : "");
-    std::printf("encoding    k: %s, v: %s, mass: %s\n", k_enc.c_str(), v_enc.c_str(), any_mass ? "yes" : "no");
+    std::printf("encoding    k: %s, v: %s, mass: %s\n", k_enc.c_str(), v_enc.c_str(),
+                any_mass ? "yes" : "no");
+    std::printf("bits/value  %.3f (k and v before the codec, scales and residual included)\n",
+                bits_per_value(kv_logical, kv_values));
     std::printf("bytes       k+v stored %s, as dense f16 %s, ratio %.3f (other arrays %s)\n",
-                kvt::human_bytes(double(kv_stored)).c_str(), kvt::human_bytes(double(dense_f16)).c_str(),
-                ratio, kvt::human_bytes(double(other_stored)).c_str());
+                kvt::human_bytes(double(kv_stored)).c_str(),
+                kvt::human_bytes(double(dense_f16)).c_str(), ratio,
+                kvt::human_bytes(double(other_stored)).c_str());
     std::printf("side data   window: %s; attention stats: %s; probe: %s\n",
                 h.has_window() ? kv::str(h.window_positions.size(), " queries").c_str() : "no",
                 h.has_attn_stats ? "yes" : "no",
-                h.has_probe() ? kv::str(h.probe_tokens.size(), " tokens", h.probe_logits.empty() ? "" : " with logits").c_str() : "no");
-    std::printf("\n  layer  entries/head(min/mean/max)  k+v stored  dense f16\n%s", table.c_str());
+                h.has_probe() ? kv::str(h.probe_tokens.size(), " tokens",
+                                        h.probe_logits.empty() ? "" : " with logits")
+                                    .c_str()
+                              : "no");
+    std::printf("\n  layer  entries/head(min/mean/max)  bits/value  k+v stored  dense f16\n%s",
+                table.c_str());
     if (!h.provenance.empty()) {
       std::printf("\nprovenance\n");
       for (const auto& p : h.provenance)
-        std::printf("  %-12s %s %s  %s\n", p.id.c_str(), p.version.c_str(), p.time.c_str(), p.command_line.c_str());
+        std::printf("  %-12s %s %s  %s\n", p.id.c_str(), p.version.c_str(), p.time.c_str(),
+                    p.command_line.c_str());
     }
   });
 }

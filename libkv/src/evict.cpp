@@ -421,6 +421,9 @@ void apply_selection(Layer& in, const Selection& kept, Layer& out) {
     }
     out.head_offsets.push_back(o);
   }
+  // The kept rows keep their encoding: the writer encodes them again (see encoding.h).
+  out.k_encoding = in.k_encoding;
+  out.v_encoding = in.v_encoding;
   std::swap(out.window_q, in.window_q);
   std::swap(out.attn_acc, in.attn_acc);
   std::swap(out.attn_last, in.attn_last);

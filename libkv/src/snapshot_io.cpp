@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <tuple>
 
 #include "h5.h"
 #include "kv/str.h"
@@ -56,9 +57,12 @@ Codec Codec::parse(const std::string& spec) {
 
 std::string Codec::str() const {
   switch (kind) {
-    case Kind::none: return "none";
-    case Kind::zstd: return "zstd," + std::to_string(level);
-    case Kind::deflate: return "deflate," + std::to_string(level);
+    case Kind::none:
+      return "none";
+    case Kind::zstd:
+      return "zstd," + std::to_string(level);
+    case Kind::deflate:
+      return "deflate," + std::to_string(level);
   }
   return "?";
 }
@@ -123,15 +127,20 @@ void write_tensor(hid_t loc, const std::string& name, const Tensor& t, std::vect
 template <class T>
 hid_t native_type();
 template <>
-hid_t native_type<int32_t>() { return H5T_NATIVE_INT32; }
+hid_t native_type<int32_t>() {
+  return H5T_NATIVE_INT32;
+}
 template <>
-hid_t native_type<int64_t>() { return H5T_NATIVE_INT64; }
+hid_t native_type<int64_t>() {
+  return H5T_NATIVE_INT64;
+}
 template <>
-hid_t native_type<float>() { return H5T_NATIVE_FLOAT; }
+hid_t native_type<float>() {
+  return H5T_NATIVE_FLOAT;
+}
 
 template <class T>
-void write_vector(hid_t loc, const std::string& name, const std::vector<T>& v,
-                  const Codec& codec) {
+void write_vector(hid_t loc, const std::string& name, const std::vector<T>& v, const Codec& codec) {
   write_dataset(loc, name, native_type<T>(), {hsize_t(v.size())}, v.data(), codec);
 }
 
@@ -141,10 +150,10 @@ void write_string_dataset(hid_t loc, const std::string& name, const std::string&
   H5Tset_strpad(type, H5T_STR_NULLTERM);
   H5Tset_cset(type, H5T_CSET_UTF8);
   Handle space(H5Screate(H5S_SCALAR), H5Sclose);
-  Handle ds(h5::check(H5Dcreate2(loc, name.c_str(), type, space, H5P_DEFAULT, H5P_DEFAULT,
-                                 H5P_DEFAULT),
-                      Exit::io, "cannot write '" + name + "'"),
-            H5Dclose);
+  Handle ds(
+      h5::check(H5Dcreate2(loc, name.c_str(), type, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
+                Exit::io, "cannot write '" + name + "'"),
+      H5Dclose);
   h5::check(H5Dwrite(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, value.c_str()), Exit::io,
             "cannot write '" + name + "'");
 }
@@ -153,6 +162,52 @@ Handle create_group(hid_t loc, const std::string& name) {
   return Handle(h5::check(H5Gcreate2(loc, name.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
                           Exit::io, "cannot create group '" + name + "'"),
                 H5Gclose);
+}
+
+// --- encoded k and v (kvsnap section 9) ---------------------------------------------------------
+
+hid_t code_file_type(CodeArray::Type t) {
+  switch (t) {
+    case CodeArray::Type::u8:
+      return H5T_STD_U8LE;
+    case CodeArray::Type::f16:
+      return h5::file_type(DType::f16);
+    case CodeArray::Type::f32:
+      return H5T_IEEE_F32LE;
+    case CodeArray::Type::i32:
+      break;
+  }
+  return H5T_STD_I32LE;
+}
+
+// The scheme's parameters as attributes; only those the scheme uses (Encoding::describe).
+void write_encoding_attrs(hid_t g, const Encoding& e) {
+  h5::write_attr(g, "scheme", e.scheme);
+  if (e.scheme == "uniform" || e.scheme == "kivi") {
+    h5::write_attr(g, "bits", int64_t(e.bits));
+    h5::write_attr(g, "group", int64_t(e.group));
+    h5::write_attr(g, "axis", e.axis);
+    h5::write_attr(g, "symmetric", int64_t(e.symmetric));
+    h5::write_attr(g, "residual", int64_t(e.residual));
+  }
+  if (e.scheme == "fp8") {
+    h5::write_attr(g, "format", e.fp8_format);
+    h5::write_attr(g, "scale", e.scale_scope);
+  }
+  if (e.scheme == "svd") {
+    h5::write_attr(g, "rank", int64_t(e.rank));
+    h5::write_attr(g, "energy", e.energy);
+    h5::write_attr(g, "factors", e.factors);
+    h5::write_attr(g, "pre_rope", int64_t(e.pre_rope));
+  }
+  if (e.hadamard) h5::write_attr(g, "hadamard", int64_t(1));
+}
+
+void write_encoded(hid_t layer, const std::string& name, const Encoded& enc, const Codec& codec) {
+  Handle g = create_group(layer, name);
+  write_encoding_attrs(g, enc.encoding);
+  for (const CodeArray& a : enc.arrays)
+    write_dataset(g, a.name, code_file_type(a.type), {hsize_t(a.count())}, a.bytes.data(), codec);
 }
 
 // --- reading -----------------------------------------------------------------------------------
@@ -277,7 +332,8 @@ size_t read_counting_nonfinite(hid_t ds, DType dt, hsize_t rows, hsize_t cols, s
     std::atomic<bool> failed{false};
 #pragma omp parallel for schedule(static) reduction(+ : bad) if (total >= (size_t(8) << 20))
     for (int64_t b = 0; b < n_blocks; ++b) {
-      const size_t pos = size_t(b) * kDirectBlockBytes, n = std::min(kDirectBlockBytes, total - pos);
+      const size_t pos = size_t(b) * kDirectBlockBytes,
+                   n = std::min(kDirectBlockBytes, total - pos);
       if (!raw.read(offset + pos, dst + pos, n)) {
         failed = true;
         continue;
@@ -332,8 +388,8 @@ void read_tensor(hid_t loc, const std::string& name, const std::string& where, T
   if (nonfinite) *nonfinite = 0;
   if (!t.size()) return;
   if (nonfinite && dims.size() == 2) {
-    *nonfinite = read_counting_nonfinite(ds, dt, rows, dims.back(),
-                                         static_cast<std::byte*>(t.data()), raw, corrupt(where, name));
+    *nonfinite = read_counting_nonfinite(
+        ds, dt, rows, dims.back(), static_cast<std::byte*>(t.data()), raw, corrupt(where, name));
     return;
   }
   h5::check(H5Dread(ds, h5::file_type(dt), H5S_ALL, H5S_ALL, H5P_DEFAULT, t.data()), Exit::data,
@@ -351,7 +407,8 @@ std::string read_string_dataset(hid_t loc, const std::string& name, const std::s
   if (H5Tis_variable_str(type) > 0) {  // as h5py writes str by default
     char* p = nullptr;
     Handle mem(H5Tget_native_type(type, H5T_DIR_ASCEND), H5Tclose);
-    h5::check(H5Dread(ds, mem, H5S_ALL, H5S_ALL, H5P_DEFAULT, &p), Exit::data, corrupt(where, name));
+    h5::check(H5Dread(ds, mem, H5S_ALL, H5S_ALL, H5P_DEFAULT, &p), Exit::data,
+              corrupt(where, name));
     if (p) out = p;
     H5free_memory(p);
     return out;
@@ -361,6 +418,92 @@ std::string read_string_dataset(hid_t loc, const std::string& name, const std::s
             corrupt(where, name));
   out.resize(std::min(out.size(), out.find('\0')));
   return out;
+}
+
+bool is_encoded(hid_t loc, const std::string& name) {
+  H5O_info_t info;
+  return h5::exists(loc, name) && H5Oget_info_by_name(loc, name.c_str(), &info, H5P_DEFAULT) >= 0 &&
+         info.type == H5O_TYPE_GROUP;
+}
+
+// The arrays any scheme may define; other members of an encoded group are ignored (section 2).
+constexpr const char* kCodeArrayNames[] = {"codes",  "scales", "zeros",  "residual",
+                                           "blocks", "ranks",  "coeffs", "basis"};
+
+Encoding read_encoding_attrs(hid_t g, const std::string& where) {
+  if (!h5::has_attr(g, "scheme")) throw Error(Exit::data, where + " has no attribute 'scheme'");
+  Encoding e;
+  e.scheme = h5::read_attr_string(g, "scheme", where);
+  const auto& known = scheme_names();
+  if (e.scheme == "dense" || std::find(known.begin(), known.end(), e.scheme) == known.end())
+    throw Error(Exit::data,
+                str(where, " uses encoding '", e.scheme, "', which this kvtk cannot decode"));
+  auto int_attr = [&](const char* n) {
+    return h5::has_attr(g, n) ? h5::read_attr_int(g, n, where) : int64_t(0);
+  };
+  auto string_attr = [&](const char* n) {
+    return h5::has_attr(g, n) ? h5::read_attr_string(g, n, where) : std::string();
+  };
+  auto small_int = [&](const char* n) {
+    const int64_t v = int_attr(n);
+    if (v < INT32_MIN || v > INT32_MAX)
+      throw Error(Exit::data, str(where, ": ", n, " ", v, " is out of range"));
+    return int(v);
+  };
+  e.bits = small_int("bits");
+  e.group = small_int("group");
+  e.axis = string_attr("axis");
+  e.symmetric = int_attr("symmetric") != 0;
+  e.residual = small_int("residual");
+  e.fp8_format = string_attr("format");
+  e.scale_scope = string_attr("scale");
+  e.rank = small_int("rank");
+  e.energy = h5::has_attr(g, "energy") ? h5::read_attr_double(g, "energy", where) : 0.0;
+  e.factors = string_attr("factors");
+  e.pre_rope = int_attr("pre_rope") != 0;
+  e.hadamard = int_attr("hadamard") != 0;
+  return e;
+}
+
+// Reads an encoded k or v; `role` is 'k' or 'v'. Parameters a writer could not have written are
+// data errors here (the same check is a usage error in kv-compress).
+Encoded read_encoded(hid_t layer, const std::string& name, const std::string& where,
+                     const ModelInfo& model) {
+  const std::string at = where + ": '" + name + "'";
+  Handle g(h5::check(H5Gopen2(layer, name.c_str(), H5P_DEFAULT), Exit::data, at + ": cannot open"),
+           H5Gclose);
+  Encoded enc;
+  enc.encoding = read_encoding_attrs(g, at);
+  try {
+    check_encoding(enc.encoding, model, name[0]);
+  } catch (const Error& e) {
+    throw Error(Exit::data, at + ": " + e.what());
+  }
+  for (const char* array : kCodeArrayNames) {
+    if (!h5::exists(g, array)) continue;
+    Handle ds = open_dataset(g, array, at);
+    auto dims = dataset_dims(ds);
+    if (dims.size() != 1) throw Error(Exit::data, str(at, ": '", array, "' is not 1-D"));
+    Handle type(H5Dget_type(ds), H5Tclose);
+    CodeArray a;
+    a.name = array;
+    if (H5Tequal(type, H5T_STD_U8LE) > 0)
+      a.type = CodeArray::Type::u8;
+    else if (H5Tequal(type, H5T_STD_I32LE) > 0)
+      a.type = CodeArray::Type::i32;
+    else if (H5Tequal(type, H5T_IEEE_F32LE) > 0)
+      a.type = CodeArray::Type::f32;
+    else if (H5Tequal(type, h5::file_type(DType::f16)) > 0)
+      a.type = CodeArray::Type::f16;
+    else
+      throw Error(Exit::data, str(at, ": '", array, "' is not u8, i32, f16 or f32"));
+    a.bytes.resize(size_t(dims[0]) * CodeArray::element_size(a.type));
+    if (!a.bytes.empty())
+      h5::check(H5Dread(ds, code_file_type(a.type), H5S_ALL, H5S_ALL, H5P_DEFAULT, a.bytes.data()),
+                Exit::data, corrupt(at, array));
+    enc.arrays.push_back(std::move(a));
+  }
+  return enc;
 }
 
 int64_t storage_size(hid_t loc, const std::string& name) {
@@ -402,8 +545,9 @@ class MmapBuffer {
     size_t cap = std::max({n, 2 * capacity_, size_t(1) << 20});
     if (cap > SIZE_MAX / 2) return false;
     cap = round_to_pages(cap);
-    void* p = data_ ? ::mremap(data_, capacity_, cap, MREMAP_MAYMOVE)
-                    : ::mmap(nullptr, cap, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    void* p =
+        data_ ? ::mremap(data_, capacity_, cap, MREMAP_MAYMOVE)
+              : ::mmap(nullptr, cap, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) return false;
     data_ = static_cast<unsigned char*>(p);
     capacity_ = cap;
@@ -470,10 +614,18 @@ void* image_memcpy(void* dest, const void* src, size_t size, H5FD_file_image_op_
   if (dest != src) std::memcpy(dest, src, size);
   return dest;
 }
-void* image_realloc(void*, size_t, H5FD_file_image_op_t, void*) { return nullptr; }  // read-only
-herr_t image_free(void*, H5FD_file_image_op_t, void*) { return 0; }
-void* udata_copy(void* udata) { return udata; }
-herr_t udata_free(void*) { return 0; }
+void* image_realloc(void*, size_t, H5FD_file_image_op_t, void*) {
+  return nullptr;
+}  // read-only
+herr_t image_free(void*, H5FD_file_image_op_t, void*) {
+  return 0;
+}
+void* udata_copy(void* udata) {
+  return udata;
+}
+herr_t udata_free(void*) {
+  return 0;
+}
 
 Handle open_image_readonly(MmapBuffer& image) {
   Handle fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
@@ -579,7 +731,8 @@ void SnapshotReader::Impl::open() {
   } else {
     if (::stat(path.c_str(), &st) != 0)
       throw Error(Exit::no_input, "cannot open " + where + ": " + errno_text());
-    if (S_ISDIR(st.st_mode)) throw Error(Exit::no_input, "cannot open " + where + ": Is a directory");
+    if (S_ISDIR(st.st_mode))
+      throw Error(Exit::no_input, "cannot open " + where + ": Is a directory");
     if (::access(path.c_str(), R_OK) != 0)
       throw Error(Exit::no_input, "cannot open " + where + ": " + errno_text());
     regular = S_ISREG(st.st_mode);
@@ -629,14 +782,15 @@ void SnapshotReader::Impl::read_header() {
   if (format != "kvsnap")
     throw Error(Exit::data, where + " is HDF5 but not a kvsnap snapshot (format '" + format + "')");
   auto version = h5::read_attr_ints(f, "format_version", where);
-  if (version.size() != 2) throw Error(Exit::data, where + ": format_version must be [major, minor]");
+  if (version.size() != 2)
+    throw Error(Exit::data, where + ": format_version must be [major, minor]");
   Header& h = header;
   h.format_major = version[0];
   h.format_minor = version[1];
   if (h.format_major != kFormatMajor)
-    throw Error(Exit::data, str(where, " has kvsnap format ", version[0], ".", version[1],
-                                "; this kvtk reads ", kFormatMajor, ".x",
-                                h.format_major > kFormatMajor ? " (upgrade kvtk)" : ""));
+    throw Error(Exit::data,
+                str(where, " has kvsnap format ", version[0], ".", version[1], "; this kvtk reads ",
+                    kFormatMajor, ".x", h.format_major > kFormatMajor ? " (upgrade kvtk)" : ""));
   ModelInfo& m = h.model;
   m.arch = h5::read_attr_string(f, "model_arch", where);
   m.name = h5::read_attr_string(f, "model_name", where);
@@ -670,11 +824,10 @@ void SnapshotReader::Impl::read_header() {
       if (!h5::exists(g, name)) break;
       Handle r(H5Gopen2(g, name.c_str(), H5P_DEFAULT), H5Gclose);
       const std::string rw = where + " provenance/" + name;
-      h.provenance.push_back({h5::read_attr_string(r, "id", rw), h5::read_attr_string(r, "program", rw),
-                              h5::read_attr_string(r, "version", rw),
-                              h5::read_attr_string(r, "command_line", rw),
-                              h5::read_attr_string(r, "time", rw),
-                              h5::read_attr_string(r, "previous", rw)});
+      h.provenance.push_back(
+          {h5::read_attr_string(r, "id", rw), h5::read_attr_string(r, "program", rw),
+           h5::read_attr_string(r, "version", rw), h5::read_attr_string(r, "command_line", rw),
+           h5::read_attr_string(r, "time", rw), h5::read_attr_string(r, "previous", rw)});
     }
   }
   try {
@@ -696,9 +849,15 @@ SnapshotReader::SnapshotReader(const std::string& path, ReadOptions options)
 
 SnapshotReader::~SnapshotReader() = default;
 
-const Header& SnapshotReader::header() const { return impl_->header; }
-const std::string& SnapshotReader::path() const { return impl_->path; }
-int64_t SnapshotReader::file_bytes() const { return impl_->bytes; }
+const Header& SnapshotReader::header() const {
+  return impl_->header;
+}
+const std::string& SnapshotReader::path() const {
+  return impl_->path;
+}
+int64_t SnapshotReader::file_bytes() const {
+  return impl_->bytes;
+}
 
 std::string SnapshotReader::codec_name() const {
   if (n_layers() == 0 || !h5::exists(impl_->layers, layer_name(0) + "/k")) return "none";
@@ -733,12 +892,29 @@ void SnapshotReader::read_layer(int l, Layer& out) {
   // after the structural checks, as validate_layer(check_values) would.
   const bool check_values = !impl_->options.allow_nonfinite;
   size_t k_bad = 0, v_bad = 0;
-  read_tensor(g, "k", where, out.k, {}, check_values ? &k_bad : nullptr, impl_->raw);
-  read_tensor(g, "v", where, out.v, {}, check_values ? &v_bad : nullptr, impl_->raw);
-  if (h5::exists(g, "mass")) read_vector_into(g, "mass", where, out.mass);
-  else out.mass.clear();
-  if (h.has_window()) read_tensor(g, "window_q", where, out.window_q, {H, h.window_positions.size()});
-  else out.window_q.clear();
+  // An encoded k or v is decoded after the layer's structure has been validated (decoding
+  // indexes its arrays by the head offsets).
+  Encoded k_code, v_code;
+  for (auto [name, t, enc, code, bad] :
+       {std::tuple{"k", &out.k, &out.k_encoding, &k_code, &k_bad},
+        std::tuple{"v", &out.v, &out.v_encoding, &v_code, &v_bad}}) {
+    if (is_encoded(g, name)) {
+      *code = read_encoded(g, name, where, h.model);
+      *enc = code->encoding;
+      t->resize(DType::f32, int64_t(out.positions.size()), h.model.head_dim);
+    } else {
+      *enc = Encoding{};
+      read_tensor(g, name, where, *t, {}, check_values ? bad : nullptr, impl_->raw);
+    }
+  }
+  if (h5::exists(g, "mass"))
+    read_vector_into(g, "mass", where, out.mass);
+  else
+    out.mass.clear();
+  if (h.has_window())
+    read_tensor(g, "window_q", where, out.window_q, {H, h.window_positions.size()});
+  else
+    out.window_q.clear();
   if (h.has_attn_stats) {
     read_tensor(g, "attn_acc", where, out.attn_acc, {H});
     read_tensor(g, "attn_last", where, out.attn_last, {H});
@@ -746,17 +922,30 @@ void SnapshotReader::read_layer(int l, Layer& out) {
     out.attn_acc.clear();
     out.attn_last.clear();
   }
-  if (h.has_probe()) read_tensor(g, "probe_q", where, out.probe_q, {H, h.probe_tokens.size()});
-  else out.probe_q.clear();
+  if (h.has_probe())
+    read_tensor(g, "probe_q", where, out.probe_q, {H, h.probe_tokens.size()});
+  else
+    out.probe_q.clear();
   try {
     validate_layer(h, l, out, /*check_values=*/false);
   } catch (const Error& e) {
     throw Error(e.code(), impl_->where + ": " + e.what());
   }
+  const RowLayout rows{h.model, out.head_offsets, out.positions};
+  for (auto [name, t, code, bad] :
+       {std::tuple{"k", &out.k, &k_code, &k_bad}, std::tuple{"v", &out.v, &v_code, &v_bad}}) {
+    if (code->encoding.dense()) continue;
+    try {
+      decode(*code, rows, t->as<float>());
+    } catch (const Error& e) {
+      throw Error(Exit::data, str(where, ": '", name, "': ", e.what()));
+    }
+    if (check_values) *bad = kvk::count_nonfinite(DType::f32, t->data(), t->size());
+  }
   if (k_bad || v_bad)
-    throw Error(Exit::data, str(impl_->where, ": layer ", l, ": ", k_bad ? "k" : "v", " holds ",
-                                k_bad ? k_bad : v_bad,
-                                " NaN/Inf values (--allow-nonfinite reads it anyway)"));
+    throw Error(Exit::data,
+                str(impl_->where, ": layer ", l, ": ", k_bad ? "k" : "v", " holds ",
+                    k_bad ? k_bad : v_bad, " NaN/Inf values (--allow-nonfinite reads it anyway)"));
 }
 
 LayerStorage SnapshotReader::layer_storage(int l) {
@@ -769,13 +958,33 @@ LayerStorage SnapshotReader::layer_storage(int l) {
   s.head_offsets = read_vector<int64_t>(g, "head_offsets", where);
   s.entries = s.head_offsets.empty() ? 0 : s.head_offsets.back();
   for (const char* t : {"k", "v"}) {
+    if (is_encoded(g, t)) {
+      Handle eg(H5Gopen2(g, t, H5P_DEFAULT), H5Gclose);
+      (t[0] == 'k' ? s.k_encoding : s.v_encoding) =
+          read_encoding_attrs(eg, where + ": '" + t + "'");
+      (t[0] == 'k' ? s.k_dtype : s.v_dtype) = DType::f32;  // what readers decode it to
+      for (const char* array : kCodeArrayNames) {
+        if (!h5::exists(eg, array)) continue;
+        s.kv_bytes_stored += storage_size(eg, array);
+        Handle ds = open_dataset(eg, array, where);
+        Handle type(H5Dget_type(ds), H5Tclose);
+        auto dims = dataset_dims(ds);
+        s.kv_bytes_logical += dims.empty() ? 0 : int64_t(dims[0] * H5Tget_size(type));
+      }
+      continue;
+    }
     Handle ds = open_dataset(g, t, where);
     Handle type(H5Dget_type(ds), H5Tclose);
     (t[0] == 'k' ? s.k_dtype : s.v_dtype) = h5::dtype_of(type, where + ": '" + t + "'");
     s.kv_bytes_stored += storage_size(g, t);
+    auto dims = dataset_dims(ds);
+    int64_t n = int64_t(H5Tget_size(type));
+    for (hsize_t d : dims) n *= int64_t(d);
+    s.kv_bytes_logical += n;
   }
   s.has_mass = h5::exists(g, "mass");
-  for (const char* t : {"positions", "head_offsets", "mass", "window_q", "attn_acc", "attn_last", "probe_q"})
+  for (const char* t :
+       {"positions", "head_offsets", "mass", "window_q", "attn_acc", "attn_last", "probe_q"})
     s.other_bytes_stored += storage_size(g, t);
   return s;
 }
@@ -823,7 +1032,8 @@ void SnapshotWriter::Impl::open_output() {
     direct_fd = 1;
   } else if (exists && !S_ISREG(st.st_mode)) {
     direct_fd = ::open(target.c_str(), O_WRONLY);
-    if (direct_fd < 0) throw Error(Exit::cant_create, "cannot create " + where + ": " + errno_text());
+    if (direct_fd < 0)
+      throw Error(Exit::cant_create, "cannot create " + where + ": " + errno_text());
     owns_fd = true;
     if (isatty(direct_fd) && !options.force)
       throw Error(Exit::usage, "refusing to write a binary snapshot to a terminal (or --force)");
@@ -846,8 +1056,9 @@ void SnapshotWriter::Impl::open_output() {
     struct stat in {};
     if (::stat(options.input_path.c_str(), &in) == 0 && in.st_dev == st.st_dev &&
         in.st_ino == st.st_ino)
-      throw Error(Exit::usage, "output " + where + " is the input file; choose another name "
-                               "(or --force to replace it)");
+      throw Error(Exit::usage, "output " + where +
+                                   " is the input file; choose another name "
+                                   "(or --force to replace it)");
   }
   std::string dir = ".", base = target;
   if (auto slash = target.rfind('/'); slash != std::string::npos) {
@@ -973,8 +1184,21 @@ void SnapshotWriter::write_layer(const Layer& layer) {
   const auto N = hsize_t(layer.entries());
   write_vector(g, "positions", layer.positions, codec);
   write_vector(g, "head_offsets", layer.head_offsets, codec);
-  write_tensor(g, "k", layer.k, {N, D}, codec);
-  write_tensor(g, "v", layer.v, {N, D}, codec);
+  const RowLayout rows{h.model, layer.head_offsets, layer.positions};
+  for (auto [name, t, enc] : {std::tuple{"k", &layer.k, &layer.k_encoding},
+                              std::tuple{"v", &layer.v, &layer.v_encoding}}) {
+    if (enc->dense()) {
+      write_tensor(g, name, *t, {N, D}, codec);
+      continue;
+    }
+    check_encoding(*enc, h.model, name[0]);
+    const std::vector<float> values = t->to_f32();
+    try {
+      write_encoded(g, name, encode(*enc, values.data(), rows), codec);
+    } catch (const Error& e) {
+      throw Error(e.code(), str("layer ", l, ": '", name, "': ", e.what()));
+    }
+  }
   if (!layer.mass.empty()) write_vector(g, "mass", layer.mass, codec);
   if (h.has_window())
     write_tensor(g, "window_q", layer.window_q, {H, hsize_t(h.window_positions.size()), D}, codec);

@@ -10,7 +10,7 @@ import numpy as np
 path, layer, dump, dtype = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 with h5py.File(path, "r") as f:
     assert f.attrs["format"] == b"kvsnap" or f.attrs["format"] == "kvsnap", f.attrs["format"]
-    assert list(f.attrs["format_version"]) == [1, 0]
+    assert list(f.attrs["format_version"]) == [1, 1]
     g = f["layers/%03d" % layer]
     k = g["k"][...]
     want_dtype = {"f16": np.float16, "f32": np.float32}[dtype]

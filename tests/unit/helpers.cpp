@@ -5,6 +5,12 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
+#include <memory>
+#include <sstream>
+
+#include "kv/capture.h"
+#include "kv/model.h"
 
 namespace kvtest {
 
@@ -15,6 +21,28 @@ namespace kvtest {
   setenv("KV_BIN", KV_BIN_DEFAULT, 0);
   return true;
 }();
+
+const kv::Snapshot* stories_capture() {
+  static std::unique_ptr<kv::Snapshot> snap = [] {
+    std::unique_ptr<kv::Snapshot> s;
+    const std::string model_path = std::string(std::getenv("KV_MODELS_DIR")) + "/stories260K.gguf";
+    std::ifstream text_in(std::string(std::getenv("KV_DATA_DIR")) + "/tinystories_val.txt");
+    if (!std::ifstream(model_path) || !text_in) return s;
+    std::stringstream text;
+    text << text_in.rdbuf();
+    auto model = kv::Model::load(model_path);
+    auto ids = model->tokenizer().encode(text.str().substr(0, 8000), true);
+    if (ids.size() < 464) return s;
+    std::vector<int32_t> prompt(ids.begin(), ids.begin() + 400),
+        probe(ids.begin() + 400, ids.begin() + 464);
+    kv::CaptureOptions opt;
+    opt.window = 32;
+    opt.attn_stats = true;
+    s = std::make_unique<kv::Snapshot>(kv::capture(*model, prompt, probe, "", opt));
+    return s;
+  }();
+  return snap.get();
+}
 
 kv::Snapshot one_head_snapshot(const std::vector<float>& k, const std::vector<float>& v, int dim,
                                const std::vector<float>& probe_q) {
@@ -37,7 +65,8 @@ kv::Snapshot one_head_snapshot(const std::vector<float>& k, const std::vector<fl
   l.k = kv::Tensor::from_f32(kv::DType::f32, h.n_tokens, dim, k.data());
   l.v = kv::Tensor::from_f32(kv::DType::f32, h.n_tokens, dim, v.data());
   if (!probe_q.empty())
-    l.probe_q = kv::Tensor::from_f32(kv::DType::f32, int64_t(probe_q.size()) / dim, dim, probe_q.data());
+    l.probe_q =
+        kv::Tensor::from_f32(kv::DType::f32, int64_t(probe_q.size()) / dim, dim, probe_q.data());
   s.layers.push_back(l);
   return s;
 }

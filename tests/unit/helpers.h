@@ -17,6 +17,11 @@ kv::Snapshot tiny_snapshot(kv::DType dtype, bool side_data, bool ragged);
 kv::Snapshot one_head_snapshot(const std::vector<float>& k, const std::vector<float>& v, int dim,
                                const std::vector<float>& probe_q);
 
+// stories260K over 400 prompt tokens of TinyStories, with a 32-query window, attention statistics
+// and a 64-token probe (the acceptance setting of the strategy issues); captured once per
+// process. Null when the model or the text is not available (KV_MODELS_DIR, KV_DATA_DIR).
+const kv::Snapshot* stories_capture();
+
 // Asserts (gtest) that two snapshots hold identical data.
 void expect_same(const kv::Snapshot& a, const kv::Snapshot& b);
 

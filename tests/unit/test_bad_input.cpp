@@ -1,7 +1,9 @@
 // Bad input is reported with the right sysexits code and a message naming the problem; nothing
 // is left behind by a failed write.
 #include <gtest/gtest.h>
+
 #include <hdf5.h>
+#include <cstring>
 
 #include <filesystem>
 #include <fstream>
@@ -63,7 +65,9 @@ TEST(BadInput, MissingFileIs66) {
   expect_error(kvtest::temp_dir() + "/nope.kv.h5", Exit::no_input, "No such file or directory");
 }
 
-TEST(BadInput, DirectoryIs66) { expect_error(kvtest::temp_dir(), Exit::no_input, "Is a directory"); }
+TEST(BadInput, DirectoryIs66) {
+  expect_error(kvtest::temp_dir(), Exit::no_input, "Is a directory");
+}
 
 TEST(BadInput, NotHdf5Is65) {
   const std::string path = kvtest::temp_dir() + "/text.kv.h5";
@@ -108,27 +112,35 @@ TEST(BadInput, TruncatedFileIs65) {
 
 TEST(BadInput, OffsetsOutOfOrderIs65) {
   const std::string path = write_tiny("order.kv.h5");
-  patch(path, [](hid_t f) { overwrite<int64_t>(f, "layers/001/head_offsets", H5T_NATIVE_INT64, {0, 5, 3}); });
+  patch(path, [](hid_t f) {
+    overwrite<int64_t>(f, "layers/001/head_offsets", H5T_NATIVE_INT64, {0, 5, 3});
+  });
   expect_error(path, Exit::data, "layer 1: head_offsets");
 }
 
 TEST(BadInput, OffsetsDecreasingInsideIs65) {
   const std::string path = write_tiny("decr.kv.h5");
   // Ends right (7) but head 1 would start before head 0 ends.
-  patch(path, [](hid_t f) { overwrite<int64_t>(f, "layers/001/head_offsets", H5T_NATIVE_INT64, {0, 8, 7}); });
+  patch(path, [](hid_t f) {
+    overwrite<int64_t>(f, "layers/001/head_offsets", H5T_NATIVE_INT64, {0, 8, 7});
+  });
   expect_error(path, Exit::data, "layer 1");
 }
 
 TEST(BadInput, OffsetPastTheEndInTheMiddleIs65) {
   // Regression (fuzz.snapshot_reader): a middle offset past the end, the last one right.
   const std::string path = write_tiny("middle.kv.h5");
-  patch(path, [](hid_t f) { overwrite<int64_t>(f, "layers/001/head_offsets", H5T_NATIVE_INT64, {0, 100, 7}); });
+  patch(path, [](hid_t f) {
+    overwrite<int64_t>(f, "layers/001/head_offsets", H5T_NATIVE_INT64, {0, 100, 7});
+  });
   expect_error(path, Exit::data, "layer 1: head_offsets decrease at head 1");
 }
 
 TEST(BadInput, OffsetsOutOfRangeIs65) {
   const std::string path = write_tiny("range.kv.h5");
-  patch(path, [](hid_t f) { overwrite<int64_t>(f, "layers/000/head_offsets", H5T_NATIVE_INT64, {0, 6, 99}); });
+  patch(path, [](hid_t f) {
+    overwrite<int64_t>(f, "layers/000/head_offsets", H5T_NATIVE_INT64, {0, 6, 99});
+  });
   expect_error(path, Exit::data, "head_offsets must start at 0 and end at 12");
 }
 
@@ -185,7 +197,8 @@ TEST(BadInput, WrongShapeIs65) {
     H5Ldelete(f, "layers/000/v", H5P_DEFAULT);
     hsize_t dims[2] = {12, 3};
     hid_t space = H5Screate_simple(2, dims, nullptr);
-    hid_t ds = H5Dcreate2(f, "layers/000/v", H5T_IEEE_F32LE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    hid_t ds =
+        H5Dcreate2(f, "layers/000/v", H5T_IEEE_F32LE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
     std::vector<float> zeros(36, 0.0f);
     H5Dwrite(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, zeros.data());
     H5Dclose(ds);
@@ -194,22 +207,36 @@ TEST(BadInput, WrongShapeIs65) {
   expect_error(path, Exit::data, "v has shape [12, 3], expected [12, 4]");
 }
 
-TEST(BadInput, UnknownEncodingIsNamed) {
-  const std::string path = write_tiny("enc.kv.h5");
-  patch(path, [](hid_t f) {
+// Replaces layer 0's k by a group with the given scheme attribute and no arrays.
+void replace_k_by_group(const std::string& path, const char* scheme) {
+  patch(path, [scheme](hid_t f) {
     H5Ldelete(f, "layers/000/k", H5P_DEFAULT);
     hid_t g = H5Gcreate2(f, "layers/000/k", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
     hid_t type = H5Tcopy(H5T_C_S1);
-    H5Tset_size(type, 5);
+    H5Tset_size(type, std::strlen(scheme) + 1);
     hid_t space = H5Screate(H5S_SCALAR);
     hid_t a = H5Acreate2(g, "scheme", type, space, H5P_DEFAULT, H5P_DEFAULT);
-    H5Awrite(a, type, "kivi");
+    H5Awrite(a, type, scheme);
     H5Aclose(a);
     H5Sclose(space);
     H5Tclose(type);
     H5Gclose(g);
   });
-  expect_error(path, Exit::data, "uses encoding 'kivi', which this kvtk cannot decode");
+}
+
+TEST(BadInput, UnknownEncodingIsNamed) {
+  const std::string path = write_tiny("enc.kv.h5");
+  replace_k_by_group(path, "wavelet");
+  expect_error(path, Exit::data, "uses encoding 'wavelet', which this kvtk cannot decode");
+}
+
+TEST(BadInput, EncodingWithoutItsParametersOrArraysIs65) {
+  const std::string path = write_tiny("kivi.kv.h5");
+  replace_k_by_group(path, "kivi");  // no bits: a writer cannot have written it
+  expect_error(path, Exit::data, "'k': scheme kivi: bits 0 is not 2, 3, 4 or 8");
+  const std::string q8 = write_tiny("q8.kv.h5");
+  replace_k_by_group(q8, "q8_0");
+  expect_error(q8, Exit::data, "encoding 'q8_0' lacks its array 'blocks'");
 }
 
 TEST(BadInput, MissingLayerIs65) {
@@ -236,7 +263,8 @@ TEST(BadOutput, UnwritableOutputIs73AndLeavesNothing) {
     ADD_FAILURE() << "no error";
   } catch (const kv::Error& e) {
     EXPECT_EQ(int(e.code()), 73) << e.what();
-    EXPECT_NE(std::string(e.what()).find("No such file or directory"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("No such file or directory"), std::string::npos)
+        << e.what();
   }
 }
 

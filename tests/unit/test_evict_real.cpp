@@ -13,6 +13,7 @@
 #include <set>
 #include <sstream>
 
+#include "helpers.h"
 #include "kv/attention.h"
 #include "kv/capture.h"
 #include "kv/error.h"
@@ -21,37 +22,8 @@
 
 namespace {
 
-const char* env(const char* name) {
-  const char* v = std::getenv(name);
-  return v ? v : "";
-}
-
-// 400 prompt tokens of TinyStories with a 32-query window, attention statistics and a 64-token
-// probe: the acceptance setting of the kv-evict issue. Captured once for the whole file.
-const kv::Snapshot* real_capture() {
-  static std::unique_ptr<kv::Snapshot> snap = [] {
-    std::unique_ptr<kv::Snapshot> s;
-    const std::string model_path = std::string(env("KV_MODELS_DIR")) + "/stories260K.gguf";
-    std::ifstream text_in(std::string(env("KV_DATA_DIR")) + "/tinystories_val.txt");
-    if (!std::ifstream(model_path) || !text_in) return s;
-    std::stringstream text;
-    text << text_in.rdbuf();
-    auto model = kv::Model::load(model_path);
-    auto ids = model->tokenizer().encode(text.str().substr(0, 8000), true);
-    if (ids.size() < 464) return s;
-    std::vector<int32_t> prompt(ids.begin(), ids.begin() + 400),
-        probe(ids.begin() + 400, ids.begin() + 464);
-    kv::CaptureOptions opt;
-    opt.window = 32;
-    opt.attn_stats = true;
-    s = std::make_unique<kv::Snapshot>(kv::capture(*model, prompt, probe, "", opt));
-    return s;
-  }();
-  return snap.get();
-}
-
 #define NEED_CAPTURE()                                                        \
-  const kv::Snapshot* real = real_capture();                                  \
+  const kv::Snapshot* real = kvtest::stories_capture();                       \
   if (!real)                                                                  \
   GTEST_SKIP() << "stories260K or TinyStories not available (KV_MODELS_DIR, " \
                   "KV_DATA_DIR)"

@@ -6,12 +6,13 @@
 #include <string>
 #include <vector>
 
+#include "kv/encoding.h"
 #include "kv/tensor.h"
 
 namespace kv {
 
 constexpr int kFormatMajor = 1;  // readers refuse files with any other major version
-constexpr int kFormatMinor = 0;  // additions only: readers ignore what they do not know
+constexpr int kFormatMinor = 1;  // additions only: readers ignore what they do not know
 
 struct ModelInfo {
   std::string arch = "llama";  // architecture family
@@ -71,6 +72,9 @@ struct Layer {
   Tensor k;                           // [N, head_dim]
   Tensor v;                           // [N, head_dim]
   std::vector<float> mass;            // [N] optional: tokens each entry stands for, > 0 (empty = all 1)
+  // How k and v are stored. Readers decode an encoded k or v into f32 and keep its encoding here;
+  // the writer encodes a k or v whose encoding is not dense (see encoding.h).
+  Encoding k_encoding, v_encoding;
 
   Tensor window_q;   // [n_q_heads * W, head_dim] post-RoPE window queries, if the header has W
   Tensor attn_acc;   // [n_q_heads, n_tokens] attention received, summed over later queries

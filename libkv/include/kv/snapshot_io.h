@@ -36,7 +36,9 @@ struct LayerStorage {
   int64_t entries = 0;
   std::vector<int64_t> head_offsets;
   DType k_dtype = DType::f16, v_dtype = DType::f16;
-  int64_t kv_bytes_stored = 0;     // k and v as stored in the file (after any codec)
+  Encoding k_encoding, v_encoding;  // dense, or the scheme (k_dtype is then f32, as decoded)
+  int64_t kv_bytes_stored = 0;      // k and v as stored in the file (after any codec)
+  int64_t kv_bytes_logical = 0;     // k and v before the codec (dense values or encoded arrays)
   int64_t other_bytes_stored = 0;  // positions, offsets, mass, side data
   bool has_mass = false;
 };

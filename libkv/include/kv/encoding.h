@@ -1,0 +1,93 @@
+// Encodings of a layer's k or v: how the [N, D] values are stored (formats/kvsnap.md section 9;
+// formulas in man/kv-compress.1). Every scheme works per KV head on the head's rows
+// [off[h], off[h+1]) and stores packed codes, so the bytes on disk shrink for real:
+//  - uniform: b-bit integer groups (quant.h) along a token's channels (axis "token") or along a
+//    channel's tokens (axis "channel"), the most recent `residual` rows of each head kept dense;
+//  - kivi: uniform with KIVI's layout, keys per channel and values per token;
+//  - q8_0, q4_0: llama.cpp's blocks over each head's row-major values;
+//  - fp8: e4m3 or e5m2 with one f32 scale per tensor or per head;
+//  - svd: per head truncated SVD, X ~ A B^T with A [n, r] and B [D, r].
+// Hadamard rotation (rows times H_D / sqrt(D)) may precede uniform, kivi, q8_0, q4_0 and fp8;
+// decoding undoes it. svd may factorize keys before RoPE (un-rotated with the positions).
+//
+// Tools see decoded values: SnapshotReader decodes an encoded k or v into an f32 Tensor and keeps
+// its Encoding in the Layer; SnapshotWriter encodes a Layer whose Encoding is not dense. So a tool
+// that transforms a cache (kv-evict, kv-merge) keeps its encoding by re-encoding what it keeps.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace kv {
+
+struct ModelInfo;
+
+struct Encoding {
+  std::string scheme = "dense";  // dense, uniform, kivi, q8_0, q4_0, fp8, svd
+  int bits = 0;                  // uniform, kivi: 2, 3, 4 or 8
+  int group = 0;                 // uniform, kivi: values per f16 scale (and zero)
+  bool symmetric = false;        // uniform: no zero point
+  std::string axis;              // uniform, kivi: "token" (a row's channels) or "channel"
+  int residual = 0;              // uniform, kivi: most recent rows of each head kept dense (f16)
+  bool hadamard = false;         // uniform, kivi, q8_0, q4_0, fp8: rotate rows first
+  std::string fp8_format;        // fp8: "e4m3" or "e5m2"
+  std::string scale_scope;       // fp8: "tensor" or "head"
+  int rank = 0;                  // svd: rank per head (capped by the head's rows and D), or 0
+  double energy = 0;             // svd, when rank = 0: smallest rank keeping this share of sum s^2
+  std::string factors;           // svd: "f16" or "f32"
+  bool pre_rope = false;         // svd on keys: factorize un-rotated keys
+
+  bool dense() const { return scheme == "dense"; }
+  // "kivi bits=2 group=32 axis=channel residual=128": scheme and the parameters it uses.
+  std::string describe() const;
+  bool operator==(const Encoding&) const = default;
+};
+
+// The scheme names this kvtk knows, and each one's defaults for k ("k") or v ("v"): uniform 4-bit
+// asymmetric groups of 32 along tokens; kivi 2-bit, group 32, residual 128, keys per channel and
+// values per token; fp8 e4m3 with a scale per head; svd keeping 99% of the energy, f16 factors.
+// Throws Error(Exit::usage) for an unknown name.
+Encoding default_encoding(const std::string& scheme, char role);
+const std::vector<std::string>& scheme_names();
+
+// Throws Error(Exit::usage) naming the parameter unless `e` can encode [*, D] heads of `model`:
+// bits in {2,3,4,8}, group >= 1 (on axis token, min(group, D) must divide D), residual >= 0,
+// rank in [0, D], energy in (0, 1] when rank is 0, hadamard only with D a power of two, pre_rope
+// only for svd keys, known fp8 format and scale scope.
+void check_encoding(const Encoding& e, const ModelInfo& model, char role);
+
+// One named array of an encoded tensor, stored as a 1-D HDF5 dataset of its type.
+struct CodeArray {
+  enum class Type : uint8_t { u8, f16, f32, i32 } type = Type::u8;
+  std::string name;
+  std::vector<uint8_t> bytes;  // little-endian elements
+  static size_t element_size(Type t) { return t == Type::u8 ? 1 : t == Type::f16 ? 2 : 4; }
+  int64_t count() const { return int64_t(bytes.size() / element_size(type)); }
+};
+
+struct Encoded {
+  Encoding encoding;
+  std::vector<CodeArray> arrays;
+  int64_t bytes() const;  // sum of the arrays' bytes
+};
+
+// Everything but the values that encoding and decoding need: the layer's row layout, its
+// positions (for pre-RoPE keys) and the model (head_dim, RoPE).
+struct RowLayout {
+  const ModelInfo& model;
+  const std::vector<int64_t>& head_offsets;
+  const std::vector<int32_t>& positions;
+};
+
+// Encodes x [N, D] (N = head_offsets.back()). Throws Error(Exit::data) for NaN/Inf or values a
+// scheme cannot represent, Error(Exit::usage) for parameters check_encoding rejects.
+Encoded encode(const Encoding& e, const float* x, const RowLayout& rows);
+// Decodes into out [N, D]. Throws Error(Exit::data) naming the array when an array is missing or
+// has the wrong length for the layout, or a per-head value (rank) is out of range.
+void decode(const Encoded& enc, const RowLayout& rows, float* out);
+
+// In-place fast Walsh-Hadamard transform of one row, scaled by 1/sqrt(n) so that it is orthogonal
+// and its own inverse; n must be a power of two.
+void hadamard_rotate(float* x, int n);
+
+}  // namespace kv
