@@ -1,5 +1,9 @@
 // kv-compress: store a snapshot's keys and values in a quantized or low-rank encoding, or decode
 // one back to dense values (-d).
+#include <algorithm>
+#include <utility>
+#include <vector>
+
 #include "common/tool.h"
 #include "kv/encoding.h"
 #include "kv/error.h"
@@ -11,7 +15,7 @@ namespace {
 struct SchemeOptions {
   std::string scheme;
   CLI::Option *bits, *group, *axis, *symmetric, *residual, *hadamard, *format, *scale, *rank,
-      *energy, *factors, *pre_rope;
+      *energy, *factors, *pre_rope, *outliers, *high_bits, *high_share;
   kv::Encoding given;
 
   kv::Encoding for_role(char role) const {
@@ -30,8 +34,45 @@ struct SchemeOptions {
       if (!rank->count()) e.rank = 0;
     }
     if (factors->count()) e.factors = given.factors;
-    if (pre_rope->count()) e.pre_rope = role == 'k';
+    if (pre_rope->count()) e.pre_rope = given.pre_rope && role == 'k';
+    if (outliers->count()) e.outliers = given.outliers;
+    if (high_bits->count()) e.high_bits = given.high_bits;
+    if (high_share->count()) e.high_share = given.high_share;
     return e;
+  }
+
+  // Throws a usage error for an option the scheme (or -d) does not use, rather than ignoring it.
+  void check_applicable(bool decoding) const {
+    const std::pair<const CLI::Option*, std::vector<std::string>> uses[] = {
+        {bits, {"uniform", "kivi", "kvquant", "mikv"}},
+        {group, {"uniform", "kivi", "mikv"}},
+        {axis, {"uniform"}},
+        {symmetric, {"uniform", "kivi"}},
+        {residual, {"uniform", "kivi"}},
+        {hadamard, {"uniform", "kivi", "q8_0", "q4_0", "fp8", "mikv"}},
+        {format, {"fp8"}},
+        {scale, {"fp8"}},
+        {rank, {"svd"}},
+        {energy, {"svd"}},
+        {factors, {"svd"}},
+        {pre_rope, {"svd", "kvquant"}},
+        {outliers, {"kvquant"}},
+        {high_bits, {"mikv"}},
+        {high_share, {"mikv"}},
+    };
+    for (const auto& [option, schemes] : uses) {
+      if (!option->count()) continue;
+      if (decoding)
+        throw kv::Error(kv::Exit::usage, option->get_name() + " sets an encoding; -d decodes");
+      if (std::find(schemes.begin(), schemes.end(), scheme) == schemes.end()) {
+        std::string list;
+        for (const std::string& s : schemes) list += (list.empty() ? "" : ", ") + s;
+        throw kv::Error(kv::Exit::usage, option->get_name() + " does not apply to scheme " +
+                                             scheme + " (only to " + list + ")");
+      }
+    }
+    if (rank->count() && given.rank < 1)
+      throw kv::Error(kv::Exit::usage, kv::str("--rank ", given.rank, " is below 1"));
   }
 };
 
@@ -48,8 +89,9 @@ int main(int argc, char** argv) {
   SchemeOptions o;
   tool.add_input(&input);
   app.add_option("-s,--scheme", o.scheme,
-                 "uniform, kivi, q8_0, q4_0, fp8 or svd (formulas and bit costs: kv-compress(1))")
-      ->check(CLI::IsMember({"uniform", "kivi", "q8_0", "q4_0", "fp8", "svd"}));
+                 "uniform, kivi, q8_0, q4_0, fp8, svd, kvquant or mikv (formulas and bit costs: "
+                 "kv-compress(1))")
+      ->check(CLI::IsMember({"uniform", "kivi", "q8_0", "q4_0", "fp8", "svd", "kvquant", "mikv"}));
   app.add_flag("-d,--decode", decode_back, "Decode encoded k and v back to dense values");
   app.add_option("--dtype", dtype, "-d: dtype of the decoded values")
       ->default_val("f16")
@@ -58,10 +100,11 @@ int main(int argc, char** argv) {
       ->default_val("kv")
       ->check(CLI::IsMember({"k", "v", "kv"}));
   o.bits = app.add_option("-b,--bits", o.given.bits,
-                          "uniform, kivi: bits per code, 2 3 4 or 8 "
-                          "(default 4; kivi 2)");
+                          "uniform, kivi, mikv: bits per code, 2 3 4 or 8 (default 4; kivi and "
+                          "mikv 2); kvquant: 2 3 or 4 (default 3)");
   o.group = app.add_option("-g,--group", o.given.group,
-                           "uniform, kivi: values sharing one f16 scale (and zero) (default 32)");
+                           "uniform, kivi, mikv: values sharing one f16 scale (and zero) "
+                           "(default 32)");
   o.axis = app.add_option("--axis", o.given.axis,
                           "uniform: group along a token's channels (token) or a channel's tokens "
                           "(channel) (default token; kivi: channel for k, token for v)")
@@ -85,9 +128,19 @@ int main(int argc, char** argv) {
                             "(default 0.99 when --rank is not given)");
   o.factors = app.add_option("--factors", o.given.factors, "svd: dtype of the factors (f16, f32)")
                   ->check(CLI::IsMember({"f16", "f32"}));
-  o.pre_rope = app.add_flag("--pre-rope", o.given.pre_rope,
-                            "svd: factorize keys before RoPE (un-rotated with their "
-                            "positions, re-rotated when decoded)");
+  o.pre_rope = app.add_flag("--pre-rope,!--no-pre-rope", o.given.pre_rope,
+                            "svd, kvquant: encode keys before RoPE (un-rotated with their "
+                            "positions, re-rotated when decoded) (default: on for kvquant)");
+  o.outliers = app.add_option("--outliers", o.given.outliers,
+                              "kvquant: share of each vector's values kept exact, in [0, 1) "
+                              "(default 0.01)");
+  o.high_bits = app.add_option("--high-bits", o.given.high_bits,
+                               "mikv: bits of the rows that received the most attention "
+                               "(default 8)");
+  o.high_share = app.add_option("--high-share", o.given.high_share,
+                                "mikv: share of each head's rows kept at --high-bits, in [0, 1] "
+                                "(default 0.2); ranked by attention statistics "
+                                "(kv-capture --attn-stats)");
   tool.add_output_options();
 
   return tool.run(argc, argv, [&] {
@@ -95,10 +148,13 @@ int main(int argc, char** argv) {
       throw kv::Error(kv::Exit::usage, "give either --scheme NAME or -d");
     if (o.rank->count() && o.energy->count())
       throw kv::Error(kv::Exit::usage, "give --rank or --energy, not both");
-    if (o.scheme == "kivi" && o.axis->count())
-      throw kv::Error(kv::Exit::usage,
-                      "kivi fixes the axes (keys per channel, values per token); "
-                      "use --scheme uniform --axis to choose one");
+    if ((o.scheme == "kivi" || o.scheme == "kvquant") && o.axis->count())
+      throw kv::Error(kv::Exit::usage, o.scheme +
+                                           " fixes the axes (keys per channel, values per "
+                                           "token); use --scheme uniform --axis to choose one");
+    o.check_applicable(decode_back);
+    if (o.pre_rope->count() && o.given.pre_rope && tensors == "v")
+      throw kv::Error(kv::Exit::usage, "--pre-rope applies to keys; --tensors v encodes none");
     tool.check_output();
     kv::SnapshotReader reader(input, tool.read_options());
     kv::Header header = reader.header();
@@ -107,6 +163,9 @@ int main(int argc, char** argv) {
     if (!decode_back) {
       k_enc = o.for_role('k');
       v_enc = o.for_role('v');
+      if (o.scheme == "mikv" && !header.has_attn_stats)
+        throw kv::Error(kv::Exit::data, "mikv ranks entries by attention statistics, which " +
+                                            reader.path() + " lacks (kv-capture --attn-stats)");
       if (do_k) kv::check_encoding(k_enc, header.model, 'k');
       if (do_v) kv::check_encoding(v_enc, header.model, 'v');
     }

@@ -1,6 +1,7 @@
 #include "kv/encoding.h"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -27,7 +28,7 @@ bool uses_bits(const std::string& s) {
   return s == "uniform" || s == "kivi";
 }
 bool allows_hadamard(const std::string& s) {
-  return uses_bits(s) || s == "q8_0" || s == "q4_0" || s == "fp8";
+  return uses_bits(s) || s == "q8_0" || s == "q4_0" || s == "fp8" || s == "mikv";
 }
 
 // ---- arrays ------------------------------------------------------------------------------------
@@ -43,7 +44,10 @@ CodeArray make_array(const std::string& name, Type type, int64_t count) {
 const CodeArray& find_array(const Encoded& enc, const std::string& name, Type type, int64_t count) {
   for (const CodeArray& a : enc.arrays)
     if (a.name == name) {
-      if (a.type != type || a.count() != count)
+      if (a.type != type)
+        throw Error(Exit::data, str("encoding '", enc.encoding.scheme, "': array '", name,
+                                    "' has the wrong element type"));
+      if (a.count() != count)
         throw Error(Exit::data, str("encoding '", enc.encoding.scheme, "': array '", name, "' has ",
                                     a.count(), " elements; the layout needs ", count));
       return a;
@@ -60,22 +64,38 @@ const T* elements(const CodeArray& a) {
   return reinterpret_cast<const T*>(a.bytes.data());
 }
 
+// Whether x holds no NaN/Inf: the largest |x| as bits (an unsigned max, which vectorizes) is
+// below the all-ones exponent.
+__attribute__((target_clones("arch=x86-64-v3", "default"))) bool all_finite(const float* x,
+                                                                            int64_t n) {
+  uint32_t top = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    top = std::max(top, u & 0x7fffffffu);
+  }
+  return top < 0x7f800000u;
+}
+
+// Throws naming the first NaN/Inf of rows [row0, row0 + n / D).
 void check_finite(const float* x, int64_t n, int64_t row0, int D) {
+  if (all_finite(x, n)) return;
   for (int64_t i = 0; i < n; ++i)
     if (!std::isfinite(x[i]))
       throw Error(Exit::data, str("entry ", row0 + i / D, " channel ", i % D, " is ", x[i],
                                   "; only finite values can be encoded"));
 }
 
-// Rows [a, b) of x, Hadamard-rotated when the encoding asks for it.
-std::vector<float> head_rows(const Encoding& e, const float* x, int64_t a, int64_t b, int D) {
-  std::vector<float> rows(x + a * D, x + b * D);
-  if (e.hadamard)
-    for (int64_t r = 0; r < b - a; ++r) hadamard_rotate(rows.data() + r * D, D);
-  return rows;
+// Stores values as f16, refusing those beyond its range (they would be stored as Inf).
+void store_f16(const float* x, int64_t n, uint16_t* out, const char* what) {
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = kvk::f32_to_f16(x[i]);
+    if ((out[i] & 0x7c00) == 0x7c00)
+      throw Error(Exit::data, str(what, " holds ", x[i], ", beyond f16's range (65504)"));
+  }
 }
 
-void unrotate_rows(const Encoding& e, float* rows, int64_t n, int D) {
+void rotate_rows(const Encoding& e, float* rows, int64_t n, int D) {
   if (e.hadamard)
     for (int64_t r = 0; r < n; ++r) hadamard_rotate(rows + r * D, D);
 }
@@ -88,7 +108,79 @@ std::vector<int64_t> prefix(const std::vector<int64_t>& off, Count count) {
   return p;
 }
 
+// ---- tiles -------------------------------------------------------------------------------------
+// Encoders and decoders stream through each head in tiles of a few thousand values: rows are
+// converted to f32 (and rotated) in a small per-thread buffer and coded straight into the
+// arrays, so a layer is read once and no f32 copy of it is ever made. Tiles are independent
+// (each starts on a byte of every array), so they run in parallel.
+
+struct Tile {
+  int h;
+  int64_t first, rows;  // rows [first, first + rows) of head h, counted from the head's start
+};
+
+// Tiles of `step` rows (the last one shorter) over rows [0, count(h)) of every head.
+template <class Count>
+std::vector<Tile> tiles(int H, int64_t step, Count count) {
+  std::vector<Tile> out;
+  for (int h = 0; h < H; ++h)
+    for (int64_t r = 0, n = count(h); r < n; r += step)
+      out.push_back({h, r, std::min(step, n - r)});
+  return out;
+}
+
+// A multiple of `unit` rows holding about 8192 values: small enough for L1/L2, large enough
+// that per-tile work is amortized.
+int64_t tile_rows(int64_t unit, int D) {
+  int64_t t = unit;
+  while (t * 2 * D <= 8192) t *= 2;
+  return t;
+}
+
+// Rows [row, row + n) of the layer as f32, Hadamard-rotated when the encoding asks; throws for
+// NaN/Inf.
+void load_rows(const Encoding& e, const Tensor& x, int64_t row, int64_t n, float* dst) {
+  const int D = int(x.cols());
+  const auto* src =
+      static_cast<const std::byte*>(x.data()) + size_t(row) * D * kvk::dtype_size(x.dtype());
+  if (x.dtype() == DType::f32)
+    std::memcpy(dst, src, size_t(n) * D * sizeof(float));
+  else
+    kvk::cpu_ops().to_f32(x.dtype(), src, dst, size_t(n) * D);
+  check_finite(dst, n * D, row, D);
+  rotate_rows(e, dst, n, D);
+}
+
+// Runs body(tile, buffer) over the tiles in parallel; the first error (lowest tile) is rethrown
+// with the head it happened in.
+template <class Body>
+void for_tiles(const std::vector<Tile>& work, int64_t buffer_floats, Body body) {
+  std::vector<Error> errors;
+  int64_t failed = int64_t(work.size());
+#pragma omp parallel
+  {
+    std::vector<float> buffer(static_cast<size_t>(buffer_floats));
+#pragma omp for schedule(dynamic)
+    for (int64_t i = 0; i < int64_t(work.size()); ++i) {
+      try {
+        body(work[size_t(i)], buffer.data());
+      } catch (const Error& err) {
+#pragma omp critical
+        if (i < failed) {
+          failed = i;
+          errors.assign(1, Error(err.code(), str("head ", work[size_t(i)].h, ": ", err.what())));
+        }
+      }
+    }
+  }
+  if (!errors.empty()) throw errors.front();
+}
+
 // ---- uniform and kivi --------------------------------------------------------------------------
+// Codes form one LSB-first stream per head. Axis token: row-major, groups of min(group, D)
+// values within a row. Axis channel: group-major: for each group of `group` consecutive rows
+// (the last one shorter), for each channel, that channel's codes for those rows; scales and
+// zeros [group][channel].
 
 struct UniformSizes {
   int64_t quantized_rows, code_bytes, groups, residual_values;
@@ -105,64 +197,84 @@ quant::UniformParams uniform_params(const Encoding& e, int D) {
 UniformSizes uniform_sizes(const Encoding& e, int64_t n, int D) {
   const int64_t r = std::min<int64_t>(e.residual, n), nq = n - r;
   const quant::UniformParams p = uniform_params(e, D);
-  UniformSizes s{nq, 0, 0, r * D};
-  if (e.axis == "token") {
-    s.code_bytes = int64_t(quant::uniform_code_bytes(nq * D, p.bits));
-    s.groups = quant::uniform_groups(nq * D, p.group);
-  } else {  // each channel is its own run of nq values, so its codes start on a byte
-    s.code_bytes = D * int64_t(quant::uniform_code_bytes(nq, p.bits));
-    s.groups = D * quant::uniform_groups(nq, p.group);
-  }
-  return s;
+  return {nq, int64_t(quant::uniform_code_bytes(nq * D, p.bits)),
+          e.axis == "token" ? nq * D / p.group : D * quant::uniform_groups(nq, p.group), r * D};
 }
 
-Encoded encode_uniform(const Encoding& e, const float* x, const RowLayout& rows) {
+// Rows per tile: whole groups (axis channel) whose codes fill whole bytes.
+int64_t uniform_tile_rows(const Encoding& e, int D) {
+  int64_t unit = e.axis == "token" ? 1 : e.group;
+  while ((unit * D * e.bits) % 8) unit *= 2;
+  return tile_rows(unit, D);
+}
+
+struct UniformArrays {
+  std::vector<int64_t> codes_at, groups_at, residual_at;
+  UniformArrays(const Encoding& e, const std::vector<int64_t>& off, int D) {
+    codes_at = prefix(off, [&](int64_t n, size_t) { return uniform_sizes(e, n, D).code_bytes; });
+    groups_at = prefix(off, [&](int64_t n, size_t) { return uniform_sizes(e, n, D).groups; });
+    residual_at =
+        prefix(off, [&](int64_t n, size_t) { return uniform_sizes(e, n, D).residual_values; });
+  }
+};
+
+Encoded encode_uniform(const Encoding& e, const Tensor& x, const RowLayout& rows) {
   const int D = rows.model.head_dim;
   const auto& off = rows.head_offsets;
   const int H = int(off.size()) - 1;
   const quant::UniformParams p = uniform_params(e, D);
-  auto sizes = [&](int64_t n, size_t) { return uniform_sizes(e, n, D); };
-  auto codes_at = prefix(off, [&](int64_t n, size_t h) { return sizes(n, h).code_bytes; });
-  auto groups_at = prefix(off, [&](int64_t n, size_t h) { return sizes(n, h).groups; });
-  auto resid_at = prefix(off, [&](int64_t n, size_t h) { return sizes(n, h).residual_values; });
-  Encoded out;
-  out.encoding = e;
-  CodeArray codes = make_array("codes", Type::u8, codes_at[H]);
-  CodeArray scales = make_array("scales", Type::f16, groups_at[H]);
-  CodeArray zeros = make_array("zeros", Type::f16, e.symmetric ? 0 : groups_at[H]);
-  CodeArray resid = make_array("residual", Type::f16, resid_at[H]);
-  Error failure(Exit::ok, "");
-#pragma omp parallel for schedule(dynamic)
-  for (int h = 0; h < H; ++h) {
-    try {
-      const UniformSizes s = sizes(off[h + 1] - off[h], size_t(h));
-      check_finite(x + off[h] * D, (off[h + 1] - off[h]) * D, off[h], D);
-      std::vector<float> q = head_rows(e, x, off[h], off[h] + s.quantized_rows, D);
-      uint8_t* c = elements<uint8_t>(codes) + codes_at[h];
-      uint16_t* sc = elements<uint16_t>(scales) + groups_at[h];
-      uint16_t* zp = e.symmetric ? nullptr : elements<uint16_t>(zeros) + groups_at[h];
-      if (e.axis == "token") {
-        quant::encode_uniform(q.data(), int64_t(q.size()), p, c, sc, zp);
-      } else {
-        const int64_t nq = s.quantized_rows, cb = int64_t(quant::uniform_code_bytes(nq, p.bits));
-        const int64_t ng = quant::uniform_groups(nq, p.group);
-        std::vector<float> column(static_cast<size_t>(nq));
-        for (int d = 0; d < D; ++d) {
-          for (int64_t r = 0; r < nq; ++r) column[size_t(r)] = q[size_t(r * D + d)];
-          quant::encode_uniform(column.data(), nq, p, c + d * cb, sc + d * ng,
-                                zp ? zp + d * ng : nullptr);
-        }
+  const UniformArrays at(e, off, D);
+  CodeArray codes = make_array("codes", Type::u8, at.codes_at[H]);
+  CodeArray scales = make_array("scales", Type::f16, at.groups_at[H]);
+  CodeArray zeros = make_array("zeros", Type::f16, e.symmetric ? 0 : at.groups_at[H]);
+  CodeArray resid = make_array("residual", Type::f16, at.residual_at[H]);
+  const int64_t T = uniform_tile_rows(e, D);
+  const auto work =
+      tiles(H, T, [&](int h) { return uniform_sizes(e, off[h + 1] - off[h], D).quantized_rows; });
+  // Buffer: T rows of values, then T * D one-byte codes, then a transposed group (axis channel).
+  for_tiles(work, T * D * 2 + T * D / 4 + 1, [&](const Tile& t, float* buf) {
+    float* values = buf;
+    float* column = buf + T * D;
+    auto* q = reinterpret_cast<uint8_t*>(buf + T * D * 2);
+    load_rows(e, x, off[t.h] + t.first, t.rows, values);
+    uint16_t* sc = elements<uint16_t>(scales) + at.groups_at[t.h];
+    uint16_t* zp = e.symmetric ? nullptr : elements<uint16_t>(zeros) + at.groups_at[t.h];
+    if (e.axis == "token") {
+      const int64_t first_group = t.first * D / p.group;
+      for (int64_t g = 0; g < t.rows * D / p.group; ++g)
+        quant::quantize_group(values + g * p.group, p.group, p, sc + first_group + g,
+                              zp ? zp + first_group + g : nullptr, q + g * p.group);
+    } else {
+      for (int64_t r0 = 0; r0 < t.rows; r0 += e.group) {
+        const int64_t len = std::min<int64_t>(e.group, t.rows - r0);
+        const int64_t group = (t.first + r0) / e.group * D;  // index of its channel 0
+        for (int64_t r = 0; r < len; ++r)
+          for (int d = 0; d < D; ++d) column[d * len + r] = values[(r0 + r) * D + d];
+        for (int d = 0; d < D; ++d)
+          quant::quantize_group(column + d * len, len, p, sc + group + d,
+                                zp ? zp + group + d : nullptr, q + r0 * D + d * len);
       }
-      uint16_t* res = elements<uint16_t>(resid) + resid_at[h];
-      const float* src = x + (off[h] + s.quantized_rows) * D;
-      for (int64_t i = 0; i < s.residual_values; ++i) res[i] = kvk::f32_to_f16(src[i]);
-    } catch (const Error& err) {
-#pragma omp critical
-      if (failure.code() == Exit::ok)
-        failure = Error(err.code(), str("head ", h, ": ", err.what()));
+    }
+    quant::pack_codes(q, t.rows * D, e.bits,
+                      elements<uint8_t>(codes) + at.codes_at[t.h] + t.first * D * e.bits / 8);
+  });
+  // The residual: the most recent rows as f16 (their bytes, when the layer is f16).
+  for (int h = 0; h < H; ++h) {
+    const UniformSizes s = uniform_sizes(e, off[h + 1] - off[h], D);
+    const int64_t row = off[h] + s.quantized_rows;
+    uint16_t* res = elements<uint16_t>(resid) + at.residual_at[h];
+    if (x.dtype() == DType::f16) {
+      std::memcpy(res, x.as<uint16_t>() + row * D, size_t(s.residual_values) * 2);
+    } else {
+      std::vector<float> v(static_cast<size_t>(s.residual_values));
+      Encoding plain = e;
+      plain.hadamard = false;  // the residual is stored as it is
+      load_rows(plain, x, row, s.residual_values / D, v.data());
+      store_f16(v.data(), s.residual_values, res, "a residual row");
     }
   }
-  if (failure.code() != Exit::ok) throw failure;
+  Encoded out;
+  out.encoding = e;
   out.arrays = {std::move(codes), std::move(scales)};
   if (!e.symmetric) out.arrays.push_back(std::move(zeros));
   out.arrays.push_back(std::move(resid));
@@ -175,38 +287,46 @@ void decode_uniform(const Encoded& enc, const RowLayout& rows, float* out) {
   const auto& off = rows.head_offsets;
   const int H = int(off.size()) - 1;
   const quant::UniformParams p = uniform_params(e, D);
-  auto codes_at = prefix(off, [&](int64_t n, size_t) { return uniform_sizes(e, n, D).code_bytes; });
-  auto groups_at = prefix(off, [&](int64_t n, size_t) { return uniform_sizes(e, n, D).groups; });
-  auto resid_at =
-      prefix(off, [&](int64_t n, size_t) { return uniform_sizes(e, n, D).residual_values; });
-  const CodeArray& codes = find_array(enc, "codes", Type::u8, codes_at[H]);
-  const CodeArray& scales = find_array(enc, "scales", Type::f16, groups_at[H]);
+  const UniformArrays at(e, off, D);
+  const CodeArray& codes = find_array(enc, "codes", Type::u8, at.codes_at[H]);
+  const CodeArray& scales = find_array(enc, "scales", Type::f16, at.groups_at[H]);
   const CodeArray* zeros =
-      e.symmetric ? nullptr : &find_array(enc, "zeros", Type::f16, groups_at[H]);
-  const CodeArray& resid = find_array(enc, "residual", Type::f16, resid_at[H]);
-#pragma omp parallel for schedule(dynamic)
-  for (int h = 0; h < H; ++h) {
-    const UniformSizes s = uniform_sizes(e, off[h + 1] - off[h], D);
-    const uint8_t* c = elements<uint8_t>(codes) + codes_at[h];
-    const uint16_t* sc = elements<uint16_t>(scales) + groups_at[h];
-    const uint16_t* zp = zeros ? elements<uint16_t>(*zeros) + groups_at[h] : nullptr;
-    float* q = out + off[h] * D;
-    const int64_t nq = s.quantized_rows;
+      e.symmetric ? nullptr : &find_array(enc, "zeros", Type::f16, at.groups_at[H]);
+  const CodeArray& resid = find_array(enc, "residual", Type::f16, at.residual_at[H]);
+  const int64_t T = uniform_tile_rows(e, D);
+  const auto work =
+      tiles(H, T, [&](int h) { return uniform_sizes(e, off[h + 1] - off[h], D).quantized_rows; });
+  for_tiles(work, T * D + T * D / 4 + 1, [&](const Tile& t, float* buf) {
+    float* column = buf;
+    auto* q = reinterpret_cast<uint8_t*>(buf + T * D);
+    quant::unpack_codes(elements<uint8_t>(codes) + at.codes_at[t.h] + t.first * D * e.bits / 8,
+                        t.rows * D, e.bits, q);
+    const uint16_t* sc = elements<uint16_t>(scales) + at.groups_at[t.h];
+    const uint16_t* zp = zeros ? elements<uint16_t>(*zeros) + at.groups_at[t.h] : nullptr;
+    float* values = out + (off[t.h] + t.first) * D;
     if (e.axis == "token") {
-      quant::decode_uniform(c, sc, zp, nq * D, p, q);
+      const int64_t first_group = t.first * D / p.group;
+      for (int64_t g = 0; g < t.rows * D / p.group; ++g)
+        quant::dequantize_group(q + g * p.group, p.group, p, sc[first_group + g],
+                                zp ? zp[first_group + g] : 0, values + g * p.group);
     } else {
-      const int64_t cb = int64_t(quant::uniform_code_bytes(nq, p.bits));
-      const int64_t ng = quant::uniform_groups(nq, p.group);
-      std::vector<float> column(static_cast<size_t>(nq));
-      for (int d = 0; d < D; ++d) {
-        quant::decode_uniform(c + d * cb, sc + d * ng, zp ? zp + d * ng : nullptr, nq, p,
-                              column.data());
-        for (int64_t r = 0; r < nq; ++r) q[r * D + d] = column[size_t(r)];
+      for (int64_t r0 = 0; r0 < t.rows; r0 += e.group) {
+        const int64_t len = std::min<int64_t>(e.group, t.rows - r0);
+        const int64_t group = (t.first + r0) / e.group * D;
+        for (int d = 0; d < D; ++d)
+          quant::dequantize_group(q + r0 * D + d * len, len, p, sc[group + d],
+                                  zp ? zp[group + d] : 0, column + d * len);
+        for (int64_t r = 0; r < len; ++r)
+          for (int d = 0; d < D; ++d) values[(r0 + r) * D + d] = column[d * len + r];
       }
     }
-    unrotate_rows(e, q, nq, D);
-    const uint16_t* res = elements<uint16_t>(resid) + resid_at[h];
-    for (int64_t i = 0; i < s.residual_values; ++i) q[nq * D + i] = kvk::f16_to_f32(res[i]);
+    rotate_rows(e, values, t.rows, D);
+  });
+  for (int h = 0; h < H; ++h) {
+    const UniformSizes s = uniform_sizes(e, off[h + 1] - off[h], D);
+    const uint16_t* res = elements<uint16_t>(resid) + at.residual_at[h];
+    kvk::cpu_ops().to_f32(DType::f16, res, out + (off[h] + s.quantized_rows) * D,
+                          size_t(s.residual_values));
   }
 }
 
@@ -222,24 +342,37 @@ size_t block_bytes(const Encoding& e, int64_t values) {
   return e.scheme == "q8_0" ? quant::q8_0_bytes(values) : quant::q4_0_bytes(values);
 }
 
-Encoded encode_blocks(const Encoding& e, const float* x, const RowLayout& rows) {
+// Tiles of whole blocks: 32 rows always are.
+constexpr int64_t kBlockTileUnit = quant::block_values;
+
+Encoded encode_blocks(const Encoding& e, const Tensor& x, const RowLayout& rows) {
   const int D = rows.model.head_dim;
   const auto& off = rows.head_offsets;
   const int H = int(off.size()) - 1;
   auto at =
       prefix(off, [&](int64_t n, size_t) { return int64_t(block_bytes(e, padded_values(n, D))); });
   CodeArray blocks = make_array("blocks", Type::u8, at[H]);
-  for (int h = 0; h < H; ++h) {
-    const int64_t n = off[h + 1] - off[h];
-    check_finite(x + off[h] * D, n * D, off[h], D);
-    std::vector<float> v = head_rows(e, x, off[h], off[h + 1], D);
-    v.resize(size_t(padded_values(n, D)), 0.0f);
-    uint8_t* dst = elements<uint8_t>(blocks) + at[h];
-    if (e.scheme == "q8_0")
-      quant::encode_q8_0(v.data(), int64_t(v.size()), dst);
-    else
-      quant::encode_q4_0(v.data(), int64_t(v.size()), dst);
-  }
+  const int64_t T = tile_rows(kBlockTileUnit, D);
+  // The block scale is an f16: max|x| / 127 (q8_0) or / 8 (q4_0) must stay below 65520, or
+  // ggml's rule stores it as Inf.
+  const float limit = e.scheme == "q8_0" ? 65504.0f * 127 : 65504.0f * 8;
+  for_tiles(tiles(H, T, [&](int h) { return off[h + 1] - off[h]; }), T * D + quant::block_values,
+            [&](const Tile& t, float* v) {
+              load_rows(e, x, off[t.h] + t.first, t.rows, v);
+              const int64_t n = padded_values(t.rows, D);
+              std::fill(v + t.rows * D, v + n, 0.0f);
+              uint8_t* dst = elements<uint8_t>(blocks) + at[t.h] + block_bytes(e, t.first * D);
+              if (e.scheme == "q8_0")
+                quant::encode_q8_0(v, n, dst);
+              else
+                quant::encode_q4_0(v, n, dst);
+              const size_t step = block_bytes(e, quant::block_values);
+              for (int64_t b = 0; b < n / quant::block_values; ++b)
+                if ((dst[b * step + 1] & 0x7c) == 0x7c)  // the f16 scale's exponent: Inf
+                  throw Error(Exit::data,
+                              str("a value beyond ", e.scheme, "'s range (|x| <= ", limit,
+                                  ") near entry ", off[t.h] + t.first + b * 32 / D));
+            });
   Encoded out;
   out.encoding = e;
   out.arrays.push_back(std::move(blocks));
@@ -254,46 +387,60 @@ void decode_blocks(const Encoded& enc, const RowLayout& rows, float* out) {
   auto at =
       prefix(off, [&](int64_t n, size_t) { return int64_t(block_bytes(e, padded_values(n, D))); });
   const CodeArray& blocks = find_array(enc, "blocks", Type::u8, at[H]);
-  std::vector<float> v;
-  for (int h = 0; h < H; ++h) {
-    const int64_t n = off[h + 1] - off[h];
-    v.resize(size_t(padded_values(n, D)));
-    const uint8_t* src = elements<uint8_t>(blocks) + at[h];
-    if (e.scheme == "q8_0")
-      quant::decode_q8_0(src, int64_t(v.size()), v.data());
-    else
-      quant::decode_q4_0(src, int64_t(v.size()), v.data());
-    std::copy(v.begin(), v.begin() + n * D, out + off[h] * D);
-    unrotate_rows(e, out + off[h] * D, n, D);
-  }
+  const int64_t T = tile_rows(kBlockTileUnit, D);
+  for_tiles(tiles(H, T, [&](int h) { return off[h + 1] - off[h]; }), T * D + quant::block_values,
+            [&](const Tile& t, float* v) {
+              const int64_t n = padded_values(t.rows, D);
+              const uint8_t* src =
+                  elements<uint8_t>(blocks) + at[t.h] + block_bytes(e, t.first * D);
+              if (e.scheme == "q8_0")
+                quant::decode_q8_0(src, n, v);
+              else
+                quant::decode_q4_0(src, n, v);
+              float* values = out + (off[t.h] + t.first) * D;
+              std::copy(v, v + t.rows * D, values);
+              rotate_rows(e, values, t.rows, D);
+            });
 }
 
 // ---- fp8 ---------------------------------------------------------------------------------------
 
-Encoded encode_fp8(const Encoding& e, const float* x, const RowLayout& rows) {
+Encoded encode_fp8(const Encoding& e, const Tensor& x, const RowLayout& rows) {
   const int D = rows.model.head_dim;
   const auto& off = rows.head_offsets;
   const int H = int(off.size()) - 1;
   const fp8::Format f = fp8::parse_format(e.fp8_format);
-  const bool per_head = e.scale_scope == "head";
   const int64_t N = off[H];
-  check_finite(x, N * D, 0, D);
-  std::vector<float> v = head_rows(e, x, 0, N, D);
   CodeArray codes = make_array("codes", Type::u8, N * D);
-  CodeArray scales = make_array("scales", Type::f32, per_head ? H : 1);
-  // scale = amax / max_finite puts the largest magnitude on the format's largest value.
-  auto scale_of = [&](int64_t a, int64_t b) {
+  const int64_t T = tile_rows(1, D);
+  const auto work = tiles(H, T, [&](int h) { return off[h + 1] - off[h]; });
+  // Pass 1: each head's largest magnitude (after any rotation).
+  std::vector<float> tile_amax(work.size(), 0.0f);
+  for_tiles(work, T * D, [&](const Tile& t, float* v) {
+    load_rows(e, x, off[t.h] + t.first, t.rows, v);
     float amax = 0;
-    for (int64_t i = a * D; i < b * D; ++i) amax = std::max(amax, std::fabs(v[size_t(i)]));
-    // Floored at FLT_MIN so that its inverse stays finite for caches of subnormal values.
+    for (int64_t i = 0; i < t.rows * D; ++i) amax = std::max(amax, std::fabs(v[i]));
+    tile_amax[size_t(&t - work.data())] = amax;
+  });
+  std::vector<float> head_amax(static_cast<size_t>(H), 0.0f);
+  for (size_t i = 0; i < work.size(); ++i)
+    head_amax[size_t(work[i].h)] = std::max(head_amax[size_t(work[i].h)], tile_amax[i]);
+  const bool per_head = e.scale_scope == "head";
+  // scale = amax / max_finite puts the largest magnitude on the format's largest value; floored
+  // at FLT_MIN so that its inverse stays finite for caches of subnormal values.
+  auto scale_of = [&](float amax) {
     return amax > 0 ? std::max(amax / fp8::max_finite(f), std::numeric_limits<float>::min()) : 1.0f;
   };
-  for (int h = 0; h < (per_head ? H : 1); ++h) {
-    const int64_t a = per_head ? off[h] : 0, b = per_head ? off[h + 1] : N;
-    const float s = scale_of(a, b);
-    elements<float>(scales)[h] = s;
-    fp8::encode_array(v.data() + a * D, (b - a) * D, s, f, elements<uint8_t>(codes) + a * D);
-  }
+  CodeArray scales = make_array("scales", Type::f32, per_head ? H : 1);
+  const float tensor_scale = scale_of(*std::max_element(head_amax.begin(), head_amax.end()));
+  for (int h = 0; h < (per_head ? H : 1); ++h)
+    elements<float>(scales)[h] = per_head ? scale_of(head_amax[size_t(h)]) : tensor_scale;
+  // Pass 2: the codes.
+  for_tiles(work, T * D, [&](const Tile& t, float* v) {
+    load_rows(e, x, off[t.h] + t.first, t.rows, v);
+    fp8::encode_array(v, t.rows * D, elements<float>(scales)[per_head ? t.h : 0], f,
+                      elements<uint8_t>(codes) + (off[t.h] + t.first) * D);
+  });
   Encoded out;
   out.encoding = e;
   out.arrays = {std::move(codes), std::move(scales)};
@@ -311,14 +458,18 @@ void decode_fp8(const Encoded& enc, const RowLayout& rows, float* out) {
   const CodeArray& codes = find_array(enc, "codes", Type::u8, N * D);
   const CodeArray& scales = find_array(enc, "scales", Type::f32, per_head ? H : 1);
   for (int h = 0; h < (per_head ? H : 1); ++h) {
-    const int64_t a = per_head ? off[h] : 0, b = per_head ? off[h + 1] : N;
     const float s = elements<float>(scales)[h];
     if (!(s > 0) || !std::isfinite(s))
       throw Error(Exit::data,
                   str("encoding 'fp8': scale ", h, " is ", s, ", not a positive number"));
-    fp8::decode_array(elements<uint8_t>(codes) + a * D, (b - a) * D, s, f, out + a * D);
   }
-  unrotate_rows(e, out, N, D);
+  const int64_t T = tile_rows(1, D);
+  for_tiles(tiles(H, T, [&](int h) { return off[h + 1] - off[h]; }), 0, [&](const Tile& t, float*) {
+    float* values = out + (off[t.h] + t.first) * D;
+    fp8::decode_array(elements<uint8_t>(codes) + (off[t.h] + t.first) * D, t.rows * D,
+                      elements<float>(scales)[per_head ? t.h : 0], f, values);
+    rotate_rows(e, values, t.rows, D);
+  });
 }
 
 // ---- svd ---------------------------------------------------------------------------------------
@@ -391,7 +542,7 @@ float stored_factor(const Encoding& e, float v) {
 
 void put_factor(CodeArray& a, int64_t i, float v) {
   if (a.type == Type::f16)
-    elements<uint16_t>(a)[i] = kvk::f32_to_f16(v);
+    store_f16(&v, 1, elements<uint16_t>(a) + i, "an svd factor");
   else
     elements<float>(a)[i] = v;
 }
@@ -498,9 +649,389 @@ void decode_svd(const Encoded& enc, const RowLayout& rows, float* out) {
   }
 }
 
+// ---- kvquant -----------------------------------------------------------------------------------
+
+// K levels for sorted values by 1-D k-means (Lloyd's iterations from the quantile levels), stored
+// as f16 and returned sorted. Values with at most K distinct entries get exactly those (so a
+// decoded vector encodes to itself). Cluster means come from prefix sums: each iteration costs
+// K binary searches, not a pass over the values.
+std::vector<float> kmeans_levels(const std::vector<float>& sorted, int K) {
+  std::vector<float> levels(static_cast<size_t>(K), 0.0f);
+  const size_t m = sorted.size();
+  if (m == 0) return levels;
+  std::vector<float> distinct;
+  for (float v : sorted)
+    if (distinct.empty() || v != distinct.back()) {
+      distinct.push_back(v);
+      if (int(distinct.size()) > K) break;
+    }
+  if (int(distinct.size()) <= K) {
+    for (int j = 0; j < K; ++j)
+      levels[size_t(j)] = distinct[std::min(size_t(j), distinct.size() - 1)];
+  } else {
+    std::vector<double> sum(m + 1, 0.0);
+    for (size_t i = 0; i < m; ++i) sum[i + 1] = sum[i] + sorted[i];
+    std::vector<double> c(static_cast<size_t>(K));
+    for (int j = 0; j < K; ++j)
+      c[size_t(j)] = sorted[std::min(m - 1, size_t((j + 0.5) / K * double(m)))];
+    for (int iter = 0; iter < 25; ++iter) {
+      bool moved = false;
+      size_t begin = 0;
+      for (int j = 0; j < K; ++j) {
+        const size_t end =
+            j + 1 == K ? m
+                       : size_t(std::upper_bound(sorted.begin(), sorted.end(),
+                                                 float((c[size_t(j)] + c[size_t(j) + 1]) / 2)) -
+                                sorted.begin());
+        if (end > begin) {
+          const double mean = (sum[end] - sum[begin]) / double(end - begin);
+          moved |= mean != c[size_t(j)];
+          c[size_t(j)] = mean;
+        }
+        begin = std::max(begin, end);
+      }
+      std::sort(c.begin(), c.end());
+      if (!moved) break;
+    }
+    for (int j = 0; j < K; ++j) levels[size_t(j)] = float(c[size_t(j)]);
+  }
+  for (float& l : levels) l = kvk::f16_to_f32(kvk::f32_to_f16(l));
+  std::sort(levels.begin(), levels.end());
+  return levels;
+}
+
+uint8_t nearest_level(float x, const float* levels, int K) {
+  uint8_t q = 0;
+  for (int j = 1; j < K; ++j) q += x - levels[j - 1] > levels[j] - x;  // strictly closer to j
+  return q;
+}
+
+struct Outlier {
+  int32_t index;  // within the head: row * D + channel
+  float value;
+};
+
+// The values of v below its k-th smallest or above its k-th largest, k = round(share * n / 2)
+// (exact, appended to `out`), and the sorted inliers the levels are fitted to.
+std::vector<float> split_outliers(const float* v, int64_t n, int64_t stride, int64_t index0,
+                                  int64_t index_step, double share, std::vector<Outlier>& out) {
+  std::vector<float> sorted(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) sorted[size_t(i)] = v[i * stride];
+  std::sort(sorted.begin(), sorted.end());
+  // round(share * n / 2) values at each end, at most: fewer when ties straddle the threshold.
+  const auto k = size_t(std::llround(share * double(n) / 2));
+  if (k == 0 || 2 * k >= size_t(n)) return sorted;
+  const float lo = sorted[k], hi = sorted[size_t(n) - 1 - k];
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = v[i * stride];
+    if (x < lo || x > hi) out.push_back({int32_t(index0 + i * index_step), x});
+  }
+  const auto first = std::lower_bound(sorted.begin(), sorted.end(), lo);
+  const auto last = std::upper_bound(sorted.begin(), sorted.end(), hi);
+  return std::vector<float>(first, last);
+}
+
+// The largest inlier magnitude of a row as an f16 at or above it (so scaled inliers are in
+// [-1, 1]), or 1 for a row of zeros.
+float row_scale(const float* x, int D, double share, std::vector<Outlier>& scratch) {
+  scratch.clear();
+  const std::vector<float> in = split_outliers(x, D, 1, 0, 1, share, scratch);
+  float amax = 0;
+  for (float v : in) amax = std::max(amax, std::fabs(v));
+  if (amax == 0) return 1.0f;
+  uint16_t h = kvk::f32_to_f16(amax);
+  if (kvk::f16_to_f32(h) < amax) ++h;
+  return kvk::f16_to_f32(h);
+}
+
+struct KvquantSizes {
+  int64_t levels, codes, scales;
+};
+
+KvquantSizes kvquant_sizes(const Encoding& e, int64_t n, int D) {
+  const int K = 1 << e.bits;
+  if (e.axis == "channel")
+    return {int64_t(D) * K, D * int64_t(quant::uniform_code_bytes(n, e.bits)), 0};
+  return {K, int64_t(quant::uniform_code_bytes(n * D, e.bits)), n};
+}
+
+Encoded encode_kvquant(const Encoding& e, const float* x, const RowLayout& rows) {
+  const int D = rows.model.head_dim, K = 1 << e.bits;
+  const auto& off = rows.head_offsets;
+  const int H = int(off.size()) - 1;
+  const bool per_channel = e.axis == "channel";
+  auto levels_at = prefix(off, [&](int64_t n, size_t) { return kvquant_sizes(e, n, D).levels; });
+  auto codes_at = prefix(off, [&](int64_t n, size_t) { return kvquant_sizes(e, n, D).codes; });
+  auto scales_at = prefix(off, [&](int64_t n, size_t) { return kvquant_sizes(e, n, D).scales; });
+  CodeArray levels = make_array("levels", Type::f16, levels_at[H]);
+  CodeArray codes = make_array("codes", Type::u8, codes_at[H]);
+  CodeArray scales = make_array("scales", Type::f16, scales_at[H]);
+  std::vector<std::vector<Outlier>> outliers(static_cast<size_t>(H));
+  Error failure(Exit::ok, "");
+#pragma omp parallel for schedule(dynamic)
+  for (int h = 0; h < H; ++h) {
+    try {
+      const int64_t n = off[h + 1] - off[h];
+      check_finite(x + off[h] * D, n * D, off[h], D);
+      if (n * D > INT32_MAX)  // outlier_index is an i32 within the head
+        throw Error(Exit::usage, str("kvquant encodes heads of at most 2^31 values, not ", n * D));
+      std::vector<float> X(x + off[h] * D, x + off[h + 1] * D);
+      rope_rows(e, rows, X.data(), off[h], off[h + 1], -1);
+      std::vector<Outlier>& sparse = outliers[size_t(h)];
+      uint16_t* lv = elements<uint16_t>(levels) + levels_at[h];
+      uint8_t* packed = elements<uint8_t>(codes) + codes_at[h];
+      std::vector<uint8_t> q(static_cast<size_t>(per_channel ? n : n * D));
+      if (per_channel) {
+        const int64_t cb = int64_t(quant::uniform_code_bytes(n, e.bits));
+        for (int d = 0; d < D; ++d) {
+          const std::vector<float> inliers =
+              split_outliers(X.data() + d, n, D, d, D, e.outliers, sparse);
+          const std::vector<float> l = kmeans_levels(inliers, K);
+          for (int j = 0; j < K; ++j) lv[d * K + j] = kvk::f32_to_f16(l[size_t(j)]);
+          for (int64_t r = 0; r < n; ++r)
+            q[size_t(r)] = nearest_level(X[size_t(r * D + d)], l.data(), K);
+          quant::pack_codes(q.data(), n, e.bits, packed + d * cb);
+        }
+      } else {
+        // Rows scaled into [-1, 1] by their inlier magnitude; one set of levels for the head,
+        // fitted to (at most 2^16 evenly spaced) scaled inliers.
+        uint16_t* sc = elements<uint16_t>(scales) + scales_at[h];
+        std::vector<Outlier> row_outliers;
+        std::vector<float> u(X.size());
+        std::vector<char> is_outlier(X.size(), 0);
+        for (int64_t r = 0; r < n; ++r) {
+          const float s = row_scale(X.data() + r * D, D, e.outliers, row_outliers);
+          sc[r] = kvk::f32_to_f16(s);
+          for (const Outlier& o : row_outliers) {
+            sparse.push_back({int32_t(r * D + o.index), o.value});
+            is_outlier[size_t(r * D + o.index)] = 1;
+          }
+          for (int d = 0; d < D; ++d) u[size_t(r * D + d)] = X[size_t(r * D + d)] / s;
+        }
+        std::vector<float> sample;
+        const int64_t step = (n * D + 65535) / 65536;
+        for (int64_t i = 0; i < n * D; i += step)
+          if (!is_outlier[size_t(i)]) sample.push_back(u[size_t(i)]);
+        std::sort(sample.begin(), sample.end());
+        const std::vector<float> l = kmeans_levels(sample, K);
+        for (int j = 0; j < K; ++j) lv[j] = kvk::f32_to_f16(l[size_t(j)]);
+        for (int64_t i = 0; i < n * D; ++i) q[size_t(i)] = nearest_level(u[size_t(i)], l.data(), K);
+        quant::pack_codes(q.data(), n * D, e.bits, packed);
+      }
+    } catch (const Error& err) {
+#pragma omp critical
+      if (failure.code() == Exit::ok)
+        failure = Error(err.code(), str("head ", h, ": ", err.what()));
+    }
+  }
+  if (failure.code() != Exit::ok) throw failure;
+  CodeArray counts = make_array("outlier_counts", Type::i32, H);
+  int64_t total = 0;
+  for (int h = 0; h < H; ++h) {
+    elements<int32_t>(counts)[h] = int32_t(outliers[size_t(h)].size());
+    total += int64_t(outliers[size_t(h)].size());
+  }
+  CodeArray index = make_array("outlier_index", Type::i32, total);
+  CodeArray value = make_array("outlier_value", Type::f32, total);
+  int64_t o = 0;
+  for (const auto& head : outliers)
+    for (const Outlier& out : head) {
+      elements<int32_t>(index)[o] = out.index;
+      elements<float>(value)[o++] = out.value;
+    }
+  Encoded out;
+  out.encoding = e;
+  out.arrays = {std::move(levels), std::move(codes)};
+  if (!per_channel) out.arrays.push_back(std::move(scales));
+  out.arrays.push_back(std::move(counts));
+  out.arrays.push_back(std::move(index));
+  out.arrays.push_back(std::move(value));
+  return out;
+}
+
+void decode_kvquant(const Encoded& enc, const RowLayout& rows, float* out) {
+  const Encoding& e = enc.encoding;
+  const int D = rows.model.head_dim, K = 1 << e.bits;
+  const auto& off = rows.head_offsets;
+  const int H = int(off.size()) - 1;
+  const bool per_channel = e.axis == "channel";
+  auto levels_at = prefix(off, [&](int64_t n, size_t) { return kvquant_sizes(e, n, D).levels; });
+  auto codes_at = prefix(off, [&](int64_t n, size_t) { return kvquant_sizes(e, n, D).codes; });
+  auto scales_at = prefix(off, [&](int64_t n, size_t) { return kvquant_sizes(e, n, D).scales; });
+  const CodeArray& levels = find_array(enc, "levels", Type::f16, levels_at[H]);
+  const CodeArray& codes = find_array(enc, "codes", Type::u8, codes_at[H]);
+  const CodeArray* scales =
+      per_channel ? nullptr : &find_array(enc, "scales", Type::f16, scales_at[H]);
+  const CodeArray& counts = find_array(enc, "outlier_counts", Type::i32, H);
+  std::vector<int64_t> outliers_at(static_cast<size_t>(H) + 1, 0);
+  for (int h = 0; h < H; ++h) {
+    const int32_t c = elements<int32_t>(counts)[h];
+    if (c < 0 || c > (off[h + 1] - off[h]) * D)
+      throw Error(Exit::data, str("encoding 'kvquant': head ", h, " has ", c, " outliers"));
+    outliers_at[size_t(h) + 1] = outliers_at[size_t(h)] + c;
+  }
+  const CodeArray& index = find_array(enc, "outlier_index", Type::i32, outliers_at[size_t(H)]);
+  const CodeArray& value = find_array(enc, "outlier_value", Type::f32, outliers_at[size_t(H)]);
+  for (int h = 0; h < H; ++h) {
+    const int64_t n = off[h + 1] - off[h];
+    float* X = out + off[h] * D;
+    const uint16_t* lv = elements<uint16_t>(levels) + levels_at[h];
+    const uint8_t* packed = elements<uint8_t>(codes) + codes_at[h];
+    std::vector<uint8_t> q(static_cast<size_t>(per_channel ? n : n * D));
+    if (per_channel) {
+      const int64_t cb = int64_t(quant::uniform_code_bytes(n, e.bits));
+      for (int d = 0; d < D; ++d) {
+        quant::unpack_codes(packed + d * cb, n, e.bits, q.data());
+        for (int64_t r = 0; r < n; ++r) X[r * D + d] = kvk::f16_to_f32(lv[d * K + q[size_t(r)]]);
+      }
+    } else {
+      const uint16_t* sc = elements<uint16_t>(*scales) + scales_at[h];
+      quant::unpack_codes(packed, n * D, e.bits, q.data());
+      for (int64_t r = 0; r < n; ++r) {
+        const float s = kvk::f16_to_f32(sc[r]);
+        for (int d = 0; d < D; ++d) X[r * D + d] = kvk::f16_to_f32(lv[q[size_t(r * D + d)]]) * s;
+      }
+    }
+    for (int64_t o = outliers_at[size_t(h)]; o < outliers_at[size_t(h) + 1]; ++o) {
+      const int32_t i = elements<int32_t>(index)[o];
+      if (i < 0 || i >= n * D)
+        throw Error(Exit::data, str("encoding 'kvquant': head ", h, " outlier index ", i,
+                                    " is outside its ", n * D, " values"));
+      X[i] = elements<float>(value)[o];
+    }
+    rope_rows(e, rows, X, off[h], off[h + 1], +1);
+  }
+}
+
+// ---- mikv --------------------------------------------------------------------------------------
+// Two uniform encodings along tokens, one for the rows marked in `high` (a bit per row, each
+// head's bits starting on a byte, LSB-first) and one for the others; their arrays carry the
+// suffixes _high and _low.
+
+Encoding mikv_part(const Encoding& e, bool high) {
+  Encoding u = default_encoding("uniform", 'k');
+  u.bits = high ? e.high_bits : e.bits;
+  u.group = e.group;
+  u.hadamard = e.hadamard;
+  return u;
+}
+
+// The rows of each head in one part, as a layout of their own.
+struct MikvPart {
+  std::vector<int64_t> offsets{0};
+  std::vector<int32_t> positions;
+  std::vector<int64_t> rows;  // their indices in the layer
+};
+
+MikvPart mikv_rows(const std::vector<int64_t>& off, const std::vector<int32_t>& positions,
+                   const uint8_t* mask, bool high) {
+  MikvPart part;
+  int64_t byte = 0;
+  for (size_t h = 0; h + 1 < off.size(); ++h) {
+    const int64_t n = off[h + 1] - off[h];
+    for (int64_t i = 0; i < n; ++i)
+      if (bool((mask[byte + i / 8] >> (i % 8)) & 1) == high) {
+        part.rows.push_back(off[h] + i);
+        part.positions.push_back(positions[size_t(off[h] + i)]);
+      }
+    part.offsets.push_back(int64_t(part.rows.size()));
+    byte += (n + 7) / 8;
+  }
+  return part;
+}
+
+Encoded encode_mikv(const Encoding& e, const Tensor& x, const RowLayout& rows) {
+  const auto& off = rows.head_offsets;
+  const int H = int(off.size()) - 1;
+  if (!rows.importance) throw Error(Exit::software, "mikv: no importance given for the rows");
+  CodeArray mask =
+      make_array("high", Type::u8, prefix(off, [](int64_t n, size_t) { return (n + 7) / 8; })[H]);
+  int64_t byte = 0;
+  for (int h = 0; h < H; ++h) {
+    const int64_t n = off[h + 1] - off[h];
+    // The round(share * n) rows with the most attention; ties go to the later row.
+    std::vector<int64_t> order(static_cast<size_t>(n));
+    std::iota(order.begin(), order.end(), 0);
+    const float* imp = rows.importance + off[h];
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+      return imp[a] > imp[b] || (imp[a] == imp[b] && a > b);
+    });
+    const auto keep = int64_t(std::llround(e.high_share * double(n)));
+    for (int64_t k = 0; k < keep; ++k)
+      elements<uint8_t>(mask)[byte + order[size_t(k)] / 8] |= uint8_t(1u << (order[size_t(k)] % 8));
+    byte += (n + 7) / 8;
+  }
+  Encoded out;
+  out.encoding = e;
+  out.arrays.push_back(mask);
+  for (bool high : {true, false}) {
+    const MikvPart part = mikv_rows(off, rows.positions, elements<uint8_t>(out.arrays[0]), high);
+    const size_t row_bytes = size_t(x.cols()) * kvk::dtype_size(x.dtype());
+    Tensor sub(x.dtype(), int64_t(part.rows.size()), x.cols());
+    for (size_t i = 0; i < part.rows.size(); ++i)
+      std::memcpy(static_cast<std::byte*>(sub.data()) + i * row_bytes,
+                  static_cast<const std::byte*>(x.data()) + size_t(part.rows[i]) * row_bytes,
+                  row_bytes);
+    Encoded coded =
+        encode_uniform(mikv_part(e, high), sub, {rows.model, part.offsets, part.positions});
+    for (CodeArray& a : coded.arrays) {
+      if (a.name == "residual") continue;  // always empty: no residual rows
+      a.name += high ? "_high" : "_low";
+      out.arrays.push_back(std::move(a));
+    }
+  }
+  return out;
+}
+
+void decode_mikv(const Encoded& enc, const RowLayout& rows, float* out) {
+  const Encoding& e = enc.encoding;
+  const auto& off = rows.head_offsets;
+  const int H = int(off.size()) - 1;
+  const int D = rows.model.head_dim;
+  const CodeArray& mask = find_array(enc, "high", Type::u8,
+                                     prefix(off, [](int64_t n, size_t) { return (n + 7) / 8; })[H]);
+  for (bool high : {true, false}) {
+    const MikvPart part = mikv_rows(off, rows.positions, elements<uint8_t>(mask), high);
+    Encoded coded;
+    coded.encoding = mikv_part(e, high);
+    const std::string suffix = high ? "_high" : "_low";
+    for (const CodeArray& a : enc.arrays)
+      if (a.name.size() > suffix.size() && a.name.ends_with(suffix)) {
+        coded.arrays.push_back(a);
+        coded.arrays.back().name.resize(a.name.size() - suffix.size());
+      }
+    coded.arrays.push_back(make_array("residual", Type::f16, 0));
+    std::vector<float> values(part.rows.size() * size_t(D));
+    try {
+      decode_uniform(coded, {rows.model, part.offsets, part.positions}, values.data());
+    } catch (const Error& err) {
+      throw Error(err.code(), str("mikv ", high ? "high" : "low", "-precision rows: ", err.what()));
+    }
+    for (size_t i = 0; i < part.rows.size(); ++i)
+      std::copy(values.begin() + i * D, values.begin() + (i + 1) * D, out + part.rows[i] * D);
+  }
+}
+
 }  // namespace
 
 // ---- public ------------------------------------------------------------------------------------
+
+std::vector<float> entry_importance(const ModelInfo& model, const std::vector<int64_t>& offsets,
+                                    const std::vector<int32_t>& positions, const Tensor& attn_acc) {
+  if (attn_acc.empty())
+    throw Error(Exit::data,
+                "mikv ranks entries by attention statistics, which this snapshot lacks "
+                "(kv-capture --attn-stats)");
+  const std::vector<float> acc = attn_acc.to_f32();
+  const int G = model.group_size();
+  const int64_t T = attn_acc.cols();
+  std::vector<float> out(positions.size(), 0.0f);
+  for (size_t h = 0; h + 1 < offsets.size(); ++h)
+    for (int64_t i = offsets[h]; i < offsets[h + 1]; ++i)
+      for (int j = int(h) * G; j < int(h + 1) * G; ++j)
+        out[size_t(i)] += acc[size_t(j * T + positions[size_t(i)])];
+  return out;
+}
 
 void hadamard_rotate(float* x, int n) {
   for (int len = 1; len < n; len <<= 1)
@@ -515,8 +1046,8 @@ void hadamard_rotate(float* x, int n) {
 }
 
 const std::vector<std::string>& scheme_names() {
-  static const std::vector<std::string> names = {"dense", "uniform", "kivi", "q8_0",
-                                                 "q4_0",  "fp8",     "svd"};
+  static const std::vector<std::string> names = {"dense", "uniform", "kivi",    "q8_0", "q4_0",
+                                                 "fp8",   "svd",     "kvquant", "mikv"};
   return names;
 }
 
@@ -538,6 +1069,17 @@ Encoding default_encoding(const std::string& scheme, char role) {
   } else if (scheme == "svd") {
     e.energy = 0.99;
     e.factors = "f16";
+  } else if (scheme == "mikv") {
+    e.bits = 2;
+    e.high_bits = 8;
+    e.high_share = 0.2;
+    e.group = 32;
+    e.axis = "token";
+  } else if (scheme == "kvquant") {
+    e.bits = 3;
+    e.outliers = 0.01;
+    e.axis = role == 'k' ? "channel" : "token";
+    e.pre_rope = role == 'k';
   } else if (scheme != "dense" && scheme != "q8_0" && scheme != "q4_0") {
     std::string known;
     for (const std::string& s : scheme_names()) known += (known.empty() ? "" : ", ") + s;
@@ -562,8 +1104,24 @@ void check_encoding(const Encoding& e, const ModelInfo& model, char role) {
                                    D, " (or be at least it)"));
     if (e.residual < 0) throw Error(Exit::usage, str(what, "residual ", e.residual, " < 0"));
   }
+  if (e.scheme == "mikv") {
+    for (int b : {e.bits, e.high_bits})
+      if (b != 2 && b != 3 && b != 4 && b != 8)
+        throw Error(Exit::usage, str(what, "bits ", b, " is not 2, 3, 4 or 8"));
+    if (e.high_bits < e.bits)
+      throw Error(Exit::usage,
+                  str(what, "high bits ", e.high_bits, " are fewer than bits ", e.bits));
+    if (!(e.high_share >= 0 && e.high_share <= 1))
+      throw Error(Exit::usage, str(what, "high share ", e.high_share, " is outside [0, 1]"));
+    if (e.group < 1 || e.group > (1 << 20))
+      throw Error(Exit::usage, str(what, "group ", e.group, " is outside [1, 1048576]"));
+    if (D % std::min(e.group, D))
+      throw Error(Exit::usage, str(what, "group ", e.group, " along a token must divide head_dim ",
+                                   D, " (or be at least it)"));
+  }
   if (e.hadamard && !allows_hadamard(e.scheme))
-    throw Error(Exit::usage, str(what, "no Hadamard rotation (uniform, kivi, q8_0, q4_0, fp8)"));
+    throw Error(Exit::usage,
+                str(what, "no Hadamard rotation (uniform, kivi, q8_0, q4_0, fp8, mikv)"));
   if (e.hadamard && !is_power_of_two(D))
     throw Error(Exit::usage, str(what, "Hadamard rotation needs head_dim a power of 2, not ", D));
   if (e.scheme == "fp8") {
@@ -579,8 +1137,16 @@ void check_encoding(const Encoding& e, const ModelInfo& model, char role) {
     if (e.factors != "f16" && e.factors != "f32")
       throw Error(Exit::usage, str(what, "factors '", e.factors, "' are not f16 or f32"));
   }
-  if (e.pre_rope && (e.scheme != "svd" || role != 'k'))
-    throw Error(Exit::usage, str(what, "pre-RoPE factorization is for svd keys only"));
+  if (e.scheme == "kvquant") {
+    if (e.bits < 2 || e.bits > 4)
+      throw Error(Exit::usage, str(what, "bits ", e.bits, " is not 2, 3 or 4"));
+    if (e.axis != "token" && e.axis != "channel")
+      throw Error(Exit::usage, str(what, "axis '", e.axis, "' is not token or channel"));
+    if (!(e.outliers >= 0 && e.outliers < 1))
+      throw Error(Exit::usage, str(what, "outliers ", e.outliers, " is outside [0, 1)"));
+  }
+  if (e.pre_rope && ((e.scheme != "svd" && e.scheme != "kvquant") || role != 'k'))
+    throw Error(Exit::usage, str(what, "pre-RoPE encoding is for svd and kvquant keys only"));
 }
 
 std::string Encoding::describe() const {
@@ -596,6 +1162,13 @@ std::string Encoding::describe() const {
     s += str(" factors=", factors);
     if (pre_rope) s += " pre-rope";
   }
+  if (scheme == "mikv")
+    s +=
+        str(" bits=", bits, " high_bits=", high_bits, " high_share=", high_share, " group=", group);
+  if (scheme == "kvquant") {
+    s += str(" bits=", bits, " axis=", axis, " outliers=", outliers);
+    if (pre_rope) s += " pre-rope";
+  }
   if (hadamard) s += " hadamard";
   return s;
 }
@@ -606,12 +1179,23 @@ int64_t Encoded::bytes() const {
   return b;
 }
 
-Encoded encode(const Encoding& e, const float* x, const RowLayout& rows) {
+Encoded encode(const Encoding& e, const Tensor& x, const RowLayout& rows) {
+  if (x.rows() != rows.head_offsets.back() || x.cols() != rows.model.head_dim)
+    throw Error(Exit::software, "encode: values do not match the row layout");
   if (e.scheme == "uniform" || e.scheme == "kivi") return encode_uniform(e, x, rows);
   if (e.scheme == "q8_0" || e.scheme == "q4_0") return encode_blocks(e, x, rows);
   if (e.scheme == "fp8") return encode_fp8(e, x, rows);
-  if (e.scheme == "svd") return encode_svd(e, x, rows);
+  if (e.scheme == "mikv") return encode_mikv(e, x, rows);
+  // Whole-head schemes: they factorize or fit each head at once.
+  const std::vector<float> values = x.to_f32();
+  if (e.scheme == "svd") return encode_svd(e, values.data(), rows);
+  if (e.scheme == "kvquant") return encode_kvquant(e, values.data(), rows);
   throw Error(Exit::software, str("encode: scheme '", e.scheme, "' has no encoder"));
+}
+
+Encoded encode(const Encoding& e, const float* x, const RowLayout& rows) {
+  return encode(e, Tensor::from_f32(DType::f32, rows.head_offsets.back(), rows.model.head_dim, x),
+                rows);
 }
 
 void decode(const Encoded& enc, const RowLayout& rows, float* out) {
@@ -620,6 +1204,8 @@ void decode(const Encoded& enc, const RowLayout& rows, float* out) {
   if (s == "q8_0" || s == "q4_0") return decode_blocks(enc, rows, out);
   if (s == "fp8") return decode_fp8(enc, rows, out);
   if (s == "svd") return decode_svd(enc, rows, out);
+  if (s == "kvquant") return decode_kvquant(enc, rows, out);
+  if (s == "mikv") return decode_mikv(enc, rows, out);
   throw Error(Exit::data, str("encoding '", s, "', which this kvtk cannot decode"));
 }
 

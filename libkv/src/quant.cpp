@@ -57,7 +57,14 @@ bool finite_run(const float* x, int64_t n) {
 
 // ---- q8_0 / q4_0 (ggml-quants.c, quantize_row_q8_0_ref and quantize_row_q4_0_ref) ----
 
-void encode_q8_0_block(const float* x, uint8_t* out) {
+// roundf(v) (ties away from zero) in a form that vectorizes: v - trunc(v) is exact.
+inline float round_half_away(float v) {
+  const float t = std::trunc(v);
+  return t + (std::fabs(v - t) >= 0.5f ? std::copysign(1.0f, v) : 0.0f);
+}
+
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void
+encode_q8_0_block(const float* x, uint8_t* out) {
   float amax = 0.0f;
   for (int64_t j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(x[j]));
   const float d = amax / 127;
@@ -67,7 +74,7 @@ void encode_q8_0_block(const float* x, uint8_t* out) {
     const float v = x[j] * id;
     // |v| <= 127 whenever id is finite; id overflows to Inf only for d below 2^-128, and then
     // x86 ggml (an out-of-range float-to-int conversion) and gguf-py both give 0.
-    const int q = std::isfinite(v) ? int(std::clamp(std::round(v), -128.0f, 127.0f)) : 0;
+    const int q = std::fabs(v) <= 127.5f ? int(round_half_away(v)) : 0;
     out[2 + j] = uint8_t(int8_t(q));
   }
 }
@@ -143,18 +150,14 @@ bool f16_finite(uint16_t h) {
 }
 
 // The smallest non-negative f16 (as bits) for which covers() holds; covers must be monotone in
-// the value and hold for +Inf. Non-negative f16 bit patterns are ordered like their values.
+// the value and hold for +Inf. Non-negative f16 bit patterns are ordered like their values, so
+// a walk from the f16 nearest a close estimate finds it in a step or two.
 template <class Covers>
-uint16_t smallest_f16(Covers covers) {
-  uint32_t lo = 0, hi = 0x7c00;
-  while (lo < hi) {
-    const uint32_t mid = (lo + hi) / 2;
-    if (covers(kvk::f16_to_f32(uint16_t(mid))))
-      hi = mid;
-    else
-      lo = mid + 1;
-  }
-  return uint16_t(lo);
+uint16_t smallest_f16(float estimate, Covers covers) {
+  uint32_t h = !(estimate > 0.0f) ? 0 : std::min<uint32_t>(kvk::f32_to_f16(estimate), 0x7c00);
+  while (h < 0x7c00 && !covers(kvk::f16_to_f32(uint16_t(h)))) ++h;
+  while (h > 0 && covers(kvk::f16_to_f32(uint16_t(h - 1)))) --h;
+  return uint16_t(h);
 }
 
 enum class GroupStatus { ok, nonfinite, range };
@@ -170,32 +173,29 @@ int levels(const UniformParams& p) {
   return p.symmetric ? (1 << (p.bits - 1)) - 1 : (1 << p.bits) - 1;
 }
 
-// The value the decoder gives for level q >= 0 above the zero: q * S is exact in f32 (at most
-// 8 + 11 significant bits), so the one rounding is the addition, the same in encoder and decoder.
-float asym_value(int q, const Grid& g) {
-  return g.scale == 0.0f ? g.zero : float(q) * g.scale + g.zero;
-}
-
 // Chooses one group's stored scale (and zero) per the rules in quant.h.
 GroupStatus group_params(const float* x, int64_t len, const UniformParams& p, uint16_t* scale,
                          uint16_t* zero, Grid* grid) {
-  if (!finite_run(x, len)) return GroupStatus::nonfinite;
+  // One pass for the extremes and the finiteness check (NaN fails |v| <= FLT_MAX).
+  float mn = x[0], mx = x[0];
+  bool finite = true;
+  for (int64_t i = 0; i < len; ++i) {
+    mn = std::min(mn, x[i]);
+    mx = std::max(mx, x[i]);
+    finite &= std::fabs(x[i]) <= std::numeric_limits<float>::max();
+  }
+  if (!finite) return GroupStatus::nonfinite;
   const int L = levels(p);
   Grid g;
   uint16_t s = 0;
   if (p.symmetric) {
-    float amax = 0.0f;
-    for (int64_t i = 0; i < len; ++i) amax = std::max(amax, std::fabs(x[i]));
+    const float amax = std::max(-mn, mx);
     // Q * S is exact in f32, so the top level is exactly Q * S.
-    if (amax > 0.0f) s = smallest_f16([&](float S) { return float(L) * S >= amax; });
+    if (amax > 0.0f)
+      s = smallest_f16(amax / float(L), [&](float S) { return float(L) * S >= amax; });
     g.lo = -amax;
     g.hi = amax;
   } else {
-    float mn = x[0], mx = x[0];
-    for (int64_t i = 1; i < len; ++i) {
-      mn = std::min(mn, x[i]);
-      mx = std::max(mx, x[i]);
-    }
     const uint16_t z = kvk::f32_to_f16(mn);
     if (!f16_finite(z)) return GroupStatus::range;
     g.zero = kvk::f16_to_f32(z);
@@ -204,7 +204,8 @@ GroupStatus group_params(const float* x, int64_t len, const UniformParams& p, ui
     // smaller S reaches it either. A constant group keeps S = 0 even when f16(m) < m: its values
     // are all the min, pinned to Z, so a scale would be stored for nothing.
     if (mn < mx && g.zero < mx)
-      s = smallest_f16([&](float S) { return float(L) * S + g.zero >= mx; });
+      s = smallest_f16((mx - g.zero) / float(L),
+                       [&](float S) { return float(L) * S + g.zero >= mx; });
     g.lo = mn;
     g.hi = mx;
     *zero = z;
@@ -216,42 +217,47 @@ GroupStatus group_params(const float* x, int64_t len, const UniformParams& p, ui
   return GroupStatus::ok;
 }
 
-// Code of x on its group's grid: the nearest level, computed in double so that it is the
-// nearest up to 2^-52 relative whatever the magnitudes of x and Z. The group's extremes are
-// pinned to the end levels (min -> 0, max -> L; symmetric: +-max|x| -> +-Q): then the decoded
-// group has the stored zero as its min and the top level as its max, and encoding it again
-// chooses the same S and Z and the same codes.
-uint32_t uniform_code(float x, const Grid& g, const UniformParams& p, int L) {
-  if (p.symmetric) {
-    const int offset = 1 << (p.bits - 1);
-    if (g.scale == 0.0f) return uint32_t(offset);
-    double q;
-    if (x == g.hi)
-      q = L;
-    else if (x == g.lo)
-      q = -L;
+// Codes of one group on its grid: the nearest level, ties away from zero, found exactly: a first
+// guess from a double multiply, then corrected against the exact midpoints (t -+ 0.5) * S
+// (products of at most 21 significant bits, exact in double). d = x - Z is taken in double as
+// well, exact unless x and Z differ in exponent by more than 29. The group's extremes are pinned
+// to the end levels (min -> 0, max -> L; symmetric: +-max|x| -> +-Q): then the decoded group has
+// the stored zero as its min and the top level as its max, and encoding it again chooses the
+// same S and Z and the same codes. Written branch-free so that it vectorizes.
+template <bool Symmetric>
+inline void group_codes_on(const float* x, int64_t len, double S, double Z, double top, float lo,
+                           float hi, int offset, uint8_t* q) {
+  const double inv = 1.0 / S;
+  for (int64_t i = 0; i < len; ++i) {
+    const double d = double(x[i]) - Z;
+    const double a = Symmetric ? std::fabs(d) : d;
+    // Bitwise & and | keep the loop free of branches (short-circuit operators are branches).
+    double t = std::floor(a * inv + 0.5);
+    t = t < 0.0 ? 0.0 : t;
+    t = t > top ? top : t;
+    t -= double((t > 0.0) & (a < (t - 0.5) * S));
+    t += double((t < top) & (a >= (t + 0.5) * S));
+    t = ((x[i] == hi) | (Symmetric & (x[i] == lo))) ? top : t;
+    if constexpr (Symmetric)
+      t = d < 0.0 ? -t : t;
     else
-      q = std::clamp(std::round(double(x) / g.scale), double(-L), double(L));
-    return uint32_t(int(q) + offset);
+      t = x[i] == lo ? 0.0 : t;
+    q[i] = uint8_t(int(t) + offset);
   }
-  if (g.scale == 0.0f || x == g.lo) return 0;
-  if (x == g.hi) return uint32_t(L);
-  return uint32_t(std::clamp(std::round((double(x) - g.zero) / g.scale), 0.0, double(L)));
 }
 
-float uniform_value(uint32_t code, const Grid& g, const UniformParams& p) {
-  if (p.symmetric) return float(int(code) - (1 << (p.bits - 1))) * g.scale;
-  return asym_value(int(code), g);
-}
-
-std::vector<Grid> grids(const uint16_t* scales, const uint16_t* zeros, int64_t ng,
-                        const UniformParams& p) {
-  std::vector<Grid> out(static_cast<size_t>(ng));
-  for (int64_t i = 0; i < ng; ++i) {
-    out[size_t(i)].scale = kvk::f16_to_f32(scales[i]);
-    out[size_t(i)].zero = p.symmetric ? 0.0f : kvk::f16_to_f32(zeros[i]);
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void group_codes(
+    const float* x, int64_t len, float scale, float zero, float lo, float hi, bool symmetric, int L,
+    uint8_t* q) {
+  if (scale == 0.0f) {
+    std::fill(q, q + len, uint8_t(symmetric ? L + 1 : 0));
+    return;
   }
-  return out;
+  // Symmetric codes are q + 2^(bits-1) = q + L + 1.
+  if (symmetric)
+    group_codes_on<true>(x, len, scale, 0.0, L, lo, hi, L + 1, q);
+  else
+    group_codes_on<false>(x, len, scale, zero, L, lo, hi, 0, q);
 }
 
 void check_uniform_call(const char* what, int64_t n, const UniformParams& p, const void* scales,
@@ -327,10 +333,91 @@ size_t uniform_code_bytes(int64_t n, int bits) {
   return size_t((n * bits + 7) / 8);
 }
 
+// Eight codes of b bits are exactly b bytes: the unit both loops work in. 2, 4 and 8 bits, whose
+// codes never straddle a byte, get byte-wise loops that vectorize.
+void pack_codes(const uint8_t* codes, int64_t n, int bits, uint8_t* out) {
+  const int64_t total = int64_t(uniform_code_bytes(n, bits));
+  if (bits == 8) {
+    std::copy(codes, codes + n, out);
+    return;
+  }
+  if ((bits == 4 || bits == 2) && n % (8 / bits) == 0) {
+    const int per_byte = 8 / bits;
+    for (int64_t i = 0; i < total; ++i) {
+      uint32_t byte = 0;
+      for (int k = 0; k < per_byte; ++k) byte |= uint32_t(codes[i * per_byte + k]) << (k * bits);
+      out[i] = uint8_t(byte);
+    }
+    return;
+  }
+  for (int64_t c = 0; c < (n + 7) / 8; ++c) {
+    uint64_t acc = 0;
+    for (int64_t k = 0; k < 8 && c * 8 + k < n; ++k)
+      acc |= uint64_t(codes[c * 8 + k]) << (k * bits);
+    const int64_t first = c * bits, count = std::min<int64_t>(bits, total - first);
+    for (int64_t j = 0; j < count; ++j) out[first + j] = uint8_t(acc >> (8 * j));
+  }
+}
+
+void unpack_codes(const uint8_t* in, int64_t n, int bits, uint8_t* codes) {
+  const int64_t total = int64_t(uniform_code_bytes(n, bits));
+  const uint64_t mask = (uint64_t(1) << bits) - 1;
+  if (bits == 8) {
+    std::copy(in, in + n, codes);
+    return;
+  }
+  if ((bits == 4 || bits == 2) && n % (8 / bits) == 0) {
+    const int per_byte = 8 / bits;
+    for (int64_t i = 0; i < total; ++i)
+      for (int k = 0; k < per_byte; ++k)
+        codes[i * per_byte + k] = uint8_t((in[i] >> (k * bits)) & mask);
+    return;
+  }
+  for (int64_t c = 0; c < (n + 7) / 8; ++c) {
+    uint64_t acc = 0;
+    const int64_t first = c * bits, count = std::min<int64_t>(bits, total - first);
+    for (int64_t j = 0; j < count; ++j) acc |= uint64_t(in[first + j]) << (8 * j);
+    for (int64_t k = 0; k < 8 && c * 8 + k < n; ++k)
+      codes[c * 8 + k] = uint8_t((acc >> (k * bits)) & mask);
+  }
+}
+
 int64_t uniform_groups(int64_t n, int group) {
   check_params(UniformParams{2, group, false});
   check_count("uniform quantization", n);
   return (n + group - 1) / group;
+}
+
+void quantize_group(const float* x, int64_t len, const UniformParams& p, uint16_t* scale,
+                    uint16_t* zero, uint8_t* codes) {
+  const char* what = "uniform quantization";
+  check_uniform_call(what, len, p, scale, zero);
+  if (len == 0) return;
+  Grid g;
+  const GroupStatus st = group_params(x, len, p, scale, p.symmetric ? nullptr : zero, &g);
+  if (st == GroupStatus::nonfinite) throw_nonfinite(what, x, len);
+  if (st == GroupStatus::range)
+    throw Error(Exit::data, str(what, ": a group spans a range an f16 scale and zero cannot hold"));
+  group_codes(x, len, g.scale, g.zero, g.lo, g.hi, p.symmetric, levels(p), codes);
+}
+
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void dequantize_group(
+    const uint8_t* codes, int64_t len, const UniformParams& p, uint16_t scale, uint16_t zero,
+    float* out) {
+  const float S = kvk::f16_to_f32(scale);
+  if (p.symmetric) {
+    const int offset = 1 << (p.bits - 1);
+    for (int64_t i = 0; i < len; ++i) out[i] = float(int(codes[i]) - offset) * S;
+    return;
+  }
+  // q * S is exact in f32 (at most 8 + 11 significant bits), so the one rounding is the
+  // addition, fused or not: the same value as the encoder's top level.
+  const float Z = kvk::f16_to_f32(zero);
+  if (S == 0.0f) {
+    std::fill(out, out + len, Z);
+    return;
+  }
+  for (int64_t i = 0; i < len; ++i) out[i] = float(codes[i]) * S + Z;
 }
 
 void encode_uniform(const float* x, int64_t n, const UniformParams& p, uint8_t* codes,
@@ -339,16 +426,20 @@ void encode_uniform(const float* x, int64_t n, const UniformParams& p, uint8_t* 
   check_uniform_call(what, n, p, scales, zeros);
   const int64_t G = p.group, ng = uniform_groups(n, p.group);
   [[maybe_unused]] const bool parallel = n >= parallel_min;
-
-  // Pass 1: each group's scale and zero.
-  std::vector<Grid> grid(static_cast<size_t>(ng));
+  // Codes one per byte, then packed: groups can be coded in parallel whatever their bit offset.
+  std::vector<uint8_t> q(static_cast<size_t>(n));
   bool bad = false;
 #pragma omp parallel for schedule(static) reduction(|| : bad) if (parallel)
   for (int64_t g = 0; g < ng; ++g) {
     const int64_t len = std::min(G, n - g * G);
-    if (group_params(x + g * G, len, p, scales + g, p.symmetric ? nullptr : zeros + g,
-                     &grid[size_t(g)]) != GroupStatus::ok)
+    Grid grid;
+    if (group_params(x + g * G, len, p, scales + g, p.symmetric ? nullptr : zeros + g, &grid) !=
+        GroupStatus::ok) {
       bad = true;
+      continue;
+    }
+    group_codes(x + g * G, len, grid.scale, grid.zero, grid.lo, grid.hi, p.symmetric, levels(p),
+                q.data() + g * G);
   }
   if (bad) {
     for (int64_t g = 0; g < ng; ++g) {
@@ -361,41 +452,19 @@ void encode_uniform(const float* x, int64_t n, const UniformParams& p, uint8_t* 
                                     ") spans a range an f16 scale and zero cannot hold"));
     }
   }
-
-  // Pass 2: the codes, 8 at a time. 8 codes of b bits are exactly b bytes, so no two chunks
-  // share a byte and the chunks can be written in parallel.
-  const int b = p.bits, L = levels(p);
-  const int64_t chunks = (n + 7) / 8, total = int64_t(uniform_code_bytes(n, b));
-#pragma omp parallel for schedule(static) if (parallel)
-  for (int64_t c = 0; c < chunks; ++c) {
-    uint64_t acc = 0;
-    for (int64_t k = 0; k < 8 && c * 8 + k < n; ++k) {
-      const int64_t i = c * 8 + k;
-      acc |= uint64_t(uniform_code(x[i], grid[size_t(i / G)], p, L)) << (k * b);
-    }
-    const int64_t first = c * b, count = std::min<int64_t>(b, total - first);
-    for (int64_t j = 0; j < count; ++j) codes[first + j] = uint8_t(acc >> (8 * j));
-  }
+  pack_codes(q.data(), n, p.bits, codes);
 }
 
 void decode_uniform(const uint8_t* codes, const uint16_t* scales, const uint16_t* zeros, int64_t n,
                     const UniformParams& p, float* out) {
   check_uniform_call("uniform dequantization", n, p, scales, zeros);
   const int64_t G = p.group, ng = uniform_groups(n, p.group);
-  const std::vector<Grid> grid = grids(scales, zeros, ng, p);
-  const int b = p.bits;
-  const uint32_t mask = (uint32_t(1) << b) - 1;
-  const int64_t chunks = (n + 7) / 8, total = int64_t(uniform_code_bytes(n, b));
+  std::vector<uint8_t> q(static_cast<size_t>(n));
+  unpack_codes(codes, n, p.bits, q.data());
 #pragma omp parallel for schedule(static) if (n >= parallel_min)
-  for (int64_t c = 0; c < chunks; ++c) {
-    uint64_t acc = 0;
-    const int64_t first = c * b, count = std::min<int64_t>(b, total - first);
-    for (int64_t j = 0; j < count; ++j) acc |= uint64_t(codes[first + j]) << (8 * j);
-    for (int64_t k = 0; k < 8 && c * 8 + k < n; ++k) {
-      const int64_t i = c * 8 + k;
-      out[i] = uniform_value(uint32_t(acc >> (k * b)) & mask, grid[size_t(i / G)], p);
-    }
-  }
+  for (int64_t g = 0; g < ng; ++g)
+    dequantize_group(q.data() + g * G, std::min(G, n - g * G), p, scales[g],
+                     p.symmetric ? 0 : zeros[g], out + g * G);
 }
 
 // ---- evaluation --------------------------------------------------------------------------------

@@ -200,6 +200,19 @@ void write_encoding_attrs(hid_t g, const Encoding& e) {
     h5::write_attr(g, "factors", e.factors);
     h5::write_attr(g, "pre_rope", int64_t(e.pre_rope));
   }
+  if (e.scheme == "kvquant") {
+    h5::write_attr(g, "bits", int64_t(e.bits));
+    h5::write_attr(g, "axis", e.axis);
+    h5::write_attr(g, "outliers", e.outliers);
+    h5::write_attr(g, "pre_rope", int64_t(e.pre_rope));
+  }
+  if (e.scheme == "mikv") {
+    h5::write_attr(g, "bits", int64_t(e.bits));
+    h5::write_attr(g, "high_bits", int64_t(e.high_bits));
+    h5::write_attr(g, "high_share", e.high_share);
+    h5::write_attr(g, "group", int64_t(e.group));
+    h5::write_attr(g, "axis", e.axis);
+  }
   if (e.hadamard) h5::write_attr(g, "hadamard", int64_t(1));
 }
 
@@ -427,8 +440,11 @@ bool is_encoded(hid_t loc, const std::string& name) {
 }
 
 // The arrays any scheme may define; other members of an encoded group are ignored (section 2).
-constexpr const char* kCodeArrayNames[] = {"codes",  "scales", "zeros",  "residual",
-                                           "blocks", "ranks",  "coeffs", "basis"};
+constexpr const char* kCodeArrayNames[] = {
+    "codes",         "scales",        "zeros",      "residual",   "blocks",
+    "ranks",         "coeffs",        "basis",      "levels",     "outlier_counts",
+    "outlier_index", "outlier_value", "high",       "codes_high", "scales_high",
+    "zeros_high",    "codes_low",     "scales_low", "zeros_low"};
 
 Encoding read_encoding_attrs(hid_t g, const std::string& where) {
   if (!h5::has_attr(g, "scheme")) throw Error(Exit::data, where + " has no attribute 'scheme'");
@@ -462,6 +478,9 @@ Encoding read_encoding_attrs(hid_t g, const std::string& where) {
   e.factors = string_attr("factors");
   e.pre_rope = int_attr("pre_rope") != 0;
   e.hadamard = int_attr("hadamard") != 0;
+  e.outliers = h5::has_attr(g, "outliers") ? h5::read_attr_double(g, "outliers", where) : 0.0;
+  e.high_bits = small_int("high_bits");
+  e.high_share = h5::has_attr(g, "high_share") ? h5::read_attr_double(g, "high_share", where) : 0.0;
   return e;
 }
 
@@ -860,8 +879,20 @@ int64_t SnapshotReader::file_bytes() const {
 }
 
 std::string SnapshotReader::codec_name() const {
-  if (n_layers() == 0 || !h5::exists(impl_->layers, layer_name(0) + "/k")) return "none";
-  Handle ds(H5Dopen2(impl_->layers, (layer_name(0) + "/k").c_str(), H5P_DEFAULT), H5Dclose);
+  if (n_layers() == 0) return "none";
+  // Layer 0's k, or the first array of an encoded k: a dataset with elements (empty ones are
+  // never filtered).
+  std::string path = layer_name(0) + "/k";
+  if (is_encoded(impl_->layers, path))
+    for (const char* array : kCodeArrayNames)
+      if (h5::exists(impl_->layers, path + "/" + array) &&
+          storage_size(impl_->layers, path + "/" + array) > 0) {
+        path += std::string("/") + array;
+        break;
+      }
+  if (!h5::exists(impl_->layers, path)) return "none";
+  Handle ds(H5Dopen2(impl_->layers, path.c_str(), H5P_DEFAULT), H5Dclose);
+  if (!ds.valid()) return "none";
   Handle dcpl(H5Dget_create_plist(ds), H5Pclose);
   for (int i = 0, n = H5Pget_nfilters(dcpl); i < n; ++i) {
     unsigned flags = 0, cd[4] = {};
@@ -1184,7 +1215,12 @@ void SnapshotWriter::write_layer(const Layer& layer) {
   const auto N = hsize_t(layer.entries());
   write_vector(g, "positions", layer.positions, codec);
   write_vector(g, "head_offsets", layer.head_offsets, codec);
-  const RowLayout rows{h.model, layer.head_offsets, layer.positions};
+  RowLayout rows{h.model, layer.head_offsets, layer.positions};
+  std::vector<float> importance;  // mikv ranks rows by their attention statistics
+  if (layer.k_encoding.scheme == "mikv" || layer.v_encoding.scheme == "mikv") {
+    importance = entry_importance(h.model, layer.head_offsets, layer.positions, layer.attn_acc);
+    rows.importance = importance.data();
+  }
   for (auto [name, t, enc] : {std::tuple{"k", &layer.k, &layer.k_encoding},
                               std::tuple{"v", &layer.v, &layer.v_encoding}}) {
     if (enc->dense()) {
@@ -1192,9 +1228,8 @@ void SnapshotWriter::write_layer(const Layer& layer) {
       continue;
     }
     check_encoding(*enc, h.model, name[0]);
-    const std::vector<float> values = t->to_f32();
     try {
-      write_encoded(g, name, encode(*enc, values.data(), rows), codec);
+      write_encoded(g, name, encode(*enc, *t, rows), codec);
     } catch (const Error& e) {
       throw Error(e.code(), str("layer ", l, ": '", name, "': ", e.what()));
     }

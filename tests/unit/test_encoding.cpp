@@ -138,21 +138,24 @@ TEST(Encoding, KiviKeepsTheRecentRowsAndGroupsKeysPerChannel) {
   // Head 0: 7 quantized rows -> per channel ceil(7/4) = 2 groups, 4 channels; head 1: all residual.
   EXPECT_EQ(array(enc, "scales").count(), 8);
   EXPECT_EQ(array(enc, "residual").count(), (3 + 2) * 4);
-  EXPECT_EQ(array(enc, "codes").count(), 4 * 2);  // 7 two-bit codes -> 2 bytes per channel
+  EXPECT_EQ(array(enc, "codes").count(), 7);  // 7 rows x 4 channels of 2 bits
   const auto y = round_trip(e, x, l);
   for (int64_t r : {7, 8, 9, 10, 11})
     for (int d = 0; d < 4; ++d) {
       const float v = x[size_t(r * 4 + d)];
       EXPECT_EQ(y[size_t(r * 4 + d)], kvk::f16_to_f32(kvk::f32_to_f16(v)));
     }
-  // Channel d of head 0's first group: the codes of quant on that column alone.
-  std::vector<float> col(7);
-  for (int r = 0; r < 7; ++r) col[size_t(r)] = x[size_t(r * 4 + 1)];
-  std::vector<uint8_t> codes(2);
-  std::vector<uint16_t> sc(2), zp(2);
-  kv::quant::encode_uniform(col.data(), 7, {2, 4, false}, codes.data(), sc.data(), zp.data());
-  EXPECT_EQ(array(enc, "codes").bytes[2], codes[0]);
-  EXPECT_EQ(array(enc, "codes").bytes[3], codes[1]);
+  // Group-major layout: group 0 (rows 0-3) holds channel 0's four codes, then channel 1's
+  // (codes 4..7 of the stream: byte 1), ...; its scales are [group][channel].
+  float col[4];
+  for (int r = 0; r < 4; ++r) col[r] = x[size_t(r * 4 + 1)];
+  uint8_t q[4], packed = 0;
+  uint16_t sc = 0, zp = 0;
+  kv::quant::quantize_group(col, 4, {2, 4, false}, &sc, &zp, q);
+  kv::quant::pack_codes(q, 4, 2, &packed);
+  EXPECT_EQ(array(enc, "codes").bytes[1], packed);
+  EXPECT_EQ(reinterpret_cast<const uint16_t*>(array(enc, "scales").bytes.data())[1], sc);
+  EXPECT_EQ(reinterpret_cast<const uint16_t*>(array(enc, "zeros").bytes.data())[1], zp);
 }
 
 TEST(Encoding, BlocksAreLlamaCppRowsWhenHeadDimIsAMultipleOf32) {
@@ -232,6 +235,96 @@ TEST(Encoding, FullRankSvdReconstructsAndRankTruncates) {
   EXPECT_GE(ranks[0], 1);
 }
 
+TEST(Encoding, KvquantFitsLevelsKeepsOutliersExactAndIsStable) {
+  // Keys per channel: a channel with at most 2^bits distinct values is stored exactly; the
+  // round(1% * n / 2) = 1 values at each end of a 100-row channel are outliers, kept exact.
+  Layout l(4, {100});
+  std::vector<float> x(static_cast<size_t>(l.values()));
+  std::mt19937 rng(11);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  for (int64_t r = 0; r < 100; ++r) {
+    x[size_t(r * 4 + 0)] = float(r % 3) - 1.0f;  // three levels: -1, 0, 1
+    x[size_t(r * 4 + 1)] = dist(rng);
+    x[size_t(r * 4 + 2)] = dist(rng);
+    x[size_t(r * 4 + 3)] = 0.5f;
+  }
+  x[size_t(7 * 4 + 1)] = 40.0f;  // an outlier far above channel 1's other values
+  Encoding e = scheme("kvquant", 'k');
+  e.pre_rope = false;
+  EXPECT_EQ(e.axis, "channel");
+  EXPECT_EQ(e.bits, 3);
+  const kv::Encoded enc = kv::encode(e, x.data(), l.rows());
+  const auto* counts = reinterpret_cast<const int32_t*>(array(enc, "outlier_counts").bytes.data());
+  EXPECT_EQ(counts[0], 2 * 2);  // channels 1 and 2; 0 and 3 end in ties, none strictly beyond
+  const auto y = round_trip(e, x, l);
+  for (int64_t r = 0; r < 100; ++r) {
+    EXPECT_EQ(y[size_t(r * 4 + 0)], x[size_t(r * 4 + 0)]);
+    EXPECT_EQ(y[size_t(r * 4 + 3)], 0.5f);
+  }
+  EXPECT_EQ(y[size_t(7 * 4 + 1)], 40.0f);
+  // Levels are fitted: Lloyd-Max's optimum for 3 bits on a Gaussian is a relative MSE of 0.0345
+  // (0.19 relative error); k-means levels, with the two tail values kept exact, stay below 0.2.
+  double num = 0, den = 0;
+  for (int64_t r = 0; r < 100; ++r) {
+    const double d = y[size_t(r * 4 + 2)] - x[size_t(r * 4 + 2)];
+    num += d * d;
+    den += double(x[size_t(r * 4 + 2)]) * x[size_t(r * 4 + 2)];
+  }
+  EXPECT_LT(std::sqrt(num / den), 0.2);
+  // A second encode of the decoded values changes nothing: each channel now has <= 8 distinct
+  // inliers, which become the levels.
+  EXPECT_EQ(round_trip(e, y, l), y);
+  // Values per token, and keys before RoPE, round trip within the same error scale.
+  Layout big(16, {200, 50});
+  const auto z = gaussian(big.values(), 12);
+  for (char role : {'k', 'v'}) {
+    Encoding ev = scheme("kvquant", role);
+    ev.bits = 4;
+    const auto w = round_trip(ev, z, big);
+    EXPECT_LT(kv::quant::relative_error(w.data(), z.data(), big.values()), 0.15) << role;
+  }
+}
+
+TEST(Encoding, MikvKeepsTheMostAttendedRowsAtHighBits) {
+  Layout l(8, {10, 6});
+  const auto x = gaussian(l.values(), 13);
+  std::vector<float> importance(16);
+  for (int i = 0; i < 16; ++i) importance[size_t(i)] = float((i * 7) % 16);  // a permutation
+  kv::RowLayout rows = l.rows();
+  rows.importance = importance.data();
+  Encoding e = scheme("mikv");
+  e.high_share = 0.3;  // round(3.0) = 3 rows of head 0, round(1.8) = 2 of head 1
+  std::vector<float> y(x.size());
+  kv::decode(kv::encode(e, x.data(), rows), rows, y.data());
+  // Each row decodes as uniform along tokens at 8 bits if it is among its head's most
+  // attended, else at 2 bits.
+  auto uniform_row = [&](int64_t r, int bits) {
+    Layout one(8, {1});
+    Encoding u = scheme("uniform");
+    u.bits = bits;
+    std::vector<float> row(x.begin() + r * 8, x.begin() + (r + 1) * 8);
+    return round_trip(u, row, one);
+  };
+  for (int64_t r = 0; r < 16; ++r) {
+    const int64_t h0 = r < 10 ? 0 : 10, n = r < 10 ? 10 : 6, keep = r < 10 ? 3 : 2;
+    int64_t rank = 0;  // rows of the head with more attention
+    for (int64_t i = h0; i < h0 + n; ++i) rank += importance[size_t(i)] > importance[size_t(r)];
+    const std::vector<float> want = uniform_row(r, rank < keep ? 8 : 2);
+    EXPECT_EQ(std::vector<float>(y.begin() + r * 8, y.begin() + (r + 1) * 8), want) << r;
+  }
+  // Share 0 is uniform 2-bit, share 1 uniform 8-bit, value for value.
+  Encoding u = scheme("uniform");
+  for (double share : {0.0, 1.0}) {
+    e.high_share = share;
+    u.bits = share == 0.0 ? 2 : 8;
+    kv::decode(kv::encode(e, x.data(), rows), rows, y.data());
+    EXPECT_EQ(y, round_trip(u, x, l)) << share;
+  }
+  // Without importance the encoder refuses (the writer computes it from attn_acc).
+  kv::RowLayout bare = l.rows();
+  EXPECT_THROW(kv::encode(e, x.data(), bare), kv::Error);
+}
+
 TEST(Encoding, StoredBytesMatchEachSchemesBitsPerValue) {
   // 8B-like heads (D = 128), 1000 rows each: bits per value from the formulas of kv-compress(1).
   Layout l(128, {1000, 1000});
@@ -260,8 +353,19 @@ TEST(Encoding, StoredBytesMatchEachSchemesBitsPerValue) {
   Encoding svd = scheme("svd");
   svd.rank = 32;
   cases.push_back({svd, 16.0 * (1000 * 32 + 128 * 32) / (1000.0 * 128)});
+  // kvquant keys: 3-bit codes, 8 f16 levels per channel of 1000 rows, 1% outliers (5 at each
+  // end of each channel) at 32 + 32 bits; values: an f16 scale per 128-value row and 1 outlier
+  // at each end of each row.
+  cases.push_back({scheme("kvquant", 'k'), 3 + 16.0 * 8 / 1000 + 0.01 * 64});
+  cases.push_back({scheme("kvquant", 'v'), 3 + 16.0 / 128 + 2.0 / 128 * 64});
+  // mikv: a fifth of the rows at 8 bits + 32/32, the rest at 2 + 32/32, one mask bit per row.
+  cases.push_back({scheme("mikv"), 0.2 * 9 + 0.8 * 3 + 1.0 / 128});
+  std::vector<float> importance(2000);
+  for (size_t i = 0; i < importance.size(); ++i) importance[i] = float((i * 7919) % 2000);
+  kv::RowLayout rows = l.rows();
+  rows.importance = importance.data();
   for (const Case& c : cases) {
-    const double bits = 8.0 * double(kv::encode(c.e, x.data(), l.rows()).bytes()) / n;
+    const double bits = 8.0 * double(kv::encode(c.e, x.data(), rows).bytes()) / n;
     EXPECT_NEAR(bits, c.bits, 0.05 * c.bits) << c.e.describe();
   }
 }
@@ -291,9 +395,12 @@ TEST(Encoding, BadParametersAndValues) {
   e.pre_rope = true;
   EXPECT_EQ(code_of([&] { kv::check_encoding(e, l.model, 'v'); }), 64);
   x[5] = NAN;
+  const std::vector<float> importance(4, 1.0f);
+  kv::RowLayout rows = l.rows();
+  rows.importance = importance.data();  // for mikv
   for (const auto& name : kv::scheme_names()) {
     if (name == "dense") continue;
-    EXPECT_EQ(code_of([&] { kv::encode(scheme(name), x.data(), l.rows()); }), 65) << name;
+    EXPECT_EQ(code_of([&] { kv::encode(scheme(name), x.data(), rows); }), 65) << name;
   }
   // A truncated array is a data error naming it.
   x[5] = 1;
@@ -348,7 +455,10 @@ TEST(Encoding, SnapshotsKeepTheirEncodingThroughFiles) {
 double key_error(const kv::Snapshot& s, const Encoding& e, bool keys) {
   double num = 0, den = 0;
   for (const kv::Layer& layer : s.layers) {
-    const kv::RowLayout rows{s.header.model, layer.head_offsets, layer.positions};
+    kv::RowLayout rows{s.header.model, layer.head_offsets, layer.positions};
+    const std::vector<float> importance =
+        kv::entry_importance(s.header.model, layer.head_offsets, layer.positions, layer.attn_acc);
+    rows.importance = importance.data();  // for mikv
     const auto x = (keys ? layer.k : layer.v).to_f32();
     std::vector<float> y(x.size());
     kv::decode(kv::encode(e, x.data(), rows), rows, y.data());
@@ -383,10 +493,26 @@ TEST(EncodingReal, ErrorOrderingOnStories260K) {
   const double q8 = key_error(*real, kv::default_encoding("q8_0", 'k'), true);
   const double q4 = key_error(*real, kv::default_encoding("q4_0", 'k'), true);
   EXPECT_LT(q8, q4);
+  Encoding kvq = kv::default_encoding("kvquant", 'k');
+  const double kvq3 = key_error(*real, kvq, true);
+  kvq.bits = 2;
+  const double kvq2 = key_error(*real, kvq, true);
+  kvq.pre_rope = false;
+  const double kvq2_post = key_error(*real, kvq, true);
+  EXPECT_LT(kvq3, kvq2);
+  EXPECT_LT(kvq2, kvq2_post);  // KVQuant's point: keys are easier to quantize before RoPE
   std::printf(
       "stories260K key rel. error: uniform8 %.4f uniform4 %.4f uniform2 %.4f kivi2 %.4f "
-      "kivi2(no residual) %.4f q8_0 %.4f q4_0 %.4f\n",
-      e8, e4, e2, kivi2, kivi2_layout, q8, q4);
+      "kivi2(no residual) %.4f q8_0 %.4f q4_0 %.4f kvquant3 %.4f kvquant2 %.4f "
+      "kvquant2(post-RoPE) %.4f\n",
+      e8, e4, e2, kivi2, kivi2_layout, q8, q4, kvq3, kvq2, kvq2_post);
+  // Every scheme with its defaults, keys and values (reported; the ordering above is asserted).
+  for (const std::string& name : kv::scheme_names()) {
+    if (name == "dense") continue;
+    std::printf("  %-8s k %.4f v %.4f\n", name.c_str(),
+                key_error(*real, kv::default_encoding(name, 'k'), true),
+                key_error(*real, kv::default_encoding(name, 'v'), false));
+  }
 }
 
 }  // namespace

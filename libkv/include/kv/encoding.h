@@ -6,7 +6,12 @@
 //  - kivi: uniform with KIVI's layout, keys per channel and values per token;
 //  - q8_0, q4_0: llama.cpp's blocks over each head's row-major values;
 //  - fp8: e4m3 or e5m2 with one f32 scale per tensor or per head;
-//  - svd: per head truncated SVD, X ~ A B^T with A [n, r] and B [D, r].
+//  - svd: per head truncated SVD, X ~ A B^T with A [n, r] and B [D, r];
+//  - kvquant: KVQuant-style non-uniform levels fitted by 1-D k-means, keys per channel (before
+//    RoPE), values per token (scaled by their largest magnitude, levels shared per head), with
+//    the values outside each vector's central quantiles kept exact in a sparse list;
+//  - mikv: MiKV-style mixed precision, the rows that received the most attention (attention
+//    statistics) at high_bits, the others at bits, both uniform along tokens.
 // Hadamard rotation (rows times H_D / sqrt(D)) may precede uniform, kivi, q8_0, q4_0 and fp8;
 // decoding undoes it. svd may factorize keys before RoPE (un-rotated with the positions).
 //
@@ -18,14 +23,16 @@
 #include <string>
 #include <vector>
 
+#include "kv/tensor.h"
+
 namespace kv {
 
 struct ModelInfo;
 
 struct Encoding {
-  std::string scheme = "dense";  // dense, uniform, kivi, q8_0, q4_0, fp8, svd
-  int bits = 0;                  // uniform, kivi: 2, 3, 4 or 8
-  int group = 0;                 // uniform, kivi: values per f16 scale (and zero)
+  std::string scheme = "dense";  // dense, uniform, kivi, q8_0, q4_0, fp8, svd, kvquant, mikv
+  int bits = 0;                  // uniform, kivi, mikv: 2, 3, 4 or 8; kvquant: 2, 3 or 4
+  int group = 0;                 // uniform, kivi, mikv: values per f16 scale (and zero)
   bool symmetric = false;        // uniform: no zero point
   std::string axis;              // uniform, kivi: "token" (a row's channels) or "channel"
   int residual = 0;              // uniform, kivi: most recent rows of each head kept dense (f16)
@@ -35,7 +42,10 @@ struct Encoding {
   int rank = 0;                  // svd: rank per head (capped by the head's rows and D), or 0
   double energy = 0;             // svd, when rank = 0: smallest rank keeping this share of sum s^2
   std::string factors;           // svd: "f16" or "f32"
-  bool pre_rope = false;         // svd on keys: factorize un-rotated keys
+  bool pre_rope = false;         // svd, kvquant on keys: encode un-rotated keys
+  double outliers = 0;           // kvquant: share of each vector's values kept exact (sparse)
+  int high_bits = 0;             // mikv: bits of the important rows (`bits`: the others)
+  double high_share = 0;         // mikv: share of each head's rows kept at high_bits
 
   bool dense() const { return scheme == "dense"; }
   // "kivi bits=2 group=32 axis=channel residual=128": scheme and the parameters it uses.
@@ -45,7 +55,9 @@ struct Encoding {
 
 // The scheme names this kvtk knows, and each one's defaults for k ("k") or v ("v"): uniform 4-bit
 // asymmetric groups of 32 along tokens; kivi 2-bit, group 32, residual 128, keys per channel and
-// values per token; fp8 e4m3 with a scale per head; svd keeping 99% of the energy, f16 factors.
+// values per token; fp8 e4m3 with a scale per head; svd keeping 99% of the energy, f16 factors;
+// kvquant 3-bit, 1% outliers, keys before RoPE; mikv 20% of rows at 8 bits, the rest at 2,
+// groups of 32 along tokens.
 // Throws Error(Exit::usage) for an unknown name.
 Encoding default_encoding(const std::string& scheme, char role);
 const std::vector<std::string>& scheme_names();
@@ -77,10 +89,19 @@ struct RowLayout {
   const ModelInfo& model;
   const std::vector<int64_t>& head_offsets;
   const std::vector<int32_t>& positions;
+  const float* importance = nullptr;  // [N], mikv's encoder: attention each entry received
 };
+
+// What mikv ranks entries by: the attention each received from the query heads of its KV head,
+// summed over later prompt queries (attn_acc, as H2O). Throws Error(Exit::data) when the layer
+// has no attention statistics.
+std::vector<float> entry_importance(const ModelInfo& model, const std::vector<int64_t>& offsets,
+                                    const std::vector<int32_t>& positions, const Tensor& attn_acc);
 
 // Encodes x [N, D] (N = head_offsets.back()). Throws Error(Exit::data) for NaN/Inf or values a
 // scheme cannot represent, Error(Exit::usage) for parameters check_encoding rejects.
+// x is f32, f16 or bf16, [N, D]: encoders read it in tiles, never as a whole f32 copy.
+Encoded encode(const Encoding& e, const Tensor& x, const RowLayout& rows);
 Encoded encode(const Encoding& e, const float* x, const RowLayout& rows);
 // Decodes into out [N, D]. Throws Error(Exit::data) naming the array when an array is missing or
 // has the wrong length for the layout, or a per-head value (rank) is out of range.

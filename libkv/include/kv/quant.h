@@ -63,6 +63,19 @@ void check_params(const UniformParams& p);
 // byte boundaries. Unused bits of the last byte are 0.
 size_t uniform_code_bytes(int64_t n, int bits);
 
+// One group of encode_uniform, its codes one per byte (what encode_uniform packs): for callers
+// that lay groups out themselves. Throws like encode_uniform; zero may be null if symmetric.
+void quantize_group(const float* x, int64_t len, const UniformParams& p, uint16_t* scale,
+                    uint16_t* zero, uint8_t* codes);
+// The inverse for one group of codes (one per byte); p.group is not used.
+void dequantize_group(const uint8_t* codes, int64_t len, const UniformParams& p, uint16_t scale,
+                      uint16_t zero, float* out);
+
+// Packs n codes (each < 2^bits) into uniform_code_bytes(n, bits) bytes in that layout, and back;
+// for schemes that choose their codes themselves (non-uniform levels).
+void pack_codes(const uint8_t* codes, int64_t n, int bits, uint8_t* out);
+void unpack_codes(const uint8_t* in, int64_t n, int bits, uint8_t* codes);
+
 // Number of groups for n values: ceil(n / group); each has one f16 scale (and zero).
 int64_t uniform_groups(int64_t n, int group);
 
