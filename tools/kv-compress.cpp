@@ -80,9 +80,10 @@ struct SchemeOptions {
 
 int main(int argc, char** argv) {
   kvt::Tool tool("kv-compress",
-                 "Store keys and values quantized (uniform, KIVI, llama.cpp q8_0/q4_0, fp8) or "
-                 "low-rank (SVD), with packed codes so the file really shrinks; -d decodes back "
-                 "to dense values. Other tools read encoded snapshots transparently.");
+                 "Store keys and values quantized (uniform, KIVI, llama.cpp q8_0/q4_0, fp8, "
+                 "KVQuant-style, MiKV-style mixed precision) or low-rank (SVD), with packed codes "
+                 "so the file really shrinks; -d decodes back to dense values. Other tools read "
+                 "encoded snapshots transparently.");
   auto& app = tool.app();
   std::string input = "-", tensors = "kv", dtype = "f16";
   bool decode_back = false;

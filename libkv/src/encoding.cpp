@@ -218,16 +218,18 @@ struct UniformArrays {
   }
 };
 
-Encoded encode_uniform(const Encoding& e, const Tensor& x, const RowLayout& rows) {
+// `suffix` is appended to the array names (mikv stores two uniform encodings side by side).
+Encoded encode_uniform(const Encoding& e, const Tensor& x, const RowLayout& rows,
+                       const std::string& suffix = "") {
   const int D = rows.model.head_dim;
   const auto& off = rows.head_offsets;
   const int H = int(off.size()) - 1;
   const quant::UniformParams p = uniform_params(e, D);
   const UniformArrays at(e, off, D);
-  CodeArray codes = make_array("codes", Type::u8, at.codes_at[H]);
-  CodeArray scales = make_array("scales", Type::f16, at.groups_at[H]);
-  CodeArray zeros = make_array("zeros", Type::f16, e.symmetric ? 0 : at.groups_at[H]);
-  CodeArray resid = make_array("residual", Type::f16, at.residual_at[H]);
+  CodeArray codes = make_array("codes" + suffix, Type::u8, at.codes_at[H]);
+  CodeArray scales = make_array("scales" + suffix, Type::f16, at.groups_at[H]);
+  CodeArray zeros = make_array("zeros" + suffix, Type::f16, e.symmetric ? 0 : at.groups_at[H]);
+  CodeArray resid = make_array("residual" + suffix, Type::f16, at.residual_at[H]);
   const int64_t T = uniform_tile_rows(e, D);
   const auto work =
       tiles(H, T, [&](int h) { return uniform_sizes(e, off[h + 1] - off[h], D).quantized_rows; });
@@ -281,18 +283,22 @@ Encoded encode_uniform(const Encoding& e, const Tensor& x, const RowLayout& rows
   return out;
 }
 
-void decode_uniform(const Encoded& enc, const RowLayout& rows, float* out) {
-  const Encoding& e = enc.encoding;
+// Decodes with the parameters of `e` the arrays of `enc` named with `suffix`; the residual may
+// be absent when no row is residual (mikv's parts).
+void decode_uniform(const Encoding& e, const Encoded& enc, const RowLayout& rows, float* out,
+                    const std::string& suffix = "") {
   const int D = rows.model.head_dim;
   const auto& off = rows.head_offsets;
   const int H = int(off.size()) - 1;
   const quant::UniformParams p = uniform_params(e, D);
   const UniformArrays at(e, off, D);
-  const CodeArray& codes = find_array(enc, "codes", Type::u8, at.codes_at[H]);
-  const CodeArray& scales = find_array(enc, "scales", Type::f16, at.groups_at[H]);
+  const CodeArray& codes = find_array(enc, "codes" + suffix, Type::u8, at.codes_at[H]);
+  const CodeArray& scales = find_array(enc, "scales" + suffix, Type::f16, at.groups_at[H]);
   const CodeArray* zeros =
-      e.symmetric ? nullptr : &find_array(enc, "zeros", Type::f16, at.groups_at[H]);
-  const CodeArray& resid = find_array(enc, "residual", Type::f16, at.residual_at[H]);
+      e.symmetric ? nullptr : &find_array(enc, "zeros" + suffix, Type::f16, at.groups_at[H]);
+  const CodeArray* resid = at.residual_at[H] || suffix.empty()
+                               ? &find_array(enc, "residual" + suffix, Type::f16, at.residual_at[H])
+                               : nullptr;
   const int64_t T = uniform_tile_rows(e, D);
   const auto work =
       tiles(H, T, [&](int h) { return uniform_sizes(e, off[h + 1] - off[h], D).quantized_rows; });
@@ -324,7 +330,8 @@ void decode_uniform(const Encoded& enc, const RowLayout& rows, float* out) {
   });
   for (int h = 0; h < H; ++h) {
     const UniformSizes s = uniform_sizes(e, off[h + 1] - off[h], D);
-    const uint16_t* res = elements<uint16_t>(resid) + at.residual_at[h];
+    if (!resid) break;
+    const uint16_t* res = elements<uint16_t>(*resid) + at.residual_at[h];
     kvk::cpu_ops().to_f32(DType::f16, res, out + (off[h] + s.quantized_rows) * D,
                           size_t(s.residual_values));
   }
@@ -973,12 +980,10 @@ Encoded encode_mikv(const Encoding& e, const Tensor& x, const RowLayout& rows) {
                   static_cast<const std::byte*>(x.data()) + size_t(part.rows[i]) * row_bytes,
                   row_bytes);
     Encoded coded =
-        encode_uniform(mikv_part(e, high), sub, {rows.model, part.offsets, part.positions});
-    for (CodeArray& a : coded.arrays) {
-      if (a.name == "residual") continue;  // always empty: no residual rows
-      a.name += high ? "_high" : "_low";
-      out.arrays.push_back(std::move(a));
-    }
+        encode_uniform(mikv_part(e, high), sub, {rows.model, part.offsets, part.positions},
+                       high ? "_high" : "_low");
+    for (CodeArray& a : coded.arrays)
+      if (!a.name.starts_with("residual")) out.arrays.push_back(std::move(a));  // always empty
   }
   return out;
 }
@@ -992,21 +997,9 @@ void decode_mikv(const Encoded& enc, const RowLayout& rows, float* out) {
                                      prefix(off, [](int64_t n, size_t) { return (n + 7) / 8; })[H]);
   for (bool high : {true, false}) {
     const MikvPart part = mikv_rows(off, rows.positions, elements<uint8_t>(mask), high);
-    Encoded coded;
-    coded.encoding = mikv_part(e, high);
-    const std::string suffix = high ? "_high" : "_low";
-    for (const CodeArray& a : enc.arrays)
-      if (a.name.size() > suffix.size() && a.name.ends_with(suffix)) {
-        coded.arrays.push_back(a);
-        coded.arrays.back().name.resize(a.name.size() - suffix.size());
-      }
-    coded.arrays.push_back(make_array("residual", Type::f16, 0));
     std::vector<float> values(part.rows.size() * size_t(D));
-    try {
-      decode_uniform(coded, {rows.model, part.offsets, part.positions}, values.data());
-    } catch (const Error& err) {
-      throw Error(err.code(), str("mikv ", high ? "high" : "low", "-precision rows: ", err.what()));
-    }
+    decode_uniform(mikv_part(e, high), enc, {rows.model, part.offsets, part.positions},
+                   values.data(), high ? "_high" : "_low");
     for (size_t i = 0; i < part.rows.size(); ++i)
       std::copy(values.begin() + i * D, values.begin() + (i + 1) * D, out + part.rows[i] * D);
   }
@@ -1200,7 +1193,7 @@ Encoded encode(const Encoding& e, const float* x, const RowLayout& rows) {
 
 void decode(const Encoded& enc, const RowLayout& rows, float* out) {
   const std::string& s = enc.encoding.scheme;
-  if (s == "uniform" || s == "kivi") return decode_uniform(enc, rows, out);
+  if (s == "uniform" || s == "kivi") return decode_uniform(enc.encoding, enc, rows, out);
   if (s == "q8_0" || s == "q4_0") return decode_blocks(enc, rows, out);
   if (s == "fp8") return decode_fp8(enc, rows, out);
   if (s == "svd") return decode_svd(enc, rows, out);

@@ -16,7 +16,9 @@
 #include <string>
 #include <vector>
 
+#include "kv/encoding.h"
 #include "kv/error.h"
+#include "kv/snapshot.h"
 #include "kv/snapshot_io.h"
 
 namespace {
@@ -57,7 +59,8 @@ void attr_str(hid_t loc, const char* name, const std::string& v) {
 }
 
 template <class T>
-void dataset(hid_t loc, const char* name, hid_t type, std::vector<hsize_t> dims, const std::vector<T>& data) {
+void dataset(hid_t loc, const char* name, hid_t type, std::vector<hsize_t> dims,
+             const std::vector<T>& data) {
   hsize_t n = 1;
   for (auto d : dims) n *= d;
   std::vector<T> full(n);
@@ -67,6 +70,122 @@ void dataset(hid_t loc, const char* name, hid_t type, std::vector<hsize_t> dims,
   if (n) H5Dwrite(d, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, full.data());
   H5Dclose(d);
   H5Sclose(s);
+}
+
+void attr_double(hid_t loc, const char* name, double v) {
+  hid_t s = H5Screate(H5S_SCALAR);
+  hid_t a = H5Acreate2(loc, name, H5T_NATIVE_DOUBLE, s, H5P_DEFAULT, H5P_DEFAULT);
+  H5Awrite(a, H5T_NATIVE_DOUBLE, &v);
+  H5Aclose(a);
+  H5Sclose(s);
+}
+
+// An encoded k or v (kvsnap section 9): when the layer's layout is sound, a real encoding of
+// random values by libkv (so decoding gets past the length checks), then damaged: a parameter
+// changed, an array dropped, shortened, lengthened or its bytes overwritten; otherwise arrays
+// of arbitrary lengths. Every parameter and array name of every scheme can appear.
+void encoded_group(Bytes& in, hid_t layer, const char* name, int64_t D, int64_t Hkv,
+                   const std::vector<int64_t>& off, const std::vector<int32_t>& pos) {
+  const auto& names = kv::scheme_names();
+  kv::Encoding e;
+  try {
+    e = kv::default_encoding(names[1 + in.u8() % (names.size() - 1)], name[0]);
+  } catch (const kv::Error&) {
+  }
+  const uint8_t knobs = in.u8();
+  if (knobs & 1) e.bits = int(in.small(0, 9));
+  if (knobs & 2) e.group = int(in.small(-1, 40));
+  if (knobs & 4) e.residual = int(in.small(-1, 9));
+  if (knobs & 8) e.rank = int(in.small(-1, 7));
+  if (knobs & 16) e.hadamard = true;
+  if (knobs & 32) e.axis = in.u8() & 1 ? "token" : "channel";
+  if (knobs & 64) e.high_share = double(in.small(-1, 11)) / 10;
+  if (knobs & 128) e.outliers = double(in.small(0, 10)) / 10;
+  std::vector<kv::CodeArray> arrays;
+  bool layout_ok = Hkv > 0 && D > 0 && int64_t(off.size()) == Hkv + 1 && off[0] == 0 &&
+                   off.back() == int64_t(pos.size());
+  for (size_t h = 0; layout_ok && h + 1 < off.size(); ++h) layout_ok = off[h + 1] >= off[h];
+  for (int32_t p : pos) layout_ok = layout_ok && p >= 0;
+  if (layout_ok) {
+    kv::ModelInfo model;
+    model.n_layers = 1;
+    model.n_kv_heads = model.n_q_heads = int(Hkv);
+    model.head_dim = int(D);
+    model.rope_dims = int(D - D % 2);
+    std::vector<float> x(size_t(off.back() * D)), importance(pos.size(), 1.0f);
+    for (float& v : x) v = float(int(in.u8()) - 128) / 16;
+    kv::RowLayout rows{model, off, pos, importance.data()};
+    try {
+      kv::check_encoding(e, model, name[0]);
+      arrays = kv::encode(e, x.data(), rows).arrays;
+    } catch (const kv::Error&) {
+    }
+  }
+  // Damage.
+  const uint8_t damage = in.u8();
+  if (!arrays.empty() && (damage & 3) == 1) arrays.erase(arrays.begin() + in.u8() % arrays.size());
+  if (!arrays.empty() && (damage & 3) == 2) {
+    kv::CodeArray& a = arrays[in.u8() % arrays.size()];
+    a.bytes.resize(size_t(std::max<int64_t>(0, int64_t(a.bytes.size()) + in.small(-8, 8))));
+  }
+  if (!arrays.empty() && (damage & 3) == 3) {
+    kv::CodeArray& a = arrays[in.u8() % arrays.size()];
+    for (uint8_t& b : a.bytes) b = in.n ? in.u8() : b;
+  }
+  if (arrays.empty() || (damage & 4)) {  // arbitrary arrays
+    const char* all[] = {"codes",     "scales",         "zeros",         "residual",
+                         "blocks",    "ranks",          "coeffs",        "basis",
+                         "levels",    "outlier_counts", "outlier_index", "outlier_value",
+                         "high",      "codes_high",     "scales_high",   "zeros_high",
+                         "codes_low", "scales_low",     "zeros_low"};
+    const kv::CodeArray::Type types[] = {kv::CodeArray::Type::u8, kv::CodeArray::Type::f16,
+                                         kv::CodeArray::Type::f32, kv::CodeArray::Type::i32};
+    for (int i = 0, n = int(in.small(0, 4)); i < n; ++i) {
+      kv::CodeArray a;
+      a.name = all[in.u8() % std::size(all)];
+      a.type = types[in.u8() % 4];
+      a.bytes.resize(kv::CodeArray::element_size(a.type) * size_t(in.small(0, 24)));
+      for (uint8_t& b : a.bytes) b = in.u8();
+      arrays.push_back(std::move(a));
+    }
+  }
+  hid_t g = H5Gcreate2(layer, name, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+  if (!(damage & 8)) attr_str(g, "scheme", damage & 16 ? "wavelet" : e.scheme);
+  attr_int(g, "bits", e.bits);
+  attr_int(g, "group", e.group);
+  attr_str(g, "axis", e.axis);
+  attr_int(g, "symmetric", e.symmetric);
+  attr_int(g, "residual", e.residual);
+  attr_str(g, "format", damage & 32 ? "e3m4" : e.fp8_format);
+  attr_str(g, "scale", e.scale_scope);
+  attr_int(g, "rank", e.rank);
+  attr_double(g, "energy", e.energy);
+  attr_str(g, "factors", e.factors);
+  attr_int(g, "pre_rope", e.pre_rope);
+  attr_double(g, "outliers", e.outliers);
+  attr_int(g, "high_bits", damage & 64 ? 99 : e.high_bits);
+  attr_double(g, "high_share", e.high_share);
+  attr_int(g, "hadamard", e.hadamard);
+  for (const kv::CodeArray& a : arrays) {
+    // f16 as kvsnap section 8 defines it, sometimes replaced by uint16 (a wrong type).
+    hid_t f16 = H5Tcopy(H5T_IEEE_F32LE);
+    H5Tset_fields(f16, 15, 10, 5, 0, 10);
+    H5Tset_size(f16, 2);
+    H5Tset_ebias(f16, 15);
+    const hid_t t = a.type == kv::CodeArray::Type::u8    ? H5T_STD_U8LE
+                    : a.type == kv::CodeArray::Type::i32 ? H5T_STD_I32LE
+                    : a.type == kv::CodeArray::Type::f32 ? H5T_IEEE_F32LE
+                    : (damage & 128)                     ? H5T_NATIVE_UINT16
+                                                         : f16;
+    const hsize_t n = hsize_t(a.count());
+    hid_t sp = H5Screate_simple(1, &n, nullptr);
+    hid_t d = H5Dcreate2(g, a.name.c_str(), t, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    if (n) H5Dwrite(d, t, H5S_ALL, H5S_ALL, H5P_DEFAULT, a.bytes.data());
+    H5Dclose(d);
+    H5Sclose(sp);
+    H5Tclose(f16);
+  }
+  H5Gclose(g);
 }
 
 std::string write_case(Bytes& in, const std::string& path) {
@@ -120,21 +239,34 @@ std::string write_case(Bytes& in, const std::string& path) {
     hid_t g = H5Gcreate2(layers, name, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
     const int64_t N = in.small(0, 12);
     std::vector<int32_t> pos;
-    for (int64_t i = 0; i < N; ++i) pos.push_back(int32_t(in.small(-1, 9)));
-    dataset<int32_t>(g, "positions", H5T_NATIVE_INT32, {hsize_t(N + in.small(-1, 1) * (N > 0))}, pos);
     std::vector<int64_t> off;
-    for (int64_t h = 0; h <= std::max<int64_t>(Hkv, 0) + in.small(-1, 1); ++h) off.push_back(in.u8() & 0x80 ? in.wide() : in.small(0, 12));
-    if (!off.empty()) dataset<int64_t>(g, "head_offsets", H5T_NATIVE_INT64, {hsize_t(off.size())}, off);
+    if (Hkv > 0 && (in.u8() & 1)) {
+      // A sound layout (heads of consecutive positions), so encoded tensors reach decoding.
+      off.push_back(0);
+      for (int64_t h = 0; h < Hkv; ++h) {
+        off.push_back(N * (h + 1) / Hkv);
+        for (int64_t i = off[size_t(h)]; i < off.back(); ++i)
+          pos.push_back(int32_t(i - off[size_t(h)]));
+      }
+      dataset<int32_t>(g, "positions", H5T_NATIVE_INT32, {hsize_t(N)}, pos);
+    } else {
+      for (int64_t i = 0; i < N; ++i) pos.push_back(int32_t(in.small(-1, 9)));
+      dataset<int32_t>(g, "positions", H5T_NATIVE_INT32, {hsize_t(N + in.small(-1, 1) * (N > 0))},
+                       pos);
+      for (int64_t h = 0; h <= std::max<int64_t>(Hkv, 0) + in.small(-1, 1); ++h)
+        off.push_back(in.u8() & 0x80 ? in.wide() : in.small(0, 12));
+    }
+    if (!off.empty())
+      dataset<int64_t>(g, "head_offsets", H5T_NATIVE_INT64, {hsize_t(off.size())}, off);
     const hid_t types[4] = {H5T_IEEE_F32LE, H5T_IEEE_F64LE, H5T_NATIVE_INT16, H5T_IEEE_F32BE};
     for (const char* kv : {"k", "v"}) {
       const uint8_t shape = in.u8();
       std::vector<float> vals = {1.0f, flags & 32 ? NAN : 2.0f, -1.0f};
-      std::vector<hsize_t> dims = {hsize_t(N + (shape & 1)), hsize_t(std::max<int64_t>(D, 0) + ((shape >> 1) & 1))};
+      std::vector<hsize_t> dims = {hsize_t(N + (shape & 1)),
+                                   hsize_t(std::max<int64_t>(D, 0) + ((shape >> 1) & 1))};
       if (shape & 4) dims.push_back(2);
       if (shape & 8) {
-        hid_t enc = H5Gcreate2(g, kv, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
-        attr_str(enc, "scheme", "kivi");
-        H5Gclose(enc);
+        encoded_group(in, g, kv, D, Hkv, off, pos);
       } else if (shape & 16) {
         std::vector<double> dv(vals.begin(), vals.end());
         dataset<double>(g, kv, H5T_NATIVE_DOUBLE, dims, dv);
@@ -146,10 +278,15 @@ std::string write_case(Bytes& in, const std::string& path) {
           dataset<float>(g, kv, H5T_NATIVE_FLOAT, dims, vals);  // converted by HDF5 to type f32
       }
     }
-    if (flags & 64) dataset<float>(g, "mass", H5T_NATIVE_FLOAT, {hsize_t(N)}, {float(in.small(-1, 3))});
-    if (W) dataset<float>(g, "window_q", H5T_NATIVE_FLOAT, {hsize_t(Hq), hsize_t(W + in.small(-1, 1)), hsize_t(std::max<int64_t>(D, 0))}, {0.5f});
+    if (flags & 64)
+      dataset<float>(g, "mass", H5T_NATIVE_FLOAT, {hsize_t(N)}, {float(in.small(-1, 3))});
+    if (W)
+      dataset<float>(g, "window_q", H5T_NATIVE_FLOAT,
+                     {hsize_t(Hq), hsize_t(W + in.small(-1, 1)), hsize_t(std::max<int64_t>(D, 0))},
+                     {0.5f});
     if (flags & 16) {
-      dataset<float>(g, "attn_acc", H5T_NATIVE_FLOAT, {hsize_t(std::max<int64_t>(Hq, 0)), hsize_t(std::max<int64_t>(T, 0))}, {0.1f});
+      dataset<float>(g, "attn_acc", H5T_NATIVE_FLOAT,
+                     {hsize_t(std::max<int64_t>(Hq, 0)), hsize_t(std::max<int64_t>(T, 0))}, {0.1f});
       dataset<float>(g, "attn_last", H5T_NATIVE_FLOAT, {hsize_t(std::max<int64_t>(Hq, 0))}, {0.1f});
     }
     H5Gclose(g);
