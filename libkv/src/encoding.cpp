@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <numeric>
 
 #include "kv/error.h"
@@ -33,11 +34,29 @@ bool allows_hadamard(const std::string& s) {
 
 // ---- arrays ------------------------------------------------------------------------------------
 
+// Storage of arrays handed back by recycle(): a layer's arrays are about the size of the last
+// layer's, and reusing them spares the page faults of fresh memory (as Tensor does for values).
+std::mutex pool_mutex;
+std::vector<std::vector<uint8_t>> pool;
+
 CodeArray make_array(const std::string& name, Type type, int64_t count) {
   CodeArray a;
   a.name = name;
   a.type = type;
-  a.bytes.assign(size_t(count) * CodeArray::element_size(type), 0);
+  const size_t bytes = size_t(count) * CodeArray::element_size(type);
+  {
+    std::lock_guard<std::mutex> lock(pool_mutex);
+    // The smallest pooled buffer that is big enough.
+    auto best = pool.end();
+    for (auto it = pool.begin(); it != pool.end(); ++it)
+      if (it->capacity() >= bytes && (best == pool.end() || it->capacity() < best->capacity()))
+        best = it;
+    if (best != pool.end()) {
+      a.bytes.swap(*best);
+      pool.erase(best);
+    }
+  }
+  a.bytes.assign(bytes, 0);
   return a;
 }
 
@@ -1164,6 +1183,14 @@ std::string Encoding::describe() const {
   }
   if (hadamard) s += " hadamard";
   return s;
+}
+
+void recycle(Encoded&& enc) {
+  std::lock_guard<std::mutex> lock(pool_mutex);
+  for (CodeArray& a : enc.arrays)
+    if (a.bytes.capacity() >= (size_t(1) << 16) && pool.size() < 32)
+      pool.push_back(std::move(a.bytes));
+  enc.arrays.clear();
 }
 
 int64_t Encoded::bytes() const {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -174,17 +175,29 @@ int levels(const UniformParams& p) {
 }
 
 // Chooses one group's stored scale (and zero) per the rules in quant.h.
+// One pass for the extremes and the finiteness check; false if x holds NaN/Inf (then mn and mx
+// are unspecified). Integer maxima of the magnitudes' bits find non-finite values without
+// branches, so the loop vectorizes.
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) bool extremes(
+    const float* x, int64_t len, float& mn, float& mx) {
+  float lo = x[0], hi = x[0];
+  uint32_t top = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    lo = x[i] < lo ? x[i] : lo;
+    hi = x[i] > hi ? x[i] : hi;
+    uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    top = std::max(top, u & 0x7fffffffu);
+  }
+  mn = lo;
+  mx = hi;
+  return top < 0x7f800000u;
+}
+
 GroupStatus group_params(const float* x, int64_t len, const UniformParams& p, uint16_t* scale,
                          uint16_t* zero, Grid* grid) {
-  // One pass for the extremes and the finiteness check (NaN fails |v| <= FLT_MAX).
-  float mn = x[0], mx = x[0];
-  bool finite = true;
-  for (int64_t i = 0; i < len; ++i) {
-    mn = std::min(mn, x[i]);
-    mx = std::max(mx, x[i]);
-    finite &= std::fabs(x[i]) <= std::numeric_limits<float>::max();
-  }
-  if (!finite) return GroupStatus::nonfinite;
+  float mn, mx;
+  if (!extremes(x, len, mn, mx)) return GroupStatus::nonfinite;
   const int L = levels(p);
   Grid g;
   uint16_t s = 0;
@@ -246,6 +259,42 @@ inline void group_codes_on(const float* x, int64_t len, double S, double Z, doub
   }
 }
 
+// The same codes for few levels (2 to 4 bits): level j + 1 is reached exactly when
+// x - Z >= (j + 0.5) S, i.e. x >= T[j] with T[j] the smallest float at or above Z + (j + 0.5) S
+// (exact in double). Counting the thresholds a value reaches is a few float compares per
+// value, 8 or 16 values per instruction.
+template <bool Symmetric>
+inline void group_codes_by_thresholds(const float* x, int64_t len, float S, float Z, int L,
+                                      float lo, float hi, int offset, uint8_t* q) {
+  float T[15];
+  for (int j = 0; j < L; ++j) {
+    const double t = double(Z) + (j + 0.5) * double(S);
+    float f = float(t);
+    if (double(f) < t) f = std::nextafter(f, std::numeric_limits<float>::infinity());
+    T[j] = f;
+  }
+  constexpr int64_t kChunk = 64;
+  uint8_t count[kChunk];
+  for (int64_t i0 = 0; i0 < len; i0 += kChunk) {
+    const int64_t n = std::min(kChunk, len - i0);
+    const float* v = x + i0;
+    for (int64_t i = 0; i < n; ++i) count[i] = 0;
+    for (int j = 0; j < L; ++j) {
+      const float t = T[j];
+      for (int64_t i = 0; i < n; ++i)
+        count[i] += uint8_t((Symmetric ? std::fabs(v[i]) : v[i]) >= t);
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      int c = (v[i] == hi) | (Symmetric & (v[i] == lo)) ? L : count[i];
+      if constexpr (Symmetric)
+        c = v[i] < 0.0f ? -c : c;
+      else
+        c = v[i] == lo ? 0 : c;
+      q[i0 + i] = uint8_t(c + offset);
+    }
+  }
+}
+
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void group_codes(
     const float* x, int64_t len, float scale, float zero, float lo, float hi, bool symmetric, int L,
     uint8_t* q) {
@@ -254,10 +303,16 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
     return;
   }
   // Symmetric codes are q + 2^(bits-1) = q + L + 1.
-  if (symmetric)
+  if (L <= 15) {
+    if (symmetric)
+      group_codes_by_thresholds<true>(x, len, scale, 0.0f, L, lo, hi, L + 1, q);
+    else
+      group_codes_by_thresholds<false>(x, len, scale, zero, L, lo, hi, 0, q);
+  } else if (symmetric) {
     group_codes_on<true>(x, len, scale, 0.0, L, lo, hi, L + 1, q);
-  else
+  } else {
     group_codes_on<false>(x, len, scale, zero, L, lo, hi, 0, q);
+  }
 }
 
 void check_uniform_call(const char* what, int64_t n, const UniformParams& p, const void* scales,

@@ -1229,7 +1229,9 @@ void SnapshotWriter::write_layer(const Layer& layer) {
     }
     check_encoding(*enc, h.model, name[0]);
     try {
-      write_encoded(g, name, encode(*enc, *t, rows), codec);
+            Encoded coded = encode(*enc, *t, rows);
+      write_encoded(g, name, coded, codec);
+      recycle(std::move(coded));
     } catch (const Error& e) {
       throw Error(e.code(), str("layer ", l, ": '", name, "': ", e.what()));
     }

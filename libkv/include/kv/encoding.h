@@ -103,6 +103,10 @@ std::vector<float> entry_importance(const ModelInfo& model, const std::vector<in
 // x is f32, f16 or bf16, [N, D]: encoders read it in tiles, never as a whole f32 copy.
 Encoded encode(const Encoding& e, const Tensor& x, const RowLayout& rows);
 Encoded encode(const Encoding& e, const float* x, const RowLayout& rows);
+// Hands the arrays' storage back for reuse by later encodes (a streaming writer encodes layer
+// after layer of about the same size); `enc` is left empty.
+void recycle(Encoded&& enc);
+
 // Decodes into out [N, D]. Throws Error(Exit::data) naming the array when an array is missing or
 // has the wrong length for the layout, or a per-head value (rank) is out of range.
 void decode(const Encoded& enc, const RowLayout& rows, float* out);
