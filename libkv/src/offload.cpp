@@ -1,0 +1,263 @@
+#include "kv/offload.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+
+#include "kv/attention.h"
+#include "kv/error.h"
+#include "kv/str.h"
+
+namespace kv {
+
+PageTable build_pages(const Layer& layer, const std::vector<float>& k32, int dim, int page_size) {
+  if (page_size < 16 || page_size > 256)
+    throw Error(Exit::usage, str("page size ", page_size, " is outside 16..256"));
+  PageTable t;
+  t.page_size = page_size;
+  t.dim = dim;
+  t.head_pages.push_back(0);
+  const int H = int(layer.head_offsets.size()) - 1;
+  for (int h = 0; h < H; ++h) {
+    for (int64_t r = layer.head_offsets[h]; r < layer.head_offsets[h + 1]; r += page_size) {
+      const int64_t n = std::min<int64_t>(page_size, layer.head_offsets[h + 1] - r);
+      t.first.push_back(r);
+      t.rows.push_back(n);
+      std::vector<float> mn(k32.begin() + r * dim, k32.begin() + (r + 1) * dim), mx = mn;
+      std::vector<double> sum(static_cast<size_t>(dim), 0.0);
+      for (int64_t i = r; i < r + n; ++i)
+        for (int c = 0; c < dim; ++c) {
+          const float v = k32[size_t(i * dim + c)];
+          mn[size_t(c)] = std::min(mn[size_t(c)], v);
+          mx[size_t(c)] = std::max(mx[size_t(c)], v);
+          sum[size_t(c)] += v;
+        }
+      t.key_min.insert(t.key_min.end(), mn.begin(), mn.end());
+      t.key_max.insert(t.key_max.end(), mx.begin(), mx.end());
+      for (double s : sum) t.key_mean.push_back(float(s / double(n)));
+    }
+    t.head_pages.push_back(t.pages());
+  }
+  return t;
+}
+
+double quest_bound(const PageTable& pages, int64_t page, const float* q) {
+  const float* mn = pages.key_min.data() + page * pages.dim;
+  const float* mx = pages.key_max.data() + page * pages.dim;
+  double b = 0;
+  for (int c = 0; c < pages.dim; ++c) b += std::max(double(q[c]) * mn[c], double(q[c]) * mx[c]);
+  // Each term is exact in double and at least q_c k_c for every key; the sum is rounded, so add
+  // its worst-case rounding to stay a bound of the exactly computed dot products.
+  return b + std::fabs(b) * 1e-12 + 1e-30;
+}
+
+double landmark_score(const PageTable& pages, int64_t page, const float* q) {
+  const float* m = pages.key_mean.data() + page * pages.dim;
+  double s = 0;
+  for (int c = 0; c < pages.dim; ++c) s += double(q[c]) * m[c];
+  return s;
+}
+
+Link Link::parse(const std::string& spec) {
+  // Defaults and sources in man/kv-offload.1 (section LINKS).
+  if (spec == "pcie5") return {"pcie5", 50.0, 10.0};
+  if (spec == "c2c") return {"c2c", 400.0, 2.0};
+  if (spec == "nvme") return {"nvme", 6.0, 80.0};
+  const auto comma = spec.find(',');
+  char* end = nullptr;
+  if (comma != std::string::npos) {
+    const double gbps = std::strtod(spec.c_str(), &end);
+    const bool first_ok = end == spec.c_str() + comma;
+    const double lat = std::strtod(spec.c_str() + comma + 1, &end);
+    if (first_ok && *end == '\0' && gbps > 0 && std::isfinite(gbps) && lat >= 0 &&
+        std::isfinite(lat))
+      return {spec, gbps, lat};
+  }
+  throw Error(Exit::usage,
+              str("link '", spec, "' is not pcie5, c2c, nvme or GBPS,LATENCY_US (e.g. 25,5)"));
+}
+
+SimulateStats& SimulateStats::operator+=(const SimulateStats& o) {
+  steps = std::max(steps, o.steps);
+  rows += o.rows;
+  rel_error += o.rel_error;
+  pages_selected += o.pages_selected;
+  pages_hit += o.pages_hit;
+  pages_fetched += o.pages_fetched;
+  bytes_fetched += o.bytes_fetched;
+  stall_seconds += o.stall_seconds;
+  tokens_attended += o.tokens_attended;
+  return *this;
+}
+
+void check_simulate_options(const Header& header, const SimulateOptions& o) {
+  if (o.page_size < 16 || o.page_size > 256)
+    throw Error(Exit::usage, str("--page ", o.page_size, " is outside 16..256"));
+  if (o.score != "quest" && o.score != "landmark")
+    throw Error(Exit::usage, str("--score '", o.score, "' is not quest or landmark"));
+  if (o.sink_pages < 0 || o.recent_pages < 0)
+    throw Error(Exit::usage, "--sink-pages and --recent-pages cannot be negative");
+  const int64_t always = int64_t(o.sink_pages + o.recent_pages) * o.page_size;
+  if (o.budget < 1 || o.budget < always)
+    throw Error(Exit::usage,
+                str("--budget ", o.budget, " cannot hold the ", o.sink_pages, " sink and ",
+                    o.recent_pages, " recent pages of ", o.page_size, " tokens (", always, ")"));
+  if (o.fast_capacity && o.fast_capacity < o.budget)
+    throw Error(Exit::usage, str("--fast-capacity ", o.fast_capacity,
+                                 " cannot hold the attended budget of ", o.budget, " tokens"));
+  if (!header.has_probe())
+    throw Error(Exit::data, "simulate needs probe queries (kv-capture --probe N)");
+}
+
+namespace {
+
+// One KV head's fast tier: pages with the step they were last used, least recent evicted.
+struct FastTier {
+  int64_t capacity = 0;             // pages
+  std::vector<int64_t> page, used;  // parallel
+  bool holds(int64_t p) const { return std::find(page.begin(), page.end(), p) != page.end(); }
+  void touch(int64_t p, int64_t step) {
+    const auto it = std::find(page.begin(), page.end(), p);
+    if (it != page.end()) {
+      used[size_t(it - page.begin())] = step;
+    } else {
+      page.push_back(p);
+      used.push_back(step);
+    }
+  }
+  // Evicts least recently used pages not used at `step` until within capacity.
+  void trim(int64_t step) {
+    while (int64_t(page.size()) > capacity) {
+      size_t victim = page.size();
+      for (size_t i = 0; i < page.size(); ++i)
+        if (used[i] < step && (victim == page.size() || used[i] < used[victim] ||
+                               (used[i] == used[victim] && page[i] < page[victim])))
+          victim = i;
+      if (victim == page.size()) return;  // everything is in use this step
+      page.erase(page.begin() + std::ptrdiff_t(victim));
+      used.erase(used.begin() + std::ptrdiff_t(victim));
+    }
+  }
+};
+
+}  // namespace
+
+SimulateStats simulate_layer(const Header& header, const Layer& layer, const SimulateOptions& o,
+                             std::vector<SimulateStats>& per_step) {
+  const ModelInfo& m = header.model;
+  const int D = m.head_dim, G = m.group_size(), H = m.n_kv_heads;
+  const int64_t steps = int64_t(header.probe_tokens.size());
+  per_step.resize(size_t(steps));
+  const std::vector<float> k32 = layer.k.to_f32(), v32 = layer.v.to_f32(),
+                           q32 = layer.probe_q.to_f32();
+  const PageTable pages = build_pages(layer, k32, D, o.page_size);
+  // The reference: attention over the whole cache.
+  const std::vector<float> full = layer_attention(m, layer, layer.probe_q, header.probe_positions);
+  const double entry_bytes =
+      double(D) * double(kvk::dtype_size(layer.k.dtype()) + kvk::dtype_size(layer.v.dtype()));
+  const int64_t budget_pages = o.budget / o.page_size;
+  const int64_t capacity_pages = (o.fast_capacity ? o.fast_capacity : o.budget) / o.page_size;
+  SimulateStats total;
+  total.steps = steps;
+  std::vector<float> k_sel, v_sel, mass_sel, q(size_t(G) * D), weights, out(size_t(G) * D);
+  std::vector<int32_t> pos_sel;
+  std::vector<double> step_bytes(size_t(steps), 0.0);
+  for (int h = 0; h < H; ++h) {
+    const int64_t p0 = pages.head_pages[h], np = pages.head_pages[h + 1] - p0;
+    auto always = [&](int64_t i) { return i < o.sink_pages || i >= np - o.recent_pages; };
+    FastTier fast;
+    fast.capacity = capacity_pages;
+    // After prefill the fast tier holds the sink pages and the most recent pages.
+    for (int64_t i = 0; i < std::min<int64_t>(np, o.sink_pages); ++i) fast.touch(p0 + i, -1);
+    for (int64_t i = np - 1; i >= 0 && int64_t(fast.page.size()) < capacity_pages; --i)
+      fast.touch(p0 + i, -1);
+    for (int64_t step = 0; step < steps; ++step) {
+      for (int g = 0; g < G; ++g)
+        std::copy_n(q32.begin() + ((h * G + g) * steps + step) * D, D, q.begin() + g * D);
+      // Scores of the pages that are not always attended: the best over the group's queries.
+      std::vector<std::pair<double, int64_t>> ranked;
+      std::vector<int64_t> chosen;
+      for (int64_t i = 0; i < np; ++i) {
+        if (always(i)) {
+          chosen.push_back(i);
+          continue;
+        }
+        double s = -std::numeric_limits<double>::infinity();
+        for (int g = 0; g < G; ++g)
+          s = std::max(s, o.score == "quest" ? quest_bound(pages, p0 + i, q.data() + g * D)
+                                             : landmark_score(pages, p0 + i, q.data() + g * D));
+        ranked.push_back({s, i});
+      }
+      // The top pages within the budget; ties go to the later page.
+      std::sort(ranked.begin(), ranked.end(), [](const auto& a, const auto& b) {
+        return a.first > b.first || (a.first == b.first && a.second > b.second);
+      });
+      for (const auto& r : ranked) {
+        if (int64_t(chosen.size()) >= std::max<int64_t>(budget_pages, 0)) break;
+        chosen.push_back(r.second);
+      }
+      std::sort(chosen.begin(), chosen.end());
+      SimulateStats s;
+      s.pages_selected = int64_t(chosen.size());
+      for (int64_t i : chosen) {
+        if (fast.holds(p0 + i)) {
+          ++s.pages_hit;
+        } else {
+          ++s.pages_fetched;
+          s.bytes_fetched += double(pages.rows[size_t(p0 + i)]) * entry_bytes;
+        }
+        fast.touch(p0 + i, step);
+      }
+      fast.trim(step);
+      step_bytes[size_t(step)] += s.bytes_fetched;
+      // Attention of the group's queries over the chosen pages only.
+      k_sel.clear();
+      v_sel.clear();
+      pos_sel.clear();
+      mass_sel.clear();
+      for (int64_t i : chosen) {
+        const int64_t a = pages.first[size_t(p0 + i)], n = pages.rows[size_t(p0 + i)];
+        k_sel.insert(k_sel.end(), k32.begin() + a * D, k32.begin() + (a + n) * D);
+        v_sel.insert(v_sel.end(), v32.begin() + a * D, v32.begin() + (a + n) * D);
+        pos_sel.insert(pos_sel.end(), layer.positions.begin() + a, layer.positions.begin() + a + n);
+        if (!layer.mass.empty())
+          mass_sel.insert(mass_sel.end(), layer.mass.begin() + a, layer.mass.begin() + a + n);
+      }
+      HeadView view{k_sel.data(),
+                    v_sel.data(),
+                    pos_sel.data(),
+                    layer.mass.empty() ? nullptr : mass_sel.data(),
+                    int64_t(pos_sel.size()),
+                    D};
+      s.tokens_attended = int64_t(pos_sel.size());
+      weights.resize(size_t(G) * pos_sel.size());
+      std::vector<int32_t> qpos(size_t(G), header.probe_positions[size_t(step)]);
+      attention_weights(view, q.data(), qpos.data(), G, weights.data());
+      attention_apply(view, weights.data(), G, out.data());
+      for (int g = 0; g < G; ++g) {
+        const float* ref = full.data() + ((h * G + g) * steps + step) * D;
+        double diff = 0, norm = 0, cand = 0;
+        for (int c = 0; c < D; ++c) {
+          diff += double(out[size_t(g * D + c)] - ref[c]) * (out[size_t(g * D + c)] - ref[c]);
+          norm += double(ref[c]) * ref[c];
+          cand += double(out[size_t(g * D + c)]) * out[size_t(g * D + c)];
+        }
+        // As kv-eval counts it: a zero reference row errs 1 if the candidate is not zero too.
+        s.rel_error += norm > 0 ? std::sqrt(diff / norm) : (cand > 0 ? 1.0 : 0.0);
+        ++s.rows;
+      }
+      per_step[size_t(step)] += s;
+      total += s;
+    }
+  }
+  // One transfer per step for the layer: the pages its heads miss move together.
+  for (int64_t step = 0; step < steps; ++step) {
+    const double t = o.link.seconds(step_bytes[size_t(step)]);
+    per_step[size_t(step)].stall_seconds += t;
+    total.stall_seconds += t;
+  }
+  return total;
+}
+
+}  // namespace kv
