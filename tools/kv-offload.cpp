@@ -1,15 +1,22 @@
 // kv-offload: paged caches and what query-aware fetching from a slower tier costs and keeps.
 //   kv-offload simulate --budget N [--page P] [--score quest|landmark] [--link L] [INPUT]
+#include <chrono>
 #include <cstdio>
 #include <iostream>
+#include <memory>
 
 #include "common/tool.h"
 #include "kv/error.h"
 #include "kv/json.h"
 #include "kv/offload.h"
+#include "kv/page_store.h"
 #include "kv/str.h"
 
 namespace {
+
+double kvbench_now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
 
 kv::Json stats_json(const kv::SimulateStats& s) {
   kv::Json j = kv::Json::object();
@@ -19,6 +26,151 @@ kv::Json stats_json(const kv::SimulateStats& s) {
   j.set("hit_rate", s.pages_selected ? double(s.pages_hit) / double(s.pages_selected) : 0.0);
   j.set("stall_seconds", s.stall_seconds).set("tokens_attended", s.tokens_attended);
   return j;
+}
+
+void run_tier(kvt::Tool& tool, const std::string& input, const std::vector<std::string>& specs,
+              const std::string& place, bool zstd, const kv::SimulateOptions& o) {
+  std::vector<kv::Tier> tiers;
+  int disk = -1;
+  for (const std::string& s : specs) {
+    tiers.push_back(kv::Tier::parse(s));
+    if (tiers.back().disk()) {
+      if (disk >= 0) throw kv::Error(kv::Exit::usage, "give at most one disk:DIR tier");
+      disk = int(tiers.size()) - 1;
+    }
+  }
+  if (disk >= 0 && disk + 1 != int(tiers.size()))
+    throw kv::Error(kv::Exit::usage, "the disk tier is the slowest: give it last");
+  if (o.page_size < 16 || o.page_size > 256)
+    throw kv::Error(kv::Exit::usage, kv::str("--page ", o.page_size, " is outside 16..256"));
+  if (o.sink_pages < 0 || o.recent_pages < 0)
+    throw kv::Error(kv::Exit::usage, "--sink-pages and --recent-pages cannot be negative");
+  tool.check_output();
+  kv::SnapshotReader reader(input, tool.read_options());
+  kv::Header header = reader.header();
+  const kv::ModelInfo& m = header.model;
+  if (place == "attention" && !header.has_attn_stats)
+    throw kv::Error(kv::Exit::data,
+                    "--place attention needs attention statistics (kv-capture "
+                    "--attn-stats)");
+  // Pass 1: every page's size and heat.
+  std::vector<kv::PlacedPage> pages;
+  std::vector<size_t> layer_first;  // index of each layer's first page in `pages`
+  kv::Layer layer;
+  for (int l = 0; l < m.n_layers; ++l) {
+    tool.progress("layer", l, 2 * m.n_layers);
+    reader.read_layer(l, layer);
+    for (const auto* e : {&layer.k_encoding, &layer.v_encoding})
+      if (!e->dense())
+        throw kv::Error(kv::Exit::data,
+                        kv::str("layer ", l, " is encoded (", e->describe(),
+                                "); kv-offload tier pages dense caches (kv-compress -d first)"));
+    std::vector<float> importance;
+    if (place == "attention")
+      importance = kv::entry_importance(m, layer.head_offsets, layer.positions, layer.attn_acc);
+    layer_first.push_back(pages.size());
+    const int64_t row_bytes = int64_t(m.head_dim) * int64_t(kvk::dtype_size(layer.k.dtype()) +
+                                                            kvk::dtype_size(layer.v.dtype()));
+    int64_t index = 0;
+    for (size_t h = 0; h + 1 < layer.head_offsets.size(); ++h) {
+      const int64_t a = layer.head_offsets[h], b = layer.head_offsets[h + 1];
+      const int64_t np = (b - a + o.page_size - 1) / o.page_size;
+      for (int64_t i = 0; i < np; ++i, ++index) {
+        const int64_t r = a + i * o.page_size, n = std::min<int64_t>(o.page_size, b - r);
+        kv::PlacedPage p;
+        p.layer = l;
+        p.page = index;
+        p.bytes = n * row_bytes;
+        p.always = i < o.sink_pages || i >= np - o.recent_pages;
+        if (place == "recent")
+          p.heat = layer.positions[size_t(r + n - 1)];
+        else if (place == "prefix")
+          p.heat = -double(layer.positions[size_t(r)]);
+        else
+          for (int64_t j = r; j < r + n; ++j) p.heat += importance[size_t(j)];
+        pages.push_back(p);
+      }
+    }
+  }
+  kv::place_pages(pages, tiers);
+  // Pass 2: the snapshot, its disk pages in the store.
+  tool.stamp(header);
+  std::unique_ptr<kv::PageStore> store;
+  if (disk >= 0) store = std::make_unique<kv::PageStore>(tiers[size_t(disk)].dir, true);
+  kv::SnapshotWriter writer(tool.output, header, tool.write_options(reader.path()));
+  double write_seconds = 0, disk_bytes = 0;
+  for (int l = 0; l < m.n_layers; ++l) {
+    tool.progress("layer", m.n_layers + l, 2 * m.n_layers);
+    reader.read_layer(l, layer);
+    const size_t first = layer_first[size_t(l)];
+    const size_t count =
+        (size_t(l) + 1 < layer_first.size() ? layer_first[size_t(l) + 1] : pages.size()) - first;
+    std::vector<uint8_t> external(count, 0);
+    for (size_t i = 0; i < count; ++i) external[i] = pages[first + i].tier == disk;
+    if (store) {
+      const double t0 = kvbench_now();
+      layer.k_stored = std::make_shared<kv::Encoded>(
+          kv::page_out(layer.k, layer.head_offsets, o.page_size, external, *store, zstd));
+      layer.v_stored = std::make_shared<kv::Encoded>(
+          kv::page_out(layer.v, layer.head_offsets, o.page_size, external, *store, zstd));
+      write_seconds += kvbench_now() - t0;
+    }
+    writer.write_layer(layer);
+  }
+  // The manifest before the snapshot: a snapshot never names a page its store does not list.
+  if (store) {
+    const double t0 = kvbench_now();
+    store->commit();
+    write_seconds += kvbench_now() - t0;
+  }
+  writer.finish();
+  tool.progress_done();
+  if (tool.quiet) return;
+  std::vector<int64_t> tier_pages(tiers.size(), 0), tier_bytes(tiers.size(), 0);
+  for (const kv::PlacedPage& p : pages) {
+    ++tier_pages[size_t(p.tier)];
+    tier_bytes[size_t(p.tier)] += p.bytes;
+  }
+  for (size_t t = 0; t < tiers.size(); ++t) {
+    if (int(t) == disk) disk_bytes = double(tier_bytes[t]);
+    std::fprintf(stderr, "kv-offload: tier %-6s %6lld pages, %s%s\n", tiers[t].name.c_str(),
+                 (long long)tier_pages[t], kvt::human_bytes(double(tier_bytes[t])).c_str(),
+                 tiers[t].capacity < 0
+                     ? ""
+                     : (" of " + kvt::human_bytes(double(tiers[t].capacity))).c_str());
+  }
+  if (store && disk_bytes > 0) {
+    // Measured on this machine: the page files written above, then read back (page cache),
+    // beside the modelled NVMe link.
+    const double t0 = kvbench_now();
+    for (const auto& [id, e] : store->entries()) (void)store->get(id);
+    const double read_seconds = kvbench_now() - t0;
+    double store_bytes = 0;
+    for (const auto& [id, e] : store->entries()) store_bytes += double(e.bytes);
+    const kv::Link nvme = kv::Link::parse("nvme");
+    std::fprintf(stderr,
+                 "kv-offload: disk %s: wrote %s at %.2f GB/s (synced), read the store "
+                 "(%s) back at %.2f GB/s; modelled nvme read: %.2f GB/s\n",
+                 store->dir().c_str(), kvt::human_bytes(disk_bytes).c_str(),
+                 disk_bytes / write_seconds / 1e9, kvt::human_bytes(store_bytes).c_str(),
+                 store_bytes / read_seconds / 1e9, nvme.gbps);
+  }
+}
+
+void run_restore(kvt::Tool& tool, const std::string& input) {
+  tool.check_output();
+  kv::SnapshotReader reader(input, tool.read_options());
+  kv::Header header = reader.header();
+  tool.stamp(header);
+  kv::SnapshotWriter writer(tool.output, header, tool.write_options(reader.path()));
+  kv::Layer layer;
+  for (int l = 0; l < header.model.n_layers; ++l) {
+    tool.progress("layer", l, header.model.n_layers);
+    reader.read_layer(l, layer);  // paged tensors come back dense, in their dtype
+    writer.write_layer(layer);
+  }
+  writer.finish();
+  tool.progress_done();
 }
 
 }  // namespace
@@ -39,6 +191,7 @@ int main(int argc, char** argv) {
       app.add_subcommand("simulate", "Query-aware page selection and fetch, step by step");
   sim->add_option("INPUT", input, "Snapshot with probe queries (kv-capture --probe); - reads stdin")
       ->default_val("-");
+  sim->fallthrough();
   sim->add_option("-b,--budget", o.budget,
                   "Tokens each KV head attends per step, in whole pages (sink and recent pages "
                   "included)")
@@ -59,9 +212,46 @@ int main(int argc, char** argv) {
                   "Link the missing pages cross: pcie5, c2c, nvme, or GBPS,LATENCY_US")
       ->default_val("pcie5");
   sim->add_flag("--per-step", per_step, "Also print every probe step");
-  tool.add_json_option();
+  sim->add_flag("--json", tool.json, "Print one JSON object");
+  sim->add_flag("--allow-nonfinite", tool.allow_nonfinite, "Accept NaN/Inf in keys and values");
+
+  // tier: placement into memory tiers and a disk page store.
+  std::vector<std::string> tier_specs;
+  std::string place = "recent", page_codec = "none";
+  CLI::App* tier = app.add_subcommand(
+      "tier", "Place a cache's pages into tiers, fastest first; disk pages go to a page store");
+  tier->add_option("INPUT", input, "Dense snapshot; - reads stdin")->default_val("-");
+  tier->add_option("-t,--tier", tier_specs,
+                   "NAME:CAPACITY (e.g. gpu:2GiB, host:512MiB), or disk:DIR[:CAPACITY] for the "
+                   "page store; repeat, fastest first")
+      ->required()
+      ->allow_extra_args(false);
+  tier->add_option("--place", place,
+                   "Which pages go to faster tiers: recent (latest positions), attention "
+                   "(most attention received, kv-capture --attn-stats) or prefix (earliest)")
+      ->default_val("recent")
+      ->check(CLI::IsMember({"recent", "attention", "prefix"}));
+  tier->add_option("-p,--page", o.page_size, "Entries per page, 16..256")->default_val(16);
+  tier->add_option("--sink-pages", o.sink_pages, "First pages of each head, kept in the first tier")
+      ->default_val(1);
+  tier->add_option("--recent-pages", o.recent_pages,
+                   "Last pages of each head, kept in the first tier")
+      ->default_val(1);
+  tier->add_option("--page-codec", page_codec, "Page files: none or zstd")
+      ->default_val("none")
+      ->check(CLI::IsMember({"none", "zstd"}));
+
+  // restore: the whole cache back, dense.
+  CLI::App* restore = app.add_subcommand(
+      "restore", "Bring a tiered cache back whole: fetch its pages from the page store");
+  restore->add_option("INPUT", input, "Snapshot written by 'kv-offload tier'; - reads stdin")
+      ->default_val("-");
+  tool.add_output_options();
+  for (CLI::App* sub : {tier, restore}) sub->fallthrough();
 
   return tool.run(argc, argv, [&] {
+    if (tier->parsed()) return run_tier(tool, input, tier_specs, place, page_codec == "zstd", o);
+    if (restore->parsed()) return run_restore(tool, input);
     o.link = kv::Link::parse(link);
     kv::SnapshotReader reader(input, tool.read_options());
     const kv::Header& h = reader.header();

@@ -10,6 +10,7 @@
 
 #include "kv/error.h"
 #include "kv/fp8.h"
+#include "kv/page_store.h"
 #include "kv/quant.h"
 #include "kv/rope.h"
 #include "kv/snapshot.h"
@@ -1024,6 +1025,65 @@ void decode_mikv(const Encoded& enc, const RowLayout& rows, float* out) {
   }
 }
 
+// ---- paged -------------------------------------------------------------------------------------
+// Each head's rows in pages of page_size (the last shorter); `external` flags the pages in the
+// store, `ids` holds their SHA-256 ids (32 bytes each, in page order), `local` the bytes of the
+// other pages' rows in `dtype`, in order.
+
+DType dense_dtype(const std::string& name) {
+  return name == "f32" ? DType::f32 : name == "bf16" ? DType::bf16 : DType::f16;
+}
+
+void decode_paged(const Encoded& enc, const RowLayout& rows, float* out) {
+  const Encoding& e = enc.encoding;
+  const int D = rows.model.head_dim;
+  const auto& off = rows.head_offsets;
+  const int H = int(off.size()) - 1;
+  const DType dt = dense_dtype(e.dtype);
+  const size_t row_bytes = size_t(D) * kvk::dtype_size(dt);
+  int64_t pages = 0;
+  for (int h = 0; h < H; ++h) pages += (off[h + 1] - off[h] + e.page_size - 1) / e.page_size;
+  const CodeArray& external = find_array(enc, "external", Type::u8, pages);
+  int64_t n_external = 0, local_rows = 0, page = 0;
+  for (int h = 0; h < H; ++h)
+    for (int64_t r = off[h]; r < off[h + 1]; r += e.page_size, ++page) {
+      const int64_t n = std::min<int64_t>(e.page_size, off[h + 1] - r);
+      if (external.bytes[size_t(page)])
+        ++n_external;
+      else
+        local_rows += n;
+    }
+  const CodeArray& ids = find_array(enc, "ids", Type::u8, n_external * 32);
+  const CodeArray& local = find_array(enc, "local", Type::u8, local_rows * int64_t(row_bytes));
+  const PageStore store(e.store, false);
+  const uint8_t* next_local = local.bytes.data();
+  int64_t next_id = 0;
+  page = 0;
+  static const char* hex = "0123456789abcdef";
+  for (int h = 0; h < H; ++h)
+    for (int64_t r = off[h]; r < off[h + 1]; r += e.page_size, ++page) {
+      const int64_t n = std::min<int64_t>(e.page_size, off[h + 1] - r);
+      const size_t bytes = size_t(n) * row_bytes;
+      if (external.bytes[size_t(page)]) {
+        std::string id;
+        for (int i = 0; i < 32; ++i) {
+          const uint8_t b = ids.bytes[size_t(next_id * 32 + i)];
+          id += hex[b >> 4];
+          id += hex[b & 15];
+        }
+        ++next_id;
+        const std::vector<uint8_t> data = store.get(id);
+        if (data.size() != bytes)
+          throw Error(Exit::data, str("page ", id, " holds ", data.size(), " bytes; head ", h,
+                                      " needs ", bytes, " there"));
+        kvk::cpu_ops().to_f32(dt, data.data(), out + r * D, size_t(n) * D);
+      } else {
+        kvk::cpu_ops().to_f32(dt, next_local, out + r * D, size_t(n) * D);
+        next_local += bytes;
+      }
+    }
+}
+
 }  // namespace
 
 // ---- public ------------------------------------------------------------------------------------
@@ -1081,6 +1141,9 @@ Encoding default_encoding(const std::string& scheme, char role) {
   } else if (scheme == "svd") {
     e.energy = 0.99;
     e.factors = "f16";
+  } else if (scheme == "paged") {
+    e.page_size = 16;
+    e.dtype = "f16";
   } else if (scheme == "mikv") {
     e.bits = 2;
     e.high_bits = 8;
@@ -1130,6 +1193,13 @@ void check_encoding(const Encoding& e, const ModelInfo& model, char role) {
     if (D % std::min(e.group, D))
       throw Error(Exit::usage, str(what, "group ", e.group, " along a token must divide head_dim ",
                                    D, " (or be at least it)"));
+  }
+  if (e.scheme == "paged") {
+    if (e.page_size < 16 || e.page_size > 256)
+      throw Error(Exit::usage, str(what, "page size ", e.page_size, " is outside 16..256"));
+    if (e.dtype != "f16" && e.dtype != "bf16" && e.dtype != "f32")
+      throw Error(Exit::usage, str(what, "dtype '", e.dtype, "' is not f16, bf16 or f32"));
+    if (e.store.empty()) throw Error(Exit::usage, str(what, "no page store"));
   }
   if (e.hadamard && !allows_hadamard(e.scheme))
     throw Error(Exit::usage,
@@ -1181,6 +1251,7 @@ std::string Encoding::describe() const {
     s += str(" bits=", bits, " axis=", axis, " outliers=", outliers);
     if (pre_rope) s += " pre-rope";
   }
+  if (scheme == "paged") s += str(" page=", page_size, " dtype=", dtype, " store=", store);
   if (hadamard) s += " hadamard";
   return s;
 }
@@ -1226,6 +1297,7 @@ void decode(const Encoded& enc, const RowLayout& rows, float* out) {
   if (s == "svd") return decode_svd(enc, rows, out);
   if (s == "kvquant") return decode_kvquant(enc, rows, out);
   if (s == "mikv") return decode_mikv(enc, rows, out);
+  if (s == "paged") return decode_paged(enc, rows, out);
   throw Error(Exit::data, str("encoding '", s, "', which this kvtk cannot decode"));
 }
 

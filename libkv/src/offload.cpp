@@ -1,12 +1,15 @@
 #include "kv/offload.h"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
+#include <filesystem>
 #include <limits>
 #include <numeric>
 
 #include "kv/attention.h"
 #include "kv/error.h"
+#include "kv/page_store.h"
 #include "kv/str.h"
 
 namespace kv {
@@ -99,7 +102,7 @@ void check_simulate_options(const Header& header, const SimulateOptions& o) {
   if (o.sink_pages < 0 || o.recent_pages < 0)
     throw Error(Exit::usage, "--sink-pages and --recent-pages cannot be negative");
   const int64_t always = int64_t(o.sink_pages + o.recent_pages) * o.page_size;
-  if (o.budget < 1 || o.budget < always)
+  if (o.budget < o.page_size || o.budget < always)
     throw Error(Exit::usage,
                 str("--budget ", o.budget, " cannot hold the ", o.sink_pages, " sink and ",
                     o.recent_pages, " recent pages of ", o.page_size, " tokens (", always, ")"));
@@ -258,6 +261,132 @@ SimulateStats simulate_layer(const Header& header, const Layer& layer, const Sim
     total.stall_seconds += t;
   }
   return total;
+}
+
+// ---- tiers
+// ---------------------------------------------------------------------------------------
+
+namespace {
+
+int64_t parse_bytes(const std::string& text, const std::string& spec) {
+  size_t used = 0;
+  double v = 0;
+  try {
+    v = std::stod(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  const std::string unit = text.substr(used);
+  double scale = 0;
+  if (unit.empty() || unit == "B")
+    scale = 1;
+  else if (unit == "K" || unit == "KB")
+    scale = 1e3;
+  else if (unit == "M" || unit == "MB")
+    scale = 1e6;
+  else if (unit == "G" || unit == "GB")
+    scale = 1e9;
+  else if (unit == "KiB")
+    scale = 1024.0;
+  else if (unit == "MiB")
+    scale = 1024.0 * 1024;
+  else if (unit == "GiB")
+    scale = 1024.0 * 1024 * 1024;
+  if (used == 0 || scale == 0 || !(v >= 0) || !std::isfinite(v * scale) || v * scale > 9e18)
+    throw Error(Exit::usage, str("tier '", spec, "': capacity '", text,
+                                 "' is not a size such as 512MiB or 2GiB"));
+  return int64_t(v * scale);
+}
+
+}  // namespace
+
+Tier Tier::parse(const std::string& spec) {
+  const auto colon = spec.find(':');
+  if (colon == std::string::npos || colon == 0 || colon + 1 == spec.size())
+    throw Error(Exit::usage, str("tier '", spec, "' is not NAME:CAPACITY or disk:DIR"));
+  Tier t;
+  t.name = spec.substr(0, colon);
+  const std::string rest = spec.substr(colon + 1);
+  if (t.name == "disk") {
+    const auto last = rest.rfind(':');
+    t.dir = last == std::string::npos ? rest : rest.substr(0, last);
+    if (last != std::string::npos) t.capacity = parse_bytes(rest.substr(last + 1), spec);
+    if (t.dir.empty()) throw Error(Exit::usage, str("tier '", spec, "' names no directory"));
+  } else {
+    t.capacity = parse_bytes(rest, spec);
+  }
+  return t;
+}
+
+void place_pages(std::vector<PlacedPage>& pages, const std::vector<Tier>& tiers) {
+  if (tiers.empty()) throw Error(Exit::usage, "give at least one --tier");
+  std::vector<int64_t> room;
+  for (const Tier& t : tiers) room.push_back(t.capacity < 0 ? INT64_MAX : t.capacity);
+  int64_t always_bytes = 0;
+  for (PlacedPage& p : pages)
+    if (p.always) {
+      always_bytes += p.bytes;
+      p.tier = 0;
+    }
+  if (always_bytes > room[0])
+    throw Error(Exit::usage,
+                str("tier ", tiers[0].name, " (", room[0],
+                    " bytes) cannot hold the sink and recent pages (", always_bytes, " bytes)"));
+  room[0] -= always_bytes;
+  std::vector<size_t> order;
+  for (size_t i = 0; i < pages.size(); ++i)
+    if (!pages[i].always) order.push_back(i);
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    if (pages[a].heat != pages[b].heat) return pages[a].heat > pages[b].heat;
+    if (pages[a].layer != pages[b].layer) return pages[a].layer < pages[b].layer;
+    return pages[a].page < pages[b].page;
+  });
+  int64_t unplaced = 0;
+  for (size_t i : order) {
+    PlacedPage& p = pages[i];
+    for (size_t t = 0; t < tiers.size() && p.tier < 0; ++t)
+      if (room[t] >= p.bytes) {
+        room[t] -= p.bytes;
+        p.tier = int(t);
+      }
+    if (p.tier < 0) unplaced += p.bytes;
+  }
+  if (unplaced)
+    throw Error(Exit::usage, str("the tiers cannot hold the cache: ", unplaced,
+                                 " bytes of pages do not fit (add a disk:DIR tier)"));
+}
+
+Encoded page_out(const Tensor& x, const std::vector<int64_t>& head_offsets, int page_size,
+                 const std::vector<uint8_t>& external, PageStore& store, bool zstd) {
+  Encoded out;
+  out.encoding = default_encoding("paged", 'k');
+  out.encoding.page_size = page_size;
+  out.encoding.dtype = kvk::dtype_name(x.dtype());
+  // Absolute, so that the snapshot finds its store from any working directory.
+  out.encoding.store = std::filesystem::absolute(store.dir()).lexically_normal().string();
+  const size_t row_bytes = size_t(x.cols()) * kvk::dtype_size(x.dtype());
+  CodeArray local, flags, ids;
+  local.name = "local";
+  flags.name = "external";
+  ids.name = "ids";
+  const auto* data = static_cast<const uint8_t*>(x.data());
+  size_t page = 0;
+  for (size_t h = 0; h + 1 < head_offsets.size(); ++h)
+    for (int64_t r = head_offsets[h]; r < head_offsets[h + 1]; r += page_size, ++page) {
+      const int64_t n = std::min<int64_t>(page_size, head_offsets[h + 1] - r);
+      const uint8_t* rows = data + size_t(r) * row_bytes;
+      const size_t bytes = size_t(n) * row_bytes;
+      flags.bytes.push_back(external.at(page));
+      if (external[page]) {
+        const std::string id = store.put(rows, bytes, zstd);
+        for (size_t i = 0; i < 64; i += 2)
+          ids.bytes.push_back(uint8_t(std::stoi(id.substr(i, 2), nullptr, 16)));
+      } else {
+        local.bytes.insert(local.bytes.end(), rows, rows + bytes);
+      }
+    }
+  out.arrays = {std::move(local), std::move(flags), std::move(ids)};
+  return out;
 }
 
 }  // namespace kv

@@ -213,6 +213,11 @@ void write_encoding_attrs(hid_t g, const Encoding& e) {
     h5::write_attr(g, "group", int64_t(e.group));
     h5::write_attr(g, "axis", e.axis);
   }
+  if (e.scheme == "paged") {
+    h5::write_attr(g, "page", int64_t(e.page_size));
+    h5::write_attr(g, "store", e.store);
+    h5::write_attr(g, "dtype", e.dtype);
+  }
   if (e.hadamard) h5::write_attr(g, "hadamard", int64_t(1));
 }
 
@@ -440,18 +445,25 @@ bool is_encoded(hid_t loc, const std::string& name) {
 }
 
 // The arrays any scheme may define; other members of an encoded group are ignored (section 2).
-constexpr const char* kCodeArrayNames[] = {
-    "codes",         "scales",        "zeros",      "residual",   "blocks",
-    "ranks",         "coeffs",        "basis",      "levels",     "outlier_counts",
-    "outlier_index", "outlier_value", "high",       "codes_high", "scales_high",
-    "zeros_high",    "codes_low",     "scales_low", "zeros_low"};
+constexpr const char* kCodeArrayNames[] = {"codes",         "scales",
+                                           "zeros",         "residual",
+                                           "blocks",        "ranks",
+                                           "coeffs",        "basis",
+                                           "levels",        "outlier_counts",
+                                           "outlier_index", "outlier_value",
+                                           "high",          "codes_high",
+                                           "scales_high",   "zeros_high",
+                                           "codes_low",     "scales_low",
+                                           "zeros_low",     "local",
+                                           "external",      "ids"};
 
 Encoding read_encoding_attrs(hid_t g, const std::string& where) {
   if (!h5::has_attr(g, "scheme")) throw Error(Exit::data, where + " has no attribute 'scheme'");
   Encoding e;
   e.scheme = h5::read_attr_string(g, "scheme", where);
   const auto& known = scheme_names();
-  if (e.scheme == "dense" || std::find(known.begin(), known.end(), e.scheme) == known.end())
+  if (e.scheme != "paged" &&
+      (e.scheme == "dense" || std::find(known.begin(), known.end(), e.scheme) == known.end()))
     throw Error(Exit::data,
                 str(where, " uses encoding '", e.scheme, "', which this kvtk cannot decode"));
   auto int_attr = [&](const char* n) {
@@ -480,6 +492,9 @@ Encoding read_encoding_attrs(hid_t g, const std::string& where) {
   e.hadamard = int_attr("hadamard") != 0;
   e.outliers = h5::has_attr(g, "outliers") ? h5::read_attr_double(g, "outliers", where) : 0.0;
   e.high_bits = small_int("high_bits");
+  e.page_size = small_int("page");
+  e.store = string_attr("store");
+  e.dtype = string_attr("dtype");
   e.high_share = h5::has_attr(g, "high_share") ? h5::read_attr_double(g, "high_share", where) : 0.0;
   return e;
 }
@@ -972,6 +987,15 @@ void SnapshotReader::read_layer(int l, Layer& out) {
       throw Error(Exit::data, str(where, ": '", name, "': ", e.what()));
     }
     if (check_values) *bad = kvk::count_nonfinite(DType::f32, t->data(), t->size());
+    if (code->encoding.scheme == "paged") {  // restored to its dense form (encoding.h)
+      const std::vector<float> values(t->as<float>(), t->as<float>() + t->size());
+      const std::string& d = code->encoding.dtype;
+      *t = Tensor::from_f32(d == "f32"    ? DType::f32
+                            : d == "bf16" ? DType::bf16
+                                          : DType::f16,
+                            t->rows(), t->cols(), values.data());
+      (name[0] == 'k' ? out.k_encoding : out.v_encoding) = Encoding{};
+    }
   }
   if (k_bad || v_bad)
     throw Error(Exit::data,
@@ -1223,13 +1247,17 @@ void SnapshotWriter::write_layer(const Layer& layer) {
   }
   for (auto [name, t, enc] : {std::tuple{"k", &layer.k, &layer.k_encoding},
                               std::tuple{"v", &layer.v, &layer.v_encoding}}) {
+    if (const auto& stored = name[0] == 'k' ? layer.k_stored : layer.v_stored) {
+      write_encoded(g, name, *stored, codec);  // already encoded (kv-offload's paged tensors)
+      continue;
+    }
     if (enc->dense()) {
       write_tensor(g, name, *t, {N, D}, codec);
       continue;
     }
     check_encoding(*enc, h.model, name[0]);
     try {
-            Encoded coded = encode(*enc, *t, rows);
+      Encoded coded = encode(*enc, *t, rows);
       write_encoded(g, name, coded, codec);
       recycle(std::move(coded));
     } catch (const Error& e) {

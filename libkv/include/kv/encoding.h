@@ -11,7 +11,11 @@
 //    RoPE), values per token (scaled by their largest magnitude, levels shared per head), with
 //    the values outside each vector's central quantiles kept exact in a sparse list;
 //  - mikv: MiKV-style mixed precision, the rows that received the most attention (attention
-//    statistics) at high_bits, the others at bits, both uniform along tokens.
+//    statistics) at high_bits, the others at bits, both uniform along tokens;
+//  - paged: written by kv-offload only: dense rows, some of whose pages live in a page store on
+//    disk. Readers fetch them and give back the dense tensor in its dtype, with a dense
+//    encoding, so rewriting a paged snapshot restores it.
+
 // Hadamard rotation (rows times H_D / sqrt(D)) may precede uniform, kivi, q8_0, q4_0 and fp8;
 // decoding undoes it. svd may factorize keys before RoPE (un-rotated with the positions).
 //
@@ -46,6 +50,9 @@ struct Encoding {
   double outliers = 0;           // kvquant: share of each vector's values kept exact (sparse)
   int high_bits = 0;             // mikv: bits of the important rows (`bits`: the others)
   double high_share = 0;         // mikv: share of each head's rows kept at high_bits
+  int page_size = 0;             // paged: entries per page
+  std::string store;             // paged: the page store directory (kv/page_store.h)
+  std::string dtype;             // paged: the dense dtype of the rows (f16, bf16, f32)
 
   bool dense() const { return scheme == "dense"; }
   // "kivi bits=2 group=32 axis=channel residual=128": scheme and the parameters it uses.

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "kv/encoding.h"
 #include "kv/snapshot.h"
 
 namespace kv {
@@ -79,5 +80,39 @@ void check_simulate_options(const Header& header, const SimulateOptions& o);
 // recent pages. `per_step` (size P) accumulates each step's figures.
 SimulateStats simulate_layer(const Header& header, const Layer& layer, const SimulateOptions& o,
                              std::vector<SimulateStats>& per_step);
+
+// ---- tiers
+// ---------------------------------------------------------------------------------------
+
+// One tier of `kv-offload tier`: NAME:CAPACITY (bytes, with an optional K, M, G, KiB, MiB or
+// GiB suffix) for a memory tier, or disk:DIR (unlimited) / disk:DIR:CAPACITY for the page store.
+struct Tier {
+  std::string name;
+  int64_t capacity = -1;  // bytes; -1: unlimited
+  std::string dir;        // disk tiers: the page store directory
+  bool disk() const { return !dir.empty(); }
+  static Tier parse(const std::string& spec);  // Error(Exit::usage)
+};
+
+// One page of a cache as placement sees it.
+struct PlacedPage {
+  int layer = 0;
+  int64_t page = 0;     // index in the layer's page table
+  int64_t bytes = 0;    // k and v rows as stored
+  double heat = 0;      // the placement policy's key: hotter pages go to faster tiers
+  bool always = false;  // a sink or recent page: always in the first tier
+  int tier = -1;
+};
+
+// Places pages into the tiers, fastest first: the sink and recent pages into the first tier
+// (Error(Exit::usage) if they do not fit), then the others by decreasing heat (ties: earlier
+// layer, then earlier page), each into the first tier that still has room. Error(Exit::usage)
+// when the tiers cannot hold the cache.
+void place_pages(std::vector<PlacedPage>& pages, const std::vector<Tier>& tiers);
+
+// A layer tensor (dense, [N, D]) as the "paged" encoding: pages flagged in `external` (one flag
+// per page, pages of `page_size` in head order) go to the store, the others stay in the array.
+Encoded page_out(const Tensor& x, const std::vector<int64_t>& head_offsets, int page_size,
+                 const std::vector<uint8_t>& external, class PageStore& store, bool zstd);
 
 }  // namespace kv

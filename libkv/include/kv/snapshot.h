@@ -3,6 +3,7 @@
 // per transformer layer, so tools can stream a file holding about one layer in memory.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -34,9 +35,9 @@ struct ModelInfo {
 
 // One provenance record, like a samtools @PG line: ids chain each record to the one before.
 struct Provenance {
-  std::string id;        // unique in the file: program name, ".N" appended on repeats
-  std::string program;   // e.g. "kv-evict"
-  std::string version;   // kvtk version
+  std::string id;       // unique in the file: program name, ".N" appended on repeats
+  std::string program;  // e.g. "kv-evict"
+  std::string version;  // kvtk version
   std::string command_line;
   std::string time;      // UTC, ISO 8601
   std::string previous;  // id of the previous record, "" for the first
@@ -71,10 +72,12 @@ struct Layer {
   std::vector<int64_t> head_offsets;  // [n_kv_heads + 1]: head h owns rows [off[h], off[h+1])
   Tensor k;                           // [N, head_dim]
   Tensor v;                           // [N, head_dim]
-  std::vector<float> mass;            // [N] optional: tokens each entry stands for, > 0 (empty = all 1)
+  std::vector<float> mass;  // [N] optional: tokens each entry stands for, > 0 (empty = all 1)
   // How k and v are stored. Readers decode an encoded k or v into f32 and keep its encoding here;
   // the writer encodes a k or v whose encoding is not dense (see encoding.h).
   Encoding k_encoding, v_encoding;
+  // When set, written as they are instead of k and v (kv-offload's paged tensors).
+  std::shared_ptr<const Encoded> k_stored, v_stored;
 
   Tensor window_q;   // [n_q_heads * W, head_dim] post-RoPE window queries, if the header has W
   Tensor attn_acc;   // [n_q_heads, n_tokens] attention received, summed over later queries

@@ -1,0 +1,49 @@
+// A directory of page files with a manifest: where kv-offload's disk tier puts the pages it
+// moves out of a snapshot (man/kv-offload.1, formats/kvsnap.md section 9, scheme "paged").
+//
+// Pages are content-addressed: a page's id is the SHA-256 (hex) of its bytes, so equal pages are
+// stored once and a page read back is checked against its id. Each page file and the manifest
+// are written to a temporary name and renamed into place, the manifest last (after the file
+// system is synced), so a process killed mid-write leaves the previous manifest (or none) and
+// never a torn one; files the manifest does not list are ignored.
+//
+// Layout: DIR/manifest.json and DIR/pages/<id>.raw or <id>.zst (one zstd frame).
+#pragma once
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace kv {
+
+class PageStore {
+ public:
+  struct Entry {
+    std::string file;    // relative to the store directory
+    int64_t bytes = 0;   // page bytes
+    int64_t stored = 0;  // file bytes
+  };
+
+  // Opens the store in `dir`, reading its manifest if there is one. With `writable`, creates
+  // the directory if needed and checks it can be written: Error(Exit::cant_create) naming it
+  // otherwise. A manifest that does not parse is Error(Exit::data).
+  PageStore(std::string dir, bool writable);
+
+  // Adds a page (zstd-compressed when asked) and returns its id; a page already stored is not
+  // written again.
+  std::string put(const void* data, size_t n, bool zstd);
+  // The page's bytes; Error(Exit::data) naming the page when the manifest lacks it, its file is
+  // missing or truncated, or its content does not hash to its id.
+  std::vector<uint8_t> get(const std::string& id) const;
+  // Syncs the page files, then writes the manifest (temporary file, fsync, rename).
+  void commit();
+
+  const std::string& dir() const { return dir_; }
+  const std::map<std::string, Entry>& entries() const { return entries_; }
+
+ private:
+  std::string dir_;
+  std::map<std::string, Entry> entries_;
+};
+
+}  // namespace kv

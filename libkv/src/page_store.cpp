@@ -1,0 +1,167 @@
+#include "kv/page_store.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <zstd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#include "kv/error.h"
+#include "kv/json.h"
+#include "kv/sha256.h"
+#include "kv/str.h"
+
+namespace kv {
+namespace {
+
+constexpr const char* kFormat = "kvtk-page-store";
+
+// Writes bytes to `path` through a temporary file in the same directory, renamed into place
+// (synced first when `sync`; page files are synced together by commit()).
+void write_atomically(const std::string& path, const void* data, size_t n, bool sync) {
+  const std::string temp = path + ".tmp" + std::to_string(::getpid());
+  const int fd = ::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0666);
+  if (fd < 0) throw Error(Exit::cant_create, str("cannot create '", temp, "': ", errno_text()));
+  const auto* p = static_cast<const uint8_t*>(data);
+  while (n) {
+    const ssize_t w = ::write(fd, p, n);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) {
+      const std::string why = errno_text();
+      ::close(fd);
+      ::unlink(temp.c_str());
+      throw Error(Exit::io, str("cannot write '", temp, "': ", why));
+    }
+    p += w;
+    n -= size_t(w);
+  }
+  if ((sync && ::fsync(fd) != 0) || ::close(fd) != 0) {
+    ::unlink(temp.c_str());
+    throw Error(Exit::io, str("cannot write '", temp, "': ", errno_text()));
+  }
+  if (::rename(temp.c_str(), path.c_str()) != 0) {
+    ::unlink(temp.c_str());
+    throw Error(Exit::io, str("cannot rename '", temp, "' to '", path, "': ", errno_text()));
+  }
+}
+
+std::string read_file(const std::string& path, const std::string& what) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(Exit::data, what + ": file '" + path + "' is missing");
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+}  // namespace
+
+PageStore::PageStore(std::string dir, bool writable) : dir_(std::move(dir)) {
+  if (writable) {
+    if (::mkdir(dir_.c_str(), 0777) != 0 && errno != EEXIST)
+      throw Error(Exit::cant_create, str("cannot create page store '", dir_, "': ", errno_text()));
+    const std::string pages = dir_ + "/pages";
+    if (::mkdir(pages.c_str(), 0777) != 0 && errno != EEXIST)
+      throw Error(Exit::cant_create, str("cannot create '", pages, "': ", errno_text()));
+    if (::access(pages.c_str(), W_OK) != 0 || ::access(dir_.c_str(), W_OK) != 0)
+      throw Error(Exit::cant_create, str("page store '", dir_, "' is not writable"));
+  }
+  const std::string manifest = dir_ + "/manifest.json";
+  std::ifstream in(manifest, std::ios::binary);
+  if (!in) {
+    if (!writable) throw Error(Exit::data, str("page store '", dir_, "' has no manifest.json"));
+    return;
+  }
+  std::stringstream text;
+  text << in.rdbuf();
+  try {
+    const Json j = Json::parse(text.str());
+    const Json* format = j.find("format");
+    if (!format || !format->is_string() || format->string() != kFormat)
+      throw Error(Exit::data, "not a kvtk page store manifest");
+    const Json* pages = j.find("pages");
+    if (!pages) throw Error(Exit::data, "no 'pages'");
+    for (const Json& p : pages->as_array()) {
+      Entry e;
+      const Json *id = p.find("id"), *file = p.find("file"), *bytes = p.find("bytes"),
+                 *stored = p.find("stored");
+      if (!id || !file || !bytes || !stored)
+        throw Error(Exit::data, "a page lacks id, file, bytes or stored");
+      e.file = file->string();
+      e.bytes = bytes->integer();
+      e.stored = stored->integer();
+      if (e.file.find("..") != std::string::npos || e.file.empty() || e.file[0] == '/')
+        throw Error(Exit::data, str("page file '", e.file, "' is outside the store"));
+      entries_[id->string()] = e;
+    }
+  } catch (const Error& e) {
+    throw Error(Exit::data, str("'", manifest, "': ", e.what()));
+  }
+}
+
+std::string PageStore::put(const void* data, size_t n, bool zstd) {
+  const std::string id = sha256_hex(data, n);
+  if (entries_.count(id)) return id;
+  Entry e;
+  e.bytes = int64_t(n);
+  e.file = "pages/" + id + (zstd ? ".zst" : ".raw");
+  const std::string path = dir_ + "/" + e.file;
+  if (zstd) {
+    std::vector<uint8_t> out(ZSTD_compressBound(n));
+    const size_t m = ZSTD_compress(out.data(), out.size(), data, n, 3);
+    if (ZSTD_isError(m)) throw Error(Exit::software, str("zstd: ", ZSTD_getErrorName(m)));
+    write_atomically(path, out.data(), m, false);
+    e.stored = int64_t(m);
+  } else {
+    write_atomically(path, data, n, false);
+    e.stored = int64_t(n);
+  }
+  entries_[id] = e;
+  return id;
+}
+
+std::vector<uint8_t> PageStore::get(const std::string& id) const {
+  const auto it = entries_.find(id);
+  const std::string what = str("page store '", dir_, "': page ", id);
+  if (it == entries_.end()) throw Error(Exit::data, what + " is not in the manifest");
+  const std::string file = read_file(dir_ + "/" + it->second.file, what);
+  if (int64_t(file.size()) != it->second.stored)
+    throw Error(Exit::data, str(what, ": file has ", file.size(), " bytes, the manifest says ",
+                                it->second.stored));
+  std::vector<uint8_t> out(static_cast<size_t>(it->second.bytes));
+  if (it->second.file.ends_with(".zst")) {
+    const size_t m = ZSTD_decompress(out.data(), out.size(), file.data(), file.size());
+    if (ZSTD_isError(m) || m != out.size())
+      throw Error(Exit::data, what + ": not a zstd frame of its size");
+  } else {
+    std::memcpy(out.data(), file.data(), out.size());
+  }
+  if (sha256_hex(out.data(), out.size()) != id)
+    throw Error(Exit::data, what + ": content does not match its id (corrupt page)");
+  return out;
+}
+
+void PageStore::commit() {
+  Json pages = Json::array();
+  for (const auto& [id, e] : entries_) {
+    Json p = Json::object();
+    p.set("id", id).set("file", e.file).set("bytes", e.bytes).set("stored", e.stored);
+    pages.push(std::move(p));
+  }
+  Json j = Json::object();
+  j.set("format", kFormat).set("version", 1).set("pages", std::move(pages));
+  const std::string text = j.dump() + "\n";
+  // The page files reach the disk before the manifest that lists them.
+  const int dir_fd = ::open(dir_.c_str(), O_RDONLY | O_DIRECTORY);
+  if (dir_fd < 0 || ::syncfs(dir_fd) != 0) {
+    if (dir_fd >= 0) ::close(dir_fd);
+    throw Error(Exit::io, str("cannot sync page store '", dir_, "': ", errno_text()));
+  }
+  ::close(dir_fd);
+  write_atomically(dir_ + "/manifest.json", text.data(), text.size(), true);
+}
+
+}  // namespace kv
