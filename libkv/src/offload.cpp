@@ -101,10 +101,10 @@ void check_simulate_options(const Header& header, const SimulateOptions& o) {
     throw Error(Exit::usage, str("--score '", o.score, "' is not quest or landmark"));
   if (o.sink_pages < 0 || o.recent_pages < 0)
     throw Error(Exit::usage, "--sink-pages and --recent-pages cannot be negative");
-    const int64_t always = int64_t(o.sink_pages + o.recent_pages) * o.page_size;
+  const int64_t always = int64_t(o.sink_pages + o.recent_pages) * o.page_size;
   if (o.budget < o.page_size)
-    throw Error(Exit::usage, str("--budget ", o.budget, " is below one page of ", o.page_size,
-                                 " tokens"));
+    throw Error(Exit::usage,
+                str("--budget ", o.budget, " is below one page of ", o.page_size, " tokens"));
   if (o.budget < always)
     throw Error(Exit::usage,
                 str("--budget ", o.budget, " cannot hold the ", o.sink_pages, " sink and ",
