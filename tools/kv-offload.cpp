@@ -1,9 +1,14 @@
 // kv-offload: paged caches and what query-aware fetching from a slower tier costs and keeps.
 //   kv-offload simulate --budget N [--page P] [--score quest|landmark] [--link L] [INPUT]
+#include <sys/stat.h>
+
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 #include <memory>
+#include <set>
 
 #include "common/tool.h"
 #include "kv/error.h"
@@ -157,6 +162,86 @@ void run_tier(kvt::Tool& tool, const std::string& input, const std::vector<std::
   }
 }
 
+// Every page of each input into one store; each input's snapshot, all pages referenced, into
+// OUTDIR. Pages are content-addressed, so the pages of a shared prefix are stored once.
+void run_share(kvt::Tool& tool, const std::vector<std::string>& inputs, const std::string& dir,
+               const std::string& out_dir, bool zstd, int page_size) {
+  if (page_size < 16 || page_size > 256)
+    throw kv::Error(kv::Exit::usage, kv::str("--page ", page_size, " is outside 16..256"));
+  std::set<std::string> names;
+  for (const std::string& in : inputs) {
+    const std::string name = std::filesystem::path(in).filename().string();
+    if (in == "-" || name.empty())
+      throw kv::Error(kv::Exit::usage, "share reads named snapshots, not stdin");
+    if (!names.insert(name).second)
+      throw kv::Error(kv::Exit::usage,
+                      "two inputs are named '" + name + "'; OUTDIR needs distinct names");
+  }
+  if (::mkdir(out_dir.c_str(), 0777) != 0 && errno != EEXIST)
+    throw kv::Error(kv::Exit::cant_create, "cannot create '" + out_dir + "': " + kv::errno_text());
+  kv::PageStore store(dir, true);
+  std::set<std::string> seen_prefix;  // (layer, head-relative) prefix ids of earlier inputs
+  double total_bytes = 0, total_stored = 0;
+  int64_t total_pages = 0, total_shared = 0;
+  std::printf("%-24s %7s %12s %12s %13s\n", "input", "pages", "k+v bytes", "new stored",
+              "prefix pages");
+  for (const std::string& in : inputs) {
+    kv::SnapshotReader reader(in, tool.read_options());
+    kv::Header header = reader.header();
+    const std::string out = out_dir + "/" + std::filesystem::path(in).filename().string();
+    if (std::filesystem::exists(out) && std::filesystem::equivalent(out, in))
+      throw kv::Error(kv::Exit::usage, "OUTDIR would overwrite the input '" + in + "'");
+    tool.stamp(header);
+    kv::WriteOptions wo = tool.write_options(reader.path());
+    kv::SnapshotWriter writer(out, header, wo);
+    int64_t pages = 0, shared = 0;
+    double bytes = 0, stored_before = 0, stored_after = 0;
+    for (const auto& [id, e] : store.entries()) stored_before += double(e.stored);
+    std::set<std::string> mine;
+    kv::Layer layer;
+    for (int l = 0; l < header.model.n_layers; ++l) {
+      reader.read_layer(l, layer);
+      for (const auto* e : {&layer.k_encoding, &layer.v_encoding})
+        if (!e->dense())
+          throw kv::Error(kv::Exit::data,
+                          kv::str("'", in, "' layer ", l, " is encoded (", e->describe(),
+                                  "); share pages dense caches "
+                                  "(kv-compress -d first)"));
+      const std::vector<std::string> ids = kv::page_prefix_ids(header, layer, page_size);
+      for (const std::string& id : ids) {
+        const std::string key =
+            kv::str(header.model.file_sha256, "/", header.model.name, "/", l, "/", id);
+        shared += seen_prefix.count(key);
+        mine.insert(key);
+      }
+      pages += int64_t(ids.size());
+      const std::vector<uint8_t> all(ids.size(), 1);
+      layer.k_stored = std::make_shared<kv::Encoded>(
+          kv::page_out(layer.k, layer.head_offsets, page_size, all, store, zstd));
+      layer.v_stored = std::make_shared<kv::Encoded>(
+          kv::page_out(layer.v, layer.head_offsets, page_size, all, store, zstd));
+      bytes += double(layer.k.bytes() + layer.v.bytes());
+      writer.write_layer(layer);
+    }
+    store.commit();  // before the snapshot that references its pages
+    writer.finish();
+    seen_prefix.insert(mine.begin(), mine.end());
+    for (const auto& [id, e] : store.entries()) stored_after += double(e.stored);
+    std::printf("%-24s %7lld %12.0f %12.0f %13lld\n", std::filesystem::path(in).filename().c_str(),
+                (long long)pages, bytes, stored_after - stored_before, (long long)shared);
+    total_pages += pages;
+    total_shared += shared;
+    total_bytes += bytes;
+    total_stored += stored_after - stored_before;
+  }
+  std::printf(
+      "total: %lld pages (%lld of them prefix pages seen in an earlier input), k+v %s, "
+      "stored %s, saved %s (%.1f%%)\n",
+      (long long)total_pages, (long long)total_shared, kvt::human_bytes(total_bytes).c_str(),
+      kvt::human_bytes(total_stored).c_str(), kvt::human_bytes(total_bytes - total_stored).c_str(),
+      total_bytes > 0 ? 100.0 * (total_bytes - total_stored) / total_bytes : 0.0);
+}
+
 void run_restore(kvt::Tool& tool, const std::string& input) {
   tool.check_output();
   kv::SnapshotReader reader(input, tool.read_options());
@@ -246,12 +331,30 @@ int main(int argc, char** argv) {
       "restore", "Bring a tiered cache back whole: fetch its pages from the page store");
   restore->add_option("INPUT", input, "Snapshot written by 'kv-offload tier'; - reads stdin")
       ->default_val("-");
+  // share: several caches into one page store, shared prefixes stored once.
+  std::vector<std::string> share_inputs;
+  std::string share_store, share_out;
+  CLI::App* share = app.add_subcommand(
+      "share", "Store several caches' pages in one page store: pages of a shared prefix once");
+  share->add_option("INPUT", share_inputs, "Dense snapshots (named files)")->required();
+  share->add_option("--store", share_store, "The page store directory")->required();
+  share
+      ->add_option("-O,--out-dir", share_out,
+                   "Directory for each input's snapshot, its pages referenced in the store")
+      ->required();
+  share->add_option("-p,--page", o.page_size, "Entries per page, 16..256")->default_val(16);
+  share->add_option("--page-codec", page_codec, "Page files: none or zstd")
+      ->default_val("none")
+      ->check(CLI::IsMember({"none", "zstd"}));
   tool.add_output_options();
-  for (CLI::App* sub : {tier, restore}) sub->fallthrough();
+  for (CLI::App* sub : {tier, restore, share}) sub->fallthrough();
 
   return tool.run(argc, argv, [&] {
     if (tier->parsed()) return run_tier(tool, input, tier_specs, place, page_codec == "zstd", o);
     if (restore->parsed()) return run_restore(tool, input);
+    if (share->parsed())
+      return run_share(tool, share_inputs, share_store, share_out, page_codec == "zstd",
+                       o.page_size);
     o.link = kv::Link::parse(link);
     kv::SnapshotReader reader(input, tool.read_options());
     const kv::Header& h = reader.header();

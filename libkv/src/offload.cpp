@@ -10,6 +10,7 @@
 #include "kv/attention.h"
 #include "kv/error.h"
 #include "kv/page_store.h"
+#include "kv/sha256.h"
 #include "kv/str.h"
 
 namespace kv {
@@ -326,6 +327,7 @@ void place_pages(std::vector<PlacedPage>& pages, const std::vector<Tier>& tiers)
   std::vector<int64_t> room;
   for (const Tier& t : tiers) room.push_back(t.capacity < 0 ? INT64_MAX : t.capacity);
   int64_t always_bytes = 0;
+  for (PlacedPage& p : pages) p.tier = -1;
   for (PlacedPage& p : pages)
     if (p.always) {
       always_bytes += p.bytes;
@@ -390,6 +392,24 @@ Encoded page_out(const Tensor& x, const std::vector<int64_t>& head_offsets, int 
     }
   out.arrays = {std::move(local), std::move(flags), std::move(ids)};
   return out;
+}
+
+std::vector<std::string> page_prefix_ids(const Header& header, const Layer& layer, int page_size) {
+  std::vector<std::string> ids;
+  for (size_t h = 0; h + 1 < layer.head_offsets.size(); ++h) {
+    std::string parent;
+    for (int64_t r = layer.head_offsets[h]; r < layer.head_offsets[h + 1]; r += page_size) {
+      const int64_t n = std::min<int64_t>(page_size, layer.head_offsets[h + 1] - r);
+      std::string block = parent;
+      for (int64_t i = r; i < r + n; ++i) {
+        const int32_t token = header.tokens[size_t(layer.positions[size_t(i)])];
+        for (int b = 0; b < 4; ++b) block.push_back(char(uint32_t(token) >> (8 * b)));
+      }
+      parent = sha256_hex(block.data(), block.size());
+      ids.push_back(parent);
+    }
+  }
+  return ids;
 }
 
 }  // namespace kv

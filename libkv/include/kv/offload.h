@@ -115,4 +115,12 @@ void place_pages(std::vector<PlacedPage>& pages, const std::vector<Tier>& tiers)
 Encoded page_out(const Tensor& x, const std::vector<int64_t>& head_offsets, int page_size,
                  const std::vector<uint8_t>& external, class PageStore& store, bool zstd);
 
+// ---- prefix sharing ---------------------------------------------------------------------------
+
+// Each page's prefix id, as serving engines' prefix caches name blocks: the SHA-256 (hex) of the
+// previous page's id (empty for a head's first page) and the token ids at the page's positions
+// (little-endian int32). Caches of the same model whose token sequences share a prefix give the
+// pages of that prefix equal ids, head by head. One id per page of the layer, in page order.
+std::vector<std::string> page_prefix_ids(const Header& header, const Layer& layer, int page_size);
+
 }  // namespace kv

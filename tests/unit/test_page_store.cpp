@@ -1,0 +1,142 @@
+// kv-offload's page store, tiers and prefix ids: content addressing, damage detection, placement
+// rules by hand, and a tiered snapshot that every reader gets back exactly.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <functional>
+
+#include "helpers.h"
+#include "kv/error.h"
+#include "kv/offload.h"
+#include "kv/page_store.h"
+#include "kv/sha256.h"
+#include "kv/snapshot_io.h"
+
+namespace {
+
+int code_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const kv::Error& e) {
+    return int(e.code());
+  }
+  return 0;
+}
+
+TEST(PageStore, PagesAreContentAddressedCheckedAndListedByTheManifest) {
+  const std::string dir = kvtest::temp_dir() + "/store";
+  const std::string a = "page a bytes", b(5000, 'b');
+  std::string id_a, id_b;
+  {
+    kv::PageStore s(dir, true);
+    id_a = s.put(a.data(), a.size(), false);
+    id_b = s.put(b.data(), b.size(), true);
+    EXPECT_EQ(id_a, kv::sha256_hex(a.data(), a.size()));
+    EXPECT_EQ(s.put(a.data(), a.size(), false), id_a);  // stored once
+    EXPECT_EQ(s.entries().size(), 2u);
+    EXPECT_LT(s.entries().at(id_b).stored, 5000);  // zstd shrank the run of 'b'
+    s.commit();
+  }
+  const kv::PageStore r(dir, false);
+  const auto got_a = r.get(id_a), got_b = r.get(id_b);
+  EXPECT_EQ(std::string(got_a.begin(), got_a.end()), a);
+  EXPECT_EQ(std::string(got_b.begin(), got_b.end()), b);
+  // An id the manifest lacks, a missing file, a corrupted file: data errors naming the page.
+  EXPECT_EQ(code_of([&] { r.get(std::string(64, '0')); }), 65);
+  { std::ofstream(dir + "/pages/" + id_a + ".raw", std::ios::binary) << "page A bytes"; }
+  try {
+    r.get(id_a);
+    ADD_FAILURE() << "corrupt page read";
+  } catch (const kv::Error& e) {
+    EXPECT_NE(std::string(e.what()).find(id_a), std::string::npos);
+    EXPECT_NE(std::string(e.what()).find("does not match its id"), std::string::npos);
+  }
+  std::filesystem::remove(dir + "/pages/" + id_b + ".zst");
+  EXPECT_EQ(code_of([&] { r.get(id_b); }), 65);
+  // A torn manifest is refused; a store without one cannot be read from.
+  { std::ofstream(dir + "/manifest.json") << "{\"format\": \"kvtk-page-store\", \"pages\": [{"; }
+  EXPECT_EQ(code_of([&] { kv::PageStore(dir, false); }), 65);
+  EXPECT_EQ(code_of([&] { kv::PageStore(kvtest::temp_dir() + "/none", false); }), 65);
+  // A store that cannot be created.
+  { std::ofstream(kvtest::temp_dir() + "/file") << "x"; }
+  EXPECT_EQ(code_of([&] { kv::PageStore(kvtest::temp_dir() + "/file/store", true); }), 73);
+}
+
+TEST(PageStore, TiersParseAndPlacePagesByHeat) {
+  EXPECT_EQ(kv::Tier::parse("gpu:2GiB").capacity, int64_t(2) << 30);
+  EXPECT_EQ(kv::Tier::parse("host:512M").capacity, 512000000);
+  EXPECT_EQ(kv::Tier::parse("disk:/x/y").dir, "/x/y");
+  EXPECT_EQ(kv::Tier::parse("disk:/x/y").capacity, -1);
+  EXPECT_EQ(kv::Tier::parse("disk:d:1KiB").capacity, 1024);
+  for (const char* bad : {"gpu", "gpu:", ":1G", "gpu:lots", "gpu:-1G", "disk:"})
+    EXPECT_EQ(code_of([&] { kv::Tier::parse(bad); }), 64) << bad;
+  // Six pages of 100 bytes: two always kept (first tier), the others by heat.
+  std::vector<kv::PlacedPage> pages(6);
+  const double heat[6] = {0, 5, 1, 9, 3, 0};
+  for (int i = 0; i < 6; ++i) {
+    pages[size_t(i)].page = i;
+    pages[size_t(i)].bytes = 100;
+    pages[size_t(i)].heat = heat[i];
+    pages[size_t(i)].always = i == 0 || i == 5;
+  }
+  const std::vector<kv::Tier> tiers = {kv::Tier::parse("gpu:300"), kv::Tier::parse("host:100"),
+                                       kv::Tier::parse("disk:d")};
+  kv::place_pages(pages, tiers);
+  // gpu: the two always-kept pages and the hottest (3); host: the next (1); disk: 4 and 2.
+  const int want[6] = {0, 1, 2, 0, 2, 0};
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(pages[size_t(i)].tier, want[i]) << i;
+  auto fresh = pages;
+  EXPECT_EQ(code_of([&] { kv::place_pages(fresh, {kv::Tier::parse("gpu:150")}); }), 64);
+  fresh = pages;
+  EXPECT_EQ(code_of([&] { kv::place_pages(fresh, {kv::Tier::parse("gpu:400")}); }), 64);
+}
+
+TEST(PageStore, PrefixIdsChainTheTokensOfEachHeadsPages) {
+  kv::Snapshot s = kvtest::tiny_snapshot(kv::DType::f16, false, false);  // 6 tokens, full heads
+  kv::Header& h = s.header;
+  const kv::Layer& l = s.layers[0];
+  // Pages of 16 hold a whole head here: one page per head, equal ids (same tokens).
+  auto ids = kv::page_prefix_ids(h, l, 16);
+  ASSERT_EQ(ids.size(), 2u);
+  EXPECT_EQ(ids[0], ids[1]);
+  std::string block;
+  for (int32_t t : h.tokens)
+    for (int b = 0; b < 4; ++b) block.push_back(char(uint32_t(t) >> (8 * b)));
+  EXPECT_EQ(ids[0], kv::sha256_hex(block.data(), block.size()));
+  // Another token changes the id.
+  h.tokens[5] += 1;
+  EXPECT_NE(kv::page_prefix_ids(h, l, 16)[0], ids[0]);
+}
+
+TEST(PageStore, TieredSnapshotsReadBackExactly) {
+  for (kv::DType dt : {kv::DType::f16, kv::DType::bf16, kv::DType::f32}) {
+    const kv::Snapshot s = kvtest::tiny_snapshot(dt, true, true);  // ragged heads, side data
+    const std::string dir = kvtest::temp_dir() + "/tiered";
+    kv::PageStore store(dir, true);
+    kv::Snapshot paged = s;
+    for (kv::Layer& l : paged.layers) {
+      int64_t pages = 0;
+      for (size_t h = 0; h + 1 < l.head_offsets.size(); ++h)
+        pages += (l.head_offsets[h + 1] - l.head_offsets[h] + 15) / 16;
+      std::vector<uint8_t> flags(static_cast<size_t>(pages));
+      for (size_t i = 0; i < flags.size(); ++i) flags[i] = i % 2;  // every other page on disk
+      l.k_stored =
+          std::make_shared<kv::Encoded>(kv::page_out(l.k, l.head_offsets, 16, flags, store, true));
+      l.v_stored =
+          std::make_shared<kv::Encoded>(kv::page_out(l.v, l.head_offsets, 16, flags, store, false));
+    }
+    store.commit();
+    const std::string path = kvtest::temp_dir() + "/paged.kv.h5";
+    kv::write_snapshot(path, paged);
+    const kv::Snapshot back = kv::read_snapshot(path);
+    for (size_t l = 0; l < s.layers.size(); ++l) {
+      EXPECT_TRUE(back.layers[l].k.same_contents(s.layers[l].k)) << l;
+      EXPECT_TRUE(back.layers[l].v.same_contents(s.layers[l].v)) << l;
+      EXPECT_TRUE(back.layers[l].k_encoding.dense());
+    }
+  }
+}
+
+}  // namespace
