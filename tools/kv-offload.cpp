@@ -25,7 +25,7 @@ double kvbench_now() {
 
 kv::Json stats_json(const kv::SimulateStats& s) {
   kv::Json j = kv::Json::object();
-  j.set("rel_error", s.rows ? s.rel_error / double(s.rows) : 0.0);
+  j.set("rel_error", s.rows ? kv::Json(s.rel_error / double(s.rows)) : kv::Json(nullptr));
   j.set("pages_selected", s.pages_selected).set("pages_hit", s.pages_hit);
   j.set("pages_fetched", s.pages_fetched).set("bytes_fetched", s.bytes_fetched);
   j.set("hit_rate", s.pages_selected ? double(s.pages_hit) / double(s.pages_selected) : 0.0);
@@ -297,6 +297,10 @@ int main(int argc, char** argv) {
                   "Link the missing pages cross: pcie5, c2c, nvme, or GBPS,LATENCY_US")
       ->default_val("pcie5");
   sim->add_flag("--per-step", per_step, "Also print every probe step");
+  bool no_attention = false;
+  sim->add_flag("--no-attention", no_attention,
+                "Only pages, fetches and stalls: skip the attention outputs and their error "
+                "(for large caches)");
   sim->add_flag("--json", tool.json, "Print one JSON object");
   sim->add_flag("--allow-nonfinite", tool.allow_nonfinite, "Accept NaN/Inf in keys and values");
 
@@ -356,6 +360,7 @@ int main(int argc, char** argv) {
       return run_share(tool, share_inputs, share_store, share_out, page_codec == "zstd",
                        o.page_size);
     o.link = kv::Link::parse(link);
+    o.attention_error = !no_attention;
     kv::SnapshotReader reader(input, tool.read_options());
     const kv::Header& h = reader.header();
     kv::check_simulate_options(h, o);
@@ -397,10 +402,14 @@ int main(int argc, char** argv) {
         (long long)o.budget, o.score.c_str());
     std::printf("link        %s: %.1f GB/s, %.1f us per transfer (one per layer and step)\n",
                 o.link.name.c_str(), o.link.gbps, o.link.latency_us);
-    std::printf(
-        "attention   rel. error %.6f over %lld (layer, query head, step) rows; %lld "
-        "tokens attended\n",
-        mean_err, (long long)total.rows, (long long)total.tokens_attended);
+    if (o.attention_error)
+      std::printf(
+          "attention   rel. error %.6f over %lld (layer, query head, step) rows; %lld "
+          "tokens attended\n",
+          mean_err, (long long)total.rows, (long long)total.tokens_attended);
+    else
+      std::printf("attention   not computed (--no-attention); %lld tokens attended\n",
+                  (long long)total.tokens_attended);
     std::printf(
         "fetch       %lld of %lld selected pages fetched (hit rate %.3f), %s moved, "
         "stall %.3f ms\n",

@@ -159,18 +159,21 @@ SimulateStats simulate_layer(const Header& header, const Layer& layer, const Sim
   const std::vector<float> k32 = layer.k.to_f32(), v32 = layer.v.to_f32(),
                            q32 = layer.probe_q.to_f32();
   const PageTable pages = build_pages(layer, k32, D, o.page_size);
-  // The reference: attention over the whole cache.
-  const std::vector<float> full = layer_attention(m, layer, layer.probe_q, header.probe_positions);
+  // The reference: attention over the whole cache (unless only the fetches are asked for).
+  const std::vector<float> full =
+      o.attention_error ? layer_attention(m, layer, layer.probe_q, header.probe_positions)
+                        : std::vector<float>();
   const double entry_bytes =
       double(D) * double(kvk::dtype_size(layer.k.dtype()) + kvk::dtype_size(layer.v.dtype()));
   const int64_t budget_pages = o.budget / o.page_size;
   const int64_t capacity_pages = (o.fast_capacity ? o.fast_capacity : o.budget) / o.page_size;
-  SimulateStats total;
-  total.steps = steps;
-  std::vector<float> k_sel, v_sel, mass_sel, q(size_t(G) * D), weights, out(size_t(G) * D);
-  std::vector<int32_t> pos_sel;
-  std::vector<double> step_bytes(size_t(steps), 0.0);
+  // Heads are independent: each one's figures per step, summed in head order afterwards (so the
+  // totals do not depend on the thread count).
+  std::vector<SimulateStats> head_steps(size_t(H) * size_t(steps));
+#pragma omp parallel for schedule(dynamic)
   for (int h = 0; h < H; ++h) {
+    std::vector<float> k_sel, v_sel, mass_sel, q(size_t(G) * D), weights, out(size_t(G) * D);
+    std::vector<int32_t> pos_sel;
     const int64_t p0 = pages.head_pages[h], np = pages.head_pages[h + 1] - p0;
     auto always = [&](int64_t i) { return i < o.sink_pages || i >= np - o.recent_pages; };
     FastTier fast;
@@ -217,7 +220,10 @@ SimulateStats simulate_layer(const Header& header, const Layer& layer, const Sim
         fast.touch(p0 + i, step);
       }
       fast.trim(step);
-      step_bytes[size_t(step)] += s.bytes_fetched;
+      s.tokens_attended = 0;
+      for (int64_t i : chosen) s.tokens_attended += pages.rows[size_t(p0 + i)];
+      head_steps[size_t(h) * size_t(steps) + size_t(step)] = s;
+      if (!o.attention_error) continue;
       // Attention of the group's queries over the chosen pages only.
       k_sel.clear();
       v_sel.clear();
@@ -237,7 +243,6 @@ SimulateStats simulate_layer(const Header& header, const Layer& layer, const Sim
                     layer.mass.empty() ? nullptr : mass_sel.data(),
                     int64_t(pos_sel.size()),
                     D};
-      s.tokens_attended = int64_t(pos_sel.size());
       weights.resize(size_t(G) * pos_sel.size());
       std::vector<int32_t> qpos(size_t(G), header.probe_positions[size_t(step)]);
       attention_weights(view, q.data(), qpos.data(), G, weights.data());
@@ -254,15 +259,18 @@ SimulateStats simulate_layer(const Header& header, const Layer& layer, const Sim
         s.rel_error += norm > 0 ? std::sqrt(diff / norm) : (cand > 0 ? 1.0 : 0.0);
         ++s.rows;
       }
-      per_step[size_t(step)] += s;
-      total += s;
+      head_steps[size_t(h) * size_t(steps) + size_t(step)] = s;
     }
   }
-  // One transfer per step for the layer: the pages its heads miss move together.
+  SimulateStats total;
+  total.steps = steps;
   for (int64_t step = 0; step < steps; ++step) {
-    const double t = o.link.seconds(step_bytes[size_t(step)]);
-    per_step[size_t(step)].stall_seconds += t;
-    total.stall_seconds += t;
+    SimulateStats layer_step;
+    for (int h = 0; h < H; ++h) layer_step += head_steps[size_t(h) * size_t(steps) + size_t(step)];
+    // One transfer per step for the layer: the pages its heads miss move together.
+    layer_step.stall_seconds = o.link.seconds(layer_step.bytes_fetched);
+    per_step[size_t(step)] += layer_step;
+    total += layer_step;
   }
   return total;
 }

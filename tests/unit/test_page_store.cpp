@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <random>
 
 #include "helpers.h"
 #include "kv/error.h"
@@ -23,6 +24,22 @@ int code_of(const std::function<void()>& f) {
     return int(e.code());
   }
   return 0;
+}
+
+TEST(PageStore, Sha256MatchesFipsVectorsAndTheFastPathMatchesThePortableOne) {
+  EXPECT_EQ(kv::sha256_hex("abc", 3),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  EXPECT_EQ(kv::sha256_hex("", 0),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  const std::string two_blocks = "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
+  EXPECT_EQ(kv::sha256_hex(two_blocks.data(), two_blocks.size()),
+            "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+  std::mt19937 rng(9);
+  std::string data(70000, '\0');
+  for (char& c : data) c = char(rng());
+  for (size_t n : {size_t(1), size_t(55), size_t(56), size_t(63), size_t(64), size_t(65),
+                   size_t(119), size_t(128), size_t(4096), size_t(70000)})
+    EXPECT_EQ(kv::sha256_hex(data.data(), n), kv::sha256_hex(data.data(), n, true)) << n;
 }
 
 TEST(PageStore, PagesAreContentAddressedCheckedAndListedByTheManifest) {

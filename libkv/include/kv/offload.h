@@ -59,6 +59,7 @@ struct SimulateOptions {
   std::string score = "quest";  // quest | landmark
   int64_t fast_capacity = 0;    // tokens per KV head the fast tier holds (0: the budget)
   Link link = Link::parse("pcie5");
+  bool attention_error = true;  // false: only pages, fetches and stalls (no attention computed)
 };
 
 // Totals over layers, heads and steps (per_step: the same, one entry per probe step).
