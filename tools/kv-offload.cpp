@@ -115,9 +115,9 @@ void run_tier(kvt::Tool& tool, const std::string& input, const std::vector<std::
     if (store) {
       const double t0 = kvbench_now();
       layer.k_stored = std::make_shared<kv::Encoded>(
-          kv::page_out(layer.k, layer.head_offsets, o.page_size, external, *store, zstd));
+          kv::page_out(layer.k, layer.head_offsets, o.page_size, external, *store, zstd, true));
       layer.v_stored = std::make_shared<kv::Encoded>(
-          kv::page_out(layer.v, layer.head_offsets, o.page_size, external, *store, zstd));
+          kv::page_out(layer.v, layer.head_offsets, o.page_size, external, *store, zstd, false));
       write_seconds += kvbench_now() - t0;
     }
     writer.write_layer(layer);
@@ -217,9 +217,9 @@ void run_share(kvt::Tool& tool, const std::vector<std::string>& inputs, const st
       pages += int64_t(ids.size());
       const std::vector<uint8_t> all(ids.size(), 1);
       layer.k_stored = std::make_shared<kv::Encoded>(
-          kv::page_out(layer.k, layer.head_offsets, page_size, all, store, zstd));
+          kv::page_out(layer.k, layer.head_offsets, page_size, all, store, zstd, true));
       layer.v_stored = std::make_shared<kv::Encoded>(
-          kv::page_out(layer.v, layer.head_offsets, page_size, all, store, zstd));
+          kv::page_out(layer.v, layer.head_offsets, page_size, all, store, zstd, false));
       bytes += double(layer.k.bytes() + layer.v.bytes());
       writer.write_layer(layer);
     }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <limits>
 #include <numeric>
@@ -16,16 +17,21 @@
 namespace kv {
 
 PageTable build_pages(const Layer& layer, const std::vector<float>& k32, int dim, int page_size) {
+  return build_pages(layer.head_offsets, k32, dim, page_size);
+}
+
+PageTable build_pages(const std::vector<int64_t>& head_offsets, const std::vector<float>& k32,
+                      int dim, int page_size) {
   if (page_size < 16 || page_size > 256)
     throw Error(Exit::usage, str("page size ", page_size, " is outside 16..256"));
   PageTable t;
   t.page_size = page_size;
   t.dim = dim;
   t.head_pages.push_back(0);
-  const int H = int(layer.head_offsets.size()) - 1;
+  const int H = int(head_offsets.size()) - 1;
   for (int h = 0; h < H; ++h) {
-    for (int64_t r = layer.head_offsets[h]; r < layer.head_offsets[h + 1]; r += page_size) {
-      const int64_t n = std::min<int64_t>(page_size, layer.head_offsets[h + 1] - r);
+    for (int64_t r = head_offsets[h]; r < head_offsets[h + 1]; r += page_size) {
+      const int64_t n = std::min<int64_t>(page_size, head_offsets[h + 1] - r);
       t.first.push_back(r);
       t.rows.push_back(n);
       std::vector<float> mn(k32.begin() + r * dim, k32.begin() + (r + 1) * dim), mx = mn;
@@ -370,7 +376,7 @@ void place_pages(std::vector<PlacedPage>& pages, const std::vector<Tier>& tiers)
 }
 
 Encoded page_out(const Tensor& x, const std::vector<int64_t>& head_offsets, int page_size,
-                 const std::vector<uint8_t>& external, PageStore& store, bool zstd) {
+                 const std::vector<uint8_t>& external, PageStore& store, bool zstd, bool keys) {
   Encoded out;
   out.encoding = default_encoding("paged", 'k');
   out.encoding.page_size = page_size;
@@ -399,6 +405,19 @@ Encoded page_out(const Tensor& x, const std::vector<int64_t>& head_offsets, int 
       }
     }
   out.arrays = {std::move(local), std::move(flags), std::move(ids)};
+  if (keys) {  // each page's Quest bounds and landmark, for query-aware fetching
+    const PageTable t = build_pages(head_offsets, x.to_f32(), int(x.cols()), page_size);
+    for (auto [name, values] :
+         {std::pair{"page_key_min", &t.key_min}, std::pair{"page_key_max", &t.key_max},
+          std::pair{"page_key_mean", &t.key_mean}}) {
+      CodeArray a;
+      a.name = name;
+      a.type = CodeArray::Type::f32;
+      a.bytes.resize(values->size() * sizeof(float));
+      std::memcpy(a.bytes.data(), values->data(), a.bytes.size());
+      out.arrays.push_back(std::move(a));
+    }
+  }
   return out;
 }
 

@@ -445,17 +445,16 @@ bool is_encoded(hid_t loc, const std::string& name) {
 }
 
 // The arrays any scheme may define; other members of an encoded group are ignored (section 2).
-constexpr const char* kCodeArrayNames[] = {"codes",         "scales",
-                                           "zeros",         "residual",
-                                           "blocks",        "ranks",
-                                           "coeffs",        "basis",
-                                           "levels",        "outlier_counts",
-                                           "outlier_index", "outlier_value",
-                                           "high",          "codes_high",
-                                           "scales_high",   "zeros_high",
-                                           "codes_low",     "scales_low",
-                                           "zeros_low",     "local",
-                                           "external",      "ids"};
+// (One per line so that adding a scheme's arrays is a one-line change.)
+constexpr const char* kCodeArrayNames[] = {
+    "codes", "scales", "zeros", "residual",                                  // uniform, kivi
+    "blocks",                                                                // q8_0, q4_0
+    "ranks", "coeffs", "basis",                                              // svd
+    "levels", "outlier_counts", "outlier_index", "outlier_value",            // kvquant
+    "high", "codes_high", "scales_high", "zeros_high", "codes_low",          // mikv
+    "scales_low", "zeros_low",                                               //
+    "local", "external", "ids", "page_key_min", "page_key_max", "page_key_mean",  // paged
+};
 
 Encoding read_encoding_attrs(hid_t g, const std::string& where) {
   if (!h5::has_attr(g, "scheme")) throw Error(Exit::data, where + " has no attribute 'scheme'");

@@ -140,9 +140,9 @@ TEST(PageStore, TieredSnapshotsReadBackExactly) {
       std::vector<uint8_t> flags(static_cast<size_t>(pages));
       for (size_t i = 0; i < flags.size(); ++i) flags[i] = i % 2;  // every other page on disk
       l.k_stored =
-          std::make_shared<kv::Encoded>(kv::page_out(l.k, l.head_offsets, 16, flags, store, true));
+          std::make_shared<kv::Encoded>(kv::page_out(l.k, l.head_offsets, 16, flags, store, true, true));
       l.v_stored =
-          std::make_shared<kv::Encoded>(kv::page_out(l.v, l.head_offsets, 16, flags, store, false));
+          std::make_shared<kv::Encoded>(kv::page_out(l.v, l.head_offsets, 16, flags, store, false, false));
     }
     store.commit();
     const std::string path = kvtest::temp_dir() + "/paged.kv.h5";

@@ -32,6 +32,8 @@ struct PageTable {
 // Pages of `page_size` entries (16..256, else Error(Exit::usage)) over a layer whose keys are
 // decoded to k32 ([N, dim] f32).
 PageTable build_pages(const Layer& layer, const std::vector<float>& k32, int dim, int page_size);
+PageTable build_pages(const std::vector<int64_t>& head_offsets, const std::vector<float>& k32,
+                      int dim, int page_size);
 
 // Quest's bound for query q on page i: sum_c max(q_c m_c, q_c M_c), at least q . k for every key
 // of the page (computed in double and rounded up, so the inequality holds in float too).
@@ -113,8 +115,11 @@ void place_pages(std::vector<PlacedPage>& pages, const std::vector<Tier>& tiers)
 
 // A layer tensor (dense, [N, D]) as the "paged" encoding: pages flagged in `external` (one flag
 // per page, pages of `page_size` in head order) go to the store, the others stay in the array.
+// For keys, each page's metadata goes along (page_key_min, page_key_max, page_key_mean: f32
+// [pages, D], as PageTable holds them).
 Encoded page_out(const Tensor& x, const std::vector<int64_t>& head_offsets, int page_size,
-                 const std::vector<uint8_t>& external, class PageStore& store, bool zstd);
+                 const std::vector<uint8_t>& external, class PageStore& store, bool zstd,
+                 bool keys);
 
 // ---- prefix sharing ---------------------------------------------------------------------------
 
