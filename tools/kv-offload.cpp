@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <iomanip>
 #include <iostream>
 #include <memory>
 #include <set>
@@ -419,11 +420,13 @@ int main(int argc, char** argv) {
       std::printf("\n  step  rel.error  selected  fetched  hit rate  bytes moved  stall(us)\n");
       for (size_t i = 0; i < steps.size(); ++i) {
         const kv::SimulateStats& s = steps[i];
-        std::printf("  %4zu  %9.6f  %8lld  %7lld  %8.3f  %11.0f  %9.2f\n", i,
-                    s.rows ? s.rel_error / double(s.rows) : 0.0, (long long)s.pages_selected,
-                    (long long)s.pages_fetched,
-                    s.pages_selected ? double(s.pages_hit) / double(s.pages_selected) : 0.0,
-                    s.bytes_fetched, s.stall_seconds * 1e6);
+        std::printf(
+            "  %4zu  %9s  %8lld  %7lld  %8.3f  %11.0f  %9.2f\n", i,
+            s.rows ? kv::str(std::fixed, std::setprecision(6), s.rel_error / double(s.rows)).c_str()
+                   : "-",
+            (long long)s.pages_selected, (long long)s.pages_fetched,
+            s.pages_selected ? double(s.pages_hit) / double(s.pages_selected) : 0.0,
+            s.bytes_fetched, s.stall_seconds * 1e6);
       }
     }
   });

@@ -1055,6 +1055,9 @@ void decode_paged(const Encoded& enc, const RowLayout& rows, float* out) {
     }
   const CodeArray& ids = find_array(enc, "ids", Type::u8, n_external * 32);
   const CodeArray& local = find_array(enc, "local", Type::u8, local_rows * int64_t(row_bytes));
+  for (const char* meta : {"page_key_min", "page_key_max", "page_key_mean"})  // optional
+    for (const CodeArray& a : enc.arrays)
+      if (a.name == meta) find_array(enc, meta, Type::f32, pages * D);
   const PageStore store(e.store, false);
   const uint8_t* next_local = local.bytes.data();
   int64_t next_id = 0;

@@ -82,6 +82,9 @@ PageStore::PageStore(std::string dir, bool writable) : dir_(std::move(dir)) {
     const Json* format = j.find("format");
     if (!format || !format->is_string() || format->string() != kFormat)
       throw Error(Exit::data, "not a kvtk page store manifest");
+    const Json* version = j.find("version");
+    if (!version || !version->is_number() || version->integer() != 1)
+      throw Error(Exit::data, "manifest version is not 1 (this kvtk reads version 1)");
     const Json* pages = j.find("pages");
     if (!pages) throw Error(Exit::data, "no 'pages'");
     for (const Json& p : pages->as_array()) {
@@ -93,6 +96,7 @@ PageStore::PageStore(std::string dir, bool writable) : dir_(std::move(dir)) {
       e.file = file->string();
       e.bytes = bytes->integer();
       e.stored = stored->integer();
+      if (e.bytes < 0 || e.stored < 0) throw Error(Exit::data, "a page has a negative size");
       if (e.file.find("..") != std::string::npos || e.file.empty() || e.file[0] == '/')
         throw Error(Exit::data, str("page file '", e.file, "' is outside the store"));
       entries_[id->string()] = e;
@@ -137,6 +141,9 @@ std::vector<uint8_t> PageStore::get(const std::string& id) const {
     if (ZSTD_isError(m) || m != out.size())
       throw Error(Exit::data, what + ": not a zstd frame of its size");
   } else {
+    if (it->second.stored != it->second.bytes)
+      throw Error(Exit::data, str(what, ": a raw page of ", it->second.bytes, " bytes stored in ",
+                                  it->second.stored));
     std::memcpy(out.data(), file.data(), out.size());
   }
   if (sha256_hex(out.data(), out.size()) != id)

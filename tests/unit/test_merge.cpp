@@ -7,6 +7,7 @@
 #include "helpers.h"
 #include "kv/attention.h"
 #include "kv/error.h"
+#include "kv/eval.h"
 #include "kv/merge.h"
 
 namespace {
@@ -116,4 +117,167 @@ TEST(MergeNearest, MassIsConservedAndStoredTypeKept) {
     EXPECT_EQ(total, 64.0) << "head " << h;
   }
   EXPECT_NO_THROW(kv::validate_layer(m.header, 0, ml, true));
+}
+
+namespace {
+
+// tiny() with attention statistics: attn_acc = attn_last = `attention` (one query head).
+kv::Snapshot with_attention(kv::Snapshot s, const std::vector<float>& attention) {
+  s.header.has_attn_stats = true;
+  const int64_t T = int64_t(attention.size());
+  s.layers[0].attn_acc = kv::Tensor::from_f32(kv::DType::f32, 1, T, attention.data());
+  s.layers[0].attn_last = s.layers[0].attn_acc;
+  return s;
+}
+
+kv::MergeOptions by_h2o(kv::MergeMethod method, int64_t budget, double tau = 0) {
+  kv::MergeOptions o;
+  o.method = method;
+  o.select.score = kv::EvictScore::h2o;
+  o.select.sink = 0;
+  o.select.recent = 0;
+  o.select.budget = budget;
+  o.tau = tau;
+  return o;
+}
+
+}  // namespace
+
+TEST(MergeCam, DroppedValuesJoinTheNextKeptEntryByAttentionRatio) {
+  // Four tokens, h2o scores 0.4 0.1 0.3 0.2: tokens 0 and 2 stay. Token 1 joins its next kept
+  // neighbour, token 2, with weight 0.1 / 0.3; token 3 has none after it and joins the last
+  // kept, token 2 again, with 0.2 / 0.3. Token 2: mass 1 + 1/3 + 2/3 = 2, its key unchanged,
+  // value (v2 + v1 / 3 + 2 v3 / 3) / 2 = ((0, 3) + (3, 0) / 3 + 2 (0, 6) / 3) / 2 = (0.5, 3.5).
+  kv::Snapshot s = with_attention(
+      kvtest::one_head_snapshot({1, 0, 0, 1, 2, 2, -1, 1}, {9, 9, 3, 0, 0, 3, 0, 6}, 2, {1, 0}),
+      {0.4f, 0.1f, 0.3f, 0.2f});
+  const kv::Snapshot m = kv::merge_snapshot(s, by_h2o(kv::MergeMethod::cam, 2));
+  const kv::Layer& l = m.layers[0];
+  ASSERT_EQ(l.positions, (std::vector<int32_t>{0, 2}));
+  EXPECT_FLOAT_EQ(l.mass[0], 1.0f);
+  EXPECT_FLOAT_EQ(l.mass[1], 2.0f);
+  const auto k = l.k.to_f32(), v = l.v.to_f32();
+  EXPECT_EQ(k, (std::vector<float>{1, 0, 2, 2}));
+  EXPECT_FLOAT_EQ(v[0], 9);
+  EXPECT_FLOAT_EQ(v[2], 0.5f);
+  EXPECT_FLOAT_EQ(v[3], 3.5f);
+  // Scores that are not attention are refused.
+  kv::MergeOptions bad = by_h2o(kv::MergeMethod::cam, 2);
+  bad.select.score = kv::EvictScore::knorm;
+  try {
+    kv::merge_snapshot(s, bad);
+    ADD_FAILURE();
+  } catch (const kv::Error& e) {
+    EXPECT_EQ(e.code(), kv::Exit::usage);
+  }
+}
+
+TEST(MergeCluster, RunsOfSimilarKeysMergeIntoTheirPivotWithGaussianWeights) {
+  // Keys (1, 0), (2, 0) | (0, 1), (0, 3): two runs of cosine 1 (between runs: 0 < tau 0.9).
+  // h2o scores 0.4 0.1 0.2 0.3 keep tokens 0 and 3, the pivots. Token 1 joins token 0: squared
+  // distance 1, the set's mean squared distance 1, weight exp(-1/2); token 2 joins token 3
+  // (distance 4, mean 4, the same weight). Keys and values are weighted means.
+  kv::Snapshot s = with_attention(
+      kvtest::one_head_snapshot({1, 0, 2, 0, 0, 1, 0, 3}, {1, 0, 3, 0, 0, 1, 0, 5}, 2, {1, 1}),
+      {0.4f, 0.1f, 0.2f, 0.3f});
+  const kv::Snapshot m = kv::merge_snapshot(s, by_h2o(kv::MergeMethod::cluster, 2, 0.9));
+  const kv::Layer& l = m.layers[0];
+  ASSERT_EQ(l.positions, (std::vector<int32_t>{0, 3}));
+  const float w = std::exp(-0.5f);
+  EXPECT_FLOAT_EQ(l.mass[0], 1 + w);
+  EXPECT_FLOAT_EQ(l.mass[1], 1 + w);
+  const auto k = l.k.to_f32(), v = l.v.to_f32();
+  EXPECT_FLOAT_EQ(k[0], (1 + 2 * w) / (1 + w));
+  EXPECT_FLOAT_EQ(v[0], (1 + 3 * w) / (1 + w));
+  EXPECT_FLOAT_EQ(k[3], (3 + 1 * w) / (1 + w));
+  EXPECT_FLOAT_EQ(v[3], (5 + 1 * w) / (1 + w));
+  // At tau 1 a cosine of exactly 1 still joins; orthogonal neighbours never do.
+  const kv::Snapshot e = kv::merge_snapshot(s, by_h2o(kv::MergeMethod::cluster, 2, 1.0));
+  EXPECT_FLOAT_EQ(e.layers[0].mass[0], 1 + w);
+  kv::Snapshot orth = with_attention(
+      kvtest::one_head_snapshot({1, 0, 0, 1, 1, 0, 0, 1}, {1, 0, 3, 0, 0, 1, 0, 5}, 2, {1, 1}),
+      {0.4f, 0.1f, 0.2f, 0.3f});
+  EXPECT_EQ(kv::merge_snapshot(orth, by_h2o(kv::MergeMethod::cluster, 2, 0.9)).layers[0].mass,
+            (std::vector<float>{1, 1}));
+}
+
+TEST(MergeCluster, DuplicatesMergedIntoOneEntryLeaveAttentionUnchanged) {
+  // A token repeated three times (identical keys: one set, weight 1 each) next to a distinct
+  // one: kept as one entry of mass 3, attention outputs equal those over all four rows.
+  kv::Snapshot s =
+      with_attention(kvtest::one_head_snapshot({1, 2, 1, 2, 1, 2, -2, 1}, {5, 1, 5, 1, 5, 1, 0, 4},
+                                               2, {0.3f, -0.6f, 1.0f, 0.2f}),
+                     {0.1f, 0.2f, 0.3f, 0.4f});
+  const kv::Snapshot m = kv::merge_snapshot(s, by_h2o(kv::MergeMethod::cluster, 2, 0.99));
+  ASSERT_EQ(m.layers[0].mass, (std::vector<float>{3, 1}));
+  const auto ref = kv::layer_attention(s.header.model, s.layers[0], s.layers[0].probe_q,
+                                       s.header.probe_positions);
+  const auto got = kv::layer_attention(m.header.model, m.layers[0], m.layers[0].probe_q,
+                                       m.header.probe_positions);
+  ASSERT_EQ(ref.size(), got.size());
+  for (size_t i = 0; i < ref.size(); ++i) EXPECT_NEAR(got[i], ref[i], 1e-6) << i;
+}
+
+TEST(MergeHeads, KvHeadsAreMeanPooledIntoGroups) {
+  const kv::Snapshot s = kvtest::tiny_snapshot(kv::DType::f32, true, false);  // 2 KV heads
+  kv::Header out_header;
+  kv::Layer out;
+  kv::merge_heads(s.header, s.layers[0], 1, out_header, out);
+  EXPECT_EQ(out_header.model.n_kv_heads, 1);
+  EXPECT_EQ(out_header.model.n_q_heads, s.header.model.n_q_heads);
+  EXPECT_EQ(out_header.model.group_size(), 4);
+  const kv::Layer& in = s.layers[0];
+  ASSERT_EQ(out.head_offsets, (std::vector<int64_t>{0, in.head_entries(0)}));
+  const auto k = in.k.to_f32(), v = in.v.to_f32(), km = out.k.to_f32(), vm = out.v.to_f32();
+  const int D = s.header.model.head_dim;
+  const int64_t n = in.head_entries(0);
+  for (int64_t i = 0; i < n * D; ++i) {
+    EXPECT_FLOAT_EQ(km[size_t(i)], (k[size_t(i)] + k[size_t(n * D + i)]) / 2);
+    EXPECT_FLOAT_EQ(vm[size_t(i)], (v[size_t(i)] + v[size_t(n * D + i)]) / 2);
+  }
+  EXPECT_NO_THROW(kv::validate_layer(out_header, 0, out, true));
+  // Groups that do not divide the heads, or heads holding different positions, are refused.
+  auto code = [&](const kv::Layer& layer, int groups) {
+    try {
+      kv::merge_heads(s.header, layer, groups, out_header, out);
+    } catch (const kv::Error& e) {
+      return int(e.code());
+    }
+    return 0;
+  };
+  EXPECT_EQ(code(in, 3), 64);
+  const kv::Snapshot ragged = kvtest::tiny_snapshot(kv::DType::f32, true, true);
+  EXPECT_EQ(code(ragged.layers[1], 1), 64);
+}
+
+TEST(MergeReal, CamLosesLessThanEvictionWithTheSameScore) {
+  const kv::Snapshot* real = kvtest::stories_capture();
+  if (!real) GTEST_SKIP() << "stories260K or TinyStories not available";
+  // The acceptance comparison (attention-output error on the probe, as kv-eval reports it): at
+  // 100 and 200 of 400 tokens per head, CaM-style merging with SnapKV's selection beats SnapKV's
+  // eviction; at 50 it does not (reported, not asserted), and nearest is worse throughout.
+  auto error = [&](const kv::Snapshot& cand) {
+    kv::AttentionFidelity f;
+    for (size_t l = 0; l < real->layers.size(); ++l)
+      f += kv::attention_fidelity(real->header, real->layers[l], cand.layers[l], 16);
+    return f.rel_error / double(f.rows);
+  };
+  for (int64_t budget : {50, 100, 200}) {
+    kv::EvictOptions e;
+    e.score = kv::EvictScore::snapkv;
+    e.budget = budget;
+    kv::MergeOptions m;
+    m.select = e;
+    const double evict = error(kv::evict_snapshot(*real, e));
+    m.method = kv::MergeMethod::cam;
+    const double cam = error(kv::merge_snapshot(*real, m));
+    m.method = kv::MergeMethod::nearest;
+    const double nearest = error(kv::merge_snapshot(*real, m));
+    m.method = kv::MergeMethod::cluster;
+    m.tau = 0.9;
+    const double cluster = error(kv::merge_snapshot(*real, m));
+    std::printf("  budget %3lld: snapkv eviction %.4f, cam %.4f, cluster %.4f, nearest %.4f\n",
+                (long long)budget, evict, cam, cluster, nearest);
+    if (budget >= 100) EXPECT_LT(cam, evict) << budget;
+  }
 }

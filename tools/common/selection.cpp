@@ -5,13 +5,14 @@
 
 namespace kvt {
 
-void SelectionOptions::add(CLI::App& app, const std::string& verb) {
-  app.add_option("-s,--score", score_,
-                 "What to keep: window (StreamingLLM sinks + recent), h2o (accumulated "
-                 "attention + recent), tova (last query's attention), snapkv (pooled "
-                 "observation-window attention), knorm (low key norm), random")
-      ->required()
-      ->check(CLI::IsMember({"window", "h2o", "tova", "snapkv", "knorm", "random"}));
+void SelectionOptions::add(CLI::App& app, const std::string& verb, bool required) {
+  score_option_ =
+      app.add_option("-s,--score", score_,
+                     "What to keep: window (StreamingLLM sinks + recent), h2o (accumulated "
+                     "attention + recent), tova (last query's attention), snapkv (pooled "
+                     "observation-window attention), knorm (low key norm), random")
+          ->required(required)
+          ->check(CLI::IsMember({"window", "h2o", "tova", "snapkv", "knorm", "random"}));
   app.add_option("-a,--alloc", alloc_,
                  "Budget per layer and head: uniform, pyramid (PyramidKV), adaptive (AdaKV)")
       ->default_val("uniform")
@@ -49,6 +50,7 @@ kv::EvictOptions SelectionOptions::resolve() {
     throw kv::Error(kv::Exit::usage, kv::str("--budget ", o_.budget, " must be at least 1"));
   if (ratio_->count() && !(o_.ratio > 0 && o_.ratio <= 1))
     throw kv::Error(kv::Exit::usage, kv::str("--ratio ", o_.ratio, " must be in (0, 1]"));
+  if (score_.empty()) throw kv::Error(kv::Exit::usage, "--score is required");
   o_.score = kv::parse_evict_score(score_);
   o_.alloc = kv::parse_evict_alloc(alloc_);
   o_.group_agg = kv::parse_group_agg(group_agg_);

@@ -12,13 +12,17 @@ namespace kvt {
 class SelectionOptions {
  public:
   // Adds the options to `app`; `verb` ("keep", "merge into") words the --budget help.
-  void add(CLI::App& app, const std::string& verb);
+    // `required`: --score must be given (kv-merge's heads method selects nothing).
+  void add(CLI::App& app, const std::string& verb, bool required = true);
+  // Whether --score, --budget or --ratio was given.
+  bool given() const { return score_option_->count() || budget_->count() || ratio_->count(); }
   // After parsing: the names resolved and the values checked (Error(Exit::usage)).
   kv::EvictOptions resolve();
 
  private:
   kv::EvictOptions o_;
   std::string score_, alloc_ = "uniform", group_agg_ = "mean", pool_ = "avg";
+    CLI::Option* score_option_ = nullptr;
   CLI::Option* budget_ = nullptr;
   CLI::Option* ratio_ = nullptr;
 };
