@@ -128,6 +128,11 @@ int main(int argc, char** argv) {
     kv::SnapshotReader cand(input, tool.read_options());
     const kv::Header& h = ref.header();
     kv::check_comparable(h, cand.header());
+    if (!model_path.empty() && cand.header().model.n_kv_heads != h.model.n_kv_heads)
+      throw kv::Error(kv::Exit::usage,
+                      kv::str("--model runs the model's own ", h.model.n_kv_heads,
+                              " KV heads; this candidate has ", cand.header().model.n_kv_heads,
+                              " (kv-merge -m heads): compare its attention without --model"));
     if (!h.has_probe())
       throw kv::Error(kv::Exit::data,
                       "the reference has no probe, which attention metrics need (capture with "

@@ -53,7 +53,9 @@ void check_comparable(const Header& r, const Header& c) {
   const ModelInfo &a = r.model, &b = c.model;
   same("model.n_layers", a.n_layers, b.n_layers);
   same("model.n_q_heads", a.n_q_heads, b.n_q_heads);
-  same("model.n_kv_heads", a.n_kv_heads, b.n_kv_heads);
+  // A candidate may hold fewer KV heads (kv-merge -m heads): groups of the reference's heads.
+  if (b.n_kv_heads < 1 || b.n_kv_heads > a.n_kv_heads || a.n_kv_heads % b.n_kv_heads)
+    same("model.n_kv_heads", a.n_kv_heads, b.n_kv_heads);
   same("model.head_dim", a.head_dim, b.head_dim);
   same("model.rope_theta", a.rope_theta, b.rope_theta);
   same("model.rope_dims", a.rope_dims, b.rope_dims);
@@ -82,7 +84,9 @@ AttentionFidelity attention_fidelity(const Header& header, const Layer& ref_laye
 #pragma omp parallel for schedule(dynamic)
   for (int j = 0; j < Hq; ++j) {
     const HeadView ref = head_view(ref_layer, j / G, rk, rv, D);
-    const HeadView cand = head_view(cand_layer, j / G, ck, cv, D);
+    // The candidate's own grouping: it may hold fewer KV heads (kv-merge -m heads).
+    const int Gc = Hq / int(cand_layer.head_offsets.size() - 1);
+    const HeadView cand = head_view(cand_layer, j / Gc, ck, cv, D);
     std::vector<float> w_ref(size_t(P * ref.n)), w_cand(size_t(P * cand.n));
     std::vector<float> o_ref(size_t(P * D)), o_cand(size_t(P * D));
     const float* qj = q.data() + int64_t(j) * P * D;

@@ -432,7 +432,7 @@ while read -r name in page codec place sink recent tiers; do
 done < cases.txt
 [ "$rt_bad" = 0 ] && pass "$n_cases tier + restore round trips: snaptool digests of input = tiered = restored"
 $PY check.py verify cases.txt > verify.txt 2>&1 \
-  && pass "$n_cases cases (h5py): restored = input bit for bit (k, v, positions, head_offsets, mass, side data, types); paged groups decode by hand to the input; placement = the model (report lines, external flags); sink/recent pages in the first tier; --place recent: disk holds the oldest pages after the sinks; prefix: the latest; output smaller; store = manifest, ids = SHA-256" \
+  && pass "$n_cases cases (h5py): restored = input bit for bit (k, v, positions, head_offsets, mass, side data, types); paged groups decode by hand to the input; placement = the model (report lines, external flags); sink/recent pages in the first tier; --place recent: disk holds the oldest pages after the sinks; prefix: the latest; the file sheds the disk pages; store = manifest, ids = SHA-256" \
   || fail "verify: $(grep -v ' pages (' verify.txt | head -c 3000)"
 [ "$(grep -c 'disk [1-9]' verify.txt)" -ge 30 ] \
   && pass "most cases put pages on disk" || fail "too few cases with disk pages: $(cat verify.txt)"

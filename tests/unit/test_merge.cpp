@@ -278,6 +278,8 @@ TEST(MergeReal, CamLosesLessThanEvictionWithTheSameScore) {
     const double cluster = error(kv::merge_snapshot(*real, m));
     std::printf("  budget %3lld: snapkv eviction %.4f, cam %.4f, cluster %.4f, nearest %.4f\n",
                 (long long)budget, evict, cam, cluster, nearest);
-    if (budget >= 100) EXPECT_LT(cam, evict) << budget;
+    if (budget >= 100) {
+      EXPECT_LT(cam, evict) << budget;
+    }
   }
 }

@@ -14,7 +14,8 @@
 namespace kv {
 
 // Throws Error(Exit::data) naming the first field in which the two snapshots differ, when they
-// are not two caches of the same token sequence under the same model.
+// are not two caches of the same token sequence under the same model. The candidate may hold
+// fewer KV heads, dividing the reference's (kv-merge -m heads).
 void check_comparable(const Header& reference, const Header& candidate);
 
 // Attention fidelity of one layer, as sums over (query head, probe query) rows, so layers and
