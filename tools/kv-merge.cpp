@@ -22,15 +22,26 @@ int main(int argc, char** argv) {
   app.add_option("-m,--method", method,
                  "nearest (most similar kept key, D2O-style), cam (position neighbour, weighted "
                  "by attention, CaM-style), cluster (runs of similar keys, KVMerger-style), heads "
-                 "(mean-pool KV heads into --groups)")
+                 "(mean-pool KV heads into --groups), minicache (adjacent layers share token "
+                 "directions, MiniCache)")
       ->default_val("nearest")
-      ->check(CLI::IsMember({"nearest", "cam", "cluster", "heads"}));
+      ->check(CLI::IsMember({"nearest", "cam", "cluster", "heads", "minicache"}));
   selection.add(app, "merged", /*required=*/false);
   auto* tau = app.add_option("--tau", o.tau,
                              "nearest: key cosine below which a dropped entry is simply dropped "
                              "(default 0); cluster: neighbouring keys' cosine that joins them in "
-                             "one set (default 0.9); in [-1, 1]");
+                             "one set (default 0.9); minicache: the pair's cosine from which a "
+                             "token's rows share a direction (default 0.8); in [-1, 1]");
   app.add_option("--groups", groups, "heads: the KV heads after merging; divides the KV heads");
+  int start = -1;
+  double slerp = 0.6;
+  app.add_option("--start", start,
+                 "minicache: the first layer of the first merged pair (default: the middle "
+                 "layer, n_layers / 2)");
+  app.add_option("--slerp", slerp,
+                 "minicache: interpolation t of the shared direction between the pair's two "
+                 "unit vectors, in [0, 1]")
+      ->default_val(0.6);
   tool.add_output_options();
 
   return tool.run(argc, argv, [&] {
@@ -63,6 +74,37 @@ int main(int argc, char** argv) {
       return;
     }
     if (groups) throw kv::Error(kv::Exit::usage, "--groups is for --method heads");
+    if (method == "minicache") {
+      if (selection.given())
+        throw kv::Error(kv::Exit::usage,
+                        "minicache merges across layers: no --score, --budget or "
+                        "--ratio");
+      const int L = header.model.n_layers;
+      if (start < 0) start = L / 2;
+      if (start >= L)
+        throw kv::Error(kv::Exit::usage, kv::str("--start ", start, " is not a layer (", L, ")"));
+      const double cos_tau = tau->count() ? o.tau : 0.8;
+      tool.stamp(header);
+      kv::SnapshotWriter writer(tool.output, header, tool.write_options(reader.path()));
+      kv::Layer next;
+      for (int l = 0; l < L; ++l) {
+        tool.progress("layer", l, L);
+        reader.read_layer(l, in);
+        if (l >= start && (l - start) % 2 == 0 && l + 1 < L) {
+          reader.read_layer(l + 1, next);
+          kv::merge_minicache_pair(header, l, in, next, cos_tau, slerp);
+          writer.write_layer(in);
+          writer.write_layer(next);
+          ++l;
+          continue;
+        }
+        writer.write_layer(in);
+      }
+      writer.finish();
+      tool.progress_done();
+      return;
+    }
+    if (start >= 0) throw kv::Error(kv::Exit::usage, "--start is for --method minicache");
     o.method = kv::parse_merge_method(method);
     if (method == "cluster" && !tau->count()) o.tau = 0.9;
     o.select = selection.resolve();

@@ -1108,6 +1108,35 @@ std::vector<float> entry_importance(const ModelInfo& model, const std::vector<in
   return out;
 }
 
+void decode_minicache(const Encoded& enc, int64_t n_rows, int dim, const float* partner,
+                      float* out) {
+  const CodeArray& merged = find_array(enc, "merged", Type::u8, (n_rows + 7) / 8);
+  auto is_merged = [&](int64_t r) { return (merged.bytes[size_t(r / 8)] >> (r % 8)) & 1; };
+  int64_t n_merged = 0;
+  for (int64_t r = 0; r < n_rows; ++r) n_merged += is_merged(r);
+  const DType dt = dense_dtype(enc.encoding.dtype);
+  const CodeArray& norms = find_array(enc, "norms", Type::f16, n_merged);
+  const CodeArray& rest =
+      find_array(enc, "rows", Type::u8, (n_rows - n_merged) * dim * int64_t(kvk::dtype_size(dt)));
+  const auto* raw = rest.bytes.data();
+  int64_t m = 0;
+  for (int64_t r = 0; r < n_rows; ++r) {
+    float* y = out + r * dim;
+    if (is_merged(r)) {
+      const float* p = partner + r * dim;
+      double sq = 0;
+      for (int c = 0; c < dim; ++c) sq += double(p[c]) * p[c];
+      const double norm = kvk::f16_to_f32(elements<uint16_t>(norms)[m]);
+      const double scale = sq > 0 ? norm / std::sqrt(sq) : 0.0;
+      for (int c = 0; c < dim; ++c) y[c] = float(p[c] * scale);
+      ++m;
+    } else {
+      kvk::cpu_ops().to_f32(dt, raw, y, size_t(dim));
+      raw += size_t(dim) * kvk::dtype_size(dt);
+    }
+  }
+}
+
 void hadamard_rotate(float* x, int n) {
   for (int len = 1; len < n; len <<= 1)
     for (int i = 0; i < n; i += 2 * len)
@@ -1144,6 +1173,9 @@ Encoding default_encoding(const std::string& scheme, char role) {
   } else if (scheme == "svd") {
     e.energy = 0.99;
     e.factors = "f16";
+  } else if (scheme == "minicache") {
+    e.dtype = "f16";
+    e.partner = 0;
   } else if (scheme == "paged") {
     e.page_size = 16;
     e.dtype = "f16";
@@ -1196,6 +1228,11 @@ void check_encoding(const Encoding& e, const ModelInfo& model, char role) {
     if (D % std::min(e.group, D))
       throw Error(Exit::usage, str(what, "group ", e.group, " along a token must divide head_dim ",
                                    D, " (or be at least it)"));
+  }
+  if (e.scheme == "minicache") {
+    if (e.dtype != "f16" && e.dtype != "bf16" && e.dtype != "f32")
+      throw Error(Exit::usage, str(what, "dtype '", e.dtype, "' is not f16, bf16 or f32"));
+    if (e.partner < 0) throw Error(Exit::usage, str(what, "partner layer ", e.partner, " < 0"));
   }
   if (e.scheme == "paged") {
     if (e.page_size < 16 || e.page_size > 256)
@@ -1255,6 +1292,7 @@ std::string Encoding::describe() const {
     if (pre_rope) s += " pre-rope";
   }
   if (scheme == "paged") s += str(" page=", page_size, " dtype=", dtype, " store=", store);
+  if (scheme == "minicache") s += str(" partner=", partner, " dtype=", dtype);
   if (hadamard) s += " hadamard";
   return s;
 }
@@ -1301,6 +1339,8 @@ void decode(const Encoded& enc, const RowLayout& rows, float* out) {
   if (s == "kvquant") return decode_kvquant(enc, rows, out);
   if (s == "mikv") return decode_mikv(enc, rows, out);
   if (s == "paged") return decode_paged(enc, rows, out);
+  if (s == "minicache")
+    throw Error(Exit::software, "minicache decodes against its partner layer (decode_minicache)");
   throw Error(Exit::data, str("encoding '", s, "', which this kvtk cannot decode"));
 }
 

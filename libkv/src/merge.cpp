@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 
 #include "kv/error.h"
 #include "kv/str.h"
@@ -287,6 +288,90 @@ void merge_heads(const Header& in_header, const Layer& in, int groups, Header& o
   out.attn_acc = in.attn_acc;
   out.attn_last = in.attn_last;
   out.probe_q = in.probe_q;
+}
+
+namespace {
+
+// One tensor of a layer pair: merged rows of `a` become |a| e, e the SLERP of the two unit
+// vectors; `b` keeps only their norms (the encoding), retained rows as they are.
+std::shared_ptr<Encoded> minicache_tensor(Tensor& a, const Tensor& b, int partner, double tau,
+                                          double t, MinicacheStats& stats) {
+  const int D = int(a.cols());
+  const int64_t N = a.rows();
+  std::vector<float> x = a.to_f32();
+  const std::vector<float> y = b.to_f32();
+  auto enc = std::make_shared<Encoded>();
+  enc->encoding = default_encoding("minicache", 'k');
+  enc->encoding.partner = partner;
+  enc->encoding.dtype = kvk::dtype_name(b.dtype());
+  CodeArray merged, norms, rows;
+  merged.name = "merged";
+  norms.name = "norms";
+  norms.type = CodeArray::Type::f16;
+  merged.bytes.assign(size_t((N + 7) / 8), 0);  // a bit per row, LSB-first
+  rows.name = "rows";
+  const size_t row_bytes = size_t(D) * kvk::dtype_size(b.dtype());
+  const auto* b_raw = static_cast<const uint8_t*>(b.data());
+  for (int64_t r = 0; r < N; ++r) {
+    float* xa = x.data() + r * D;
+    const float* yb = y.data() + r * D;
+    double na = 0, nb = 0, dot = 0;
+    for (int c = 0; c < D; ++c) {
+      na += double(xa[c]) * xa[c];
+      nb += double(yb[c]) * yb[c];
+      dot += double(xa[c]) * yb[c];
+    }
+    na = std::sqrt(na);
+    nb = std::sqrt(nb);
+    const double cos = na > 0 && nb > 0 ? std::clamp(dot / (na * nb), -1.0, 1.0) : -2.0;
+    const bool merge = cos >= tau && std::isfinite(float(nb)) && float(nb) <= 65504.0f;
+    if (merge) merged.bytes[size_t(r / 8)] |= uint8_t(1u << (r % 8));
+    if (!merge) {
+      rows.bytes.insert(rows.bytes.end(), b_raw + r * row_bytes, b_raw + (r + 1) * row_bytes);
+      continue;
+    }
+    ++stats.merged;
+    // SLERP of the unit vectors at t (linear when they are parallel), then a's own norm.
+    const double theta = std::acos(cos), s = std::sin(theta);
+    const double wa = s > 1e-6 ? std::sin((1 - t) * theta) / s : 1 - t;
+    const double wb = s > 1e-6 ? std::sin(t * theta) / s : t;
+    std::vector<double> e(static_cast<size_t>(D));
+    double ne = 0;
+    for (int c = 0; c < D; ++c) {
+      e[size_t(c)] = wa * xa[c] / na + wb * yb[c] / nb;
+      ne += e[size_t(c)] * e[size_t(c)];
+    }
+    ne = std::sqrt(ne);
+    for (int c = 0; c < D; ++c) xa[c] = float(e[size_t(c)] / ne * na);
+    const uint16_t norm = kvk::f32_to_f16(float(nb));  // |b| to f16 precision (2^-11)
+    norms.bytes.push_back(uint8_t(norm));
+    norms.bytes.push_back(uint8_t(norm >> 8));
+  }
+  stats.rows += N;
+  a = Tensor::from_f32(a.dtype(), N, D, x.data());
+  enc->arrays = {std::move(merged), std::move(norms), std::move(rows)};
+  return enc;
+}
+
+}  // namespace
+
+MinicacheStats merge_minicache_pair(const Header& header, int la, Layer& a, Layer& b, double tau,
+                                    double t) {
+  if (!(tau >= -1 && tau <= 1))
+    throw Error(Exit::usage, str("--tau ", tau, " must be a cosine in [-1, 1]"));
+  if (!(t >= 0 && t <= 1)) throw Error(Exit::usage, str("--slerp ", t, " must be in [0, 1]"));
+  if (a.head_offsets != b.head_offsets || a.positions != b.positions)
+    throw Error(Exit::usage, str("layers ", la, " and ", la + 1,
+                                 " hold different entries; minicache merges layers of the same "
+                                 "entries (before eviction)"));
+  for (const Layer* l : {&a, &b})
+    if (!l->k_encoding.dense() || !l->v_encoding.dense())
+      throw Error(Exit::data, "minicache merges dense layers (kv-compress -d first)");
+  (void)header;
+  MinicacheStats stats;
+  b.k_stored = minicache_tensor(a.k, b.k, la, tau, t, stats);
+  b.v_stored = minicache_tensor(a.v, b.v, la, tau, t, stats);
+  return stats;
 }
 
 MergeMethod parse_merge_method(const std::string& name) {

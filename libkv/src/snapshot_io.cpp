@@ -213,6 +213,10 @@ void write_encoding_attrs(hid_t g, const Encoding& e) {
     h5::write_attr(g, "group", int64_t(e.group));
     h5::write_attr(g, "axis", e.axis);
   }
+  if (e.scheme == "minicache") {
+    h5::write_attr(g, "partner", int64_t(e.partner));
+    h5::write_attr(g, "dtype", e.dtype);
+  }
   if (e.scheme == "paged") {
     h5::write_attr(g, "page", int64_t(e.page_size));
     h5::write_attr(g, "store", e.store);
@@ -447,13 +451,15 @@ bool is_encoded(hid_t loc, const std::string& name) {
 // The arrays any scheme may define; other members of an encoded group are ignored (section 2).
 // (One per line so that adding a scheme's arrays is a one-line change.)
 constexpr const char* kCodeArrayNames[] = {
-    "codes", "scales", "zeros", "residual",                                  // uniform, kivi
-    "blocks",                                                                // q8_0, q4_0
-    "ranks", "coeffs", "basis",                                              // svd
-    "levels", "outlier_counts", "outlier_index", "outlier_value",            // kvquant
-    "high", "codes_high", "scales_high", "zeros_high", "codes_low",          // mikv
-    "scales_low", "zeros_low",                                               //
-    "local", "external", "ids", "page_key_min", "page_key_max", "page_key_mean",  // paged
+    "codes",         "scales",         "zeros",         "residual",       // uniform, kivi
+    "blocks",                                                             // q8_0, q4_0
+    "ranks",         "coeffs",         "basis",                           // svd
+    "levels",        "outlier_counts", "outlier_index", "outlier_value",  // kvquant
+    "high",          "codes_high",     "scales_high",   "zeros_high",    "codes_low",  // mikv
+    "scales_low",    "zeros_low",                                                      //
+    "local",         "external",       "ids",           "page_key_min",  "page_key_max",
+    "page_key_mean",                            // paged
+    "merged",        "norms",          "rows",  // minicache
 };
 
 Encoding read_encoding_attrs(hid_t g, const std::string& where) {
@@ -461,7 +467,7 @@ Encoding read_encoding_attrs(hid_t g, const std::string& where) {
   Encoding e;
   e.scheme = h5::read_attr_string(g, "scheme", where);
   const auto& known = scheme_names();
-  if (e.scheme != "paged" &&
+  if (e.scheme != "paged" && e.scheme != "minicache" &&
       (e.scheme == "dense" || std::find(known.begin(), known.end(), e.scheme) == known.end()))
     throw Error(Exit::data,
                 str(where, " uses encoding '", e.scheme, "', which this kvtk cannot decode"));
@@ -494,6 +500,7 @@ Encoding read_encoding_attrs(hid_t g, const std::string& where) {
   e.page_size = small_int("page");
   e.store = string_attr("store");
   e.dtype = string_attr("dtype");
+  e.partner = h5::has_attr(g, "partner") ? small_int("partner") : -1;
   e.high_share = h5::has_attr(g, "high_share") ? h5::read_attr_double(g, "high_share", where) : 0.0;
   return e;
 }
@@ -981,12 +988,29 @@ void SnapshotReader::read_layer(int l, Layer& out) {
        {std::tuple{"k", &out.k, &k_code, &k_bad}, std::tuple{"v", &out.v, &v_code, &v_bad}}) {
     if (code->encoding.dense()) continue;
     try {
-      decode(*code, rows, t->as<float>());
+      if (code->encoding.scheme == "minicache") {
+        // The directions are the partner layer's, an earlier layer stored dense.
+        const int p = code->encoding.partner;
+        if (p >= l) throw Error(Exit::data, str("partner layer ", p, " is not an earlier layer"));
+        const std::string pname = layer_name(p) + "/" + name;
+        if (!h5::exists(impl_->layers, pname) || is_encoded(impl_->layers, pname))
+          throw Error(Exit::data, str("partner layer ", p, " has no dense '", name, "'"));
+        Handle pg(H5Gopen2(impl_->layers, layer_name(p).c_str(), H5P_DEFAULT), H5Gclose);
+        Tensor partner;
+        read_tensor(pg, name, where, partner);
+        if (partner.rows() != t->rows() || partner.cols() != t->cols())
+          throw Error(Exit::data, str("partner layer ", p, " holds other entries"));
+        const std::vector<float> directions = partner.to_f32();
+        decode_minicache(*code, t->rows(), int(t->cols()), directions.data(), t->as<float>());
+      } else {
+        decode(*code, rows, t->as<float>());
+      }
     } catch (const Error& e) {
       throw Error(Exit::data, str(where, ": '", name, "': ", e.what()));
     }
     if (check_values) *bad = kvk::count_nonfinite(DType::f32, t->data(), t->size());
-    if (code->encoding.scheme == "paged") {  // restored to its dense form (encoding.h)
+    const std::string& scheme = code->encoding.scheme;
+    if (scheme == "paged" || scheme == "minicache") {  // restored to their dense form
       const std::vector<float> values(t->as<float>(), t->as<float>() + t->size());
       const std::string& d = code->encoding.dtype;
       *t = Tensor::from_f32(d == "f32"    ? DType::f32

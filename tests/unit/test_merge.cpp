@@ -9,6 +9,7 @@
 #include "kv/error.h"
 #include "kv/eval.h"
 #include "kv/merge.h"
+#include "kv/snapshot_io.h"
 
 namespace {
 
@@ -281,5 +282,50 @@ TEST(MergeReal, CamLosesLessThanEvictionWithTheSameScore) {
     if (budget >= 100) {
       EXPECT_LT(cam, evict) << budget;
     }
+  }
+}
+
+TEST(MergeMinicache, PairsShareDirectionsAndKeepTheirNorms) {
+  // Two layers of one head, two tokens, head_dim 2. Token 0: a = (1, 0), b = (0, 2) (cosine 0);
+  // token 1: a = (3, 4), b = (6, 8) (cosine 1). At tau -1 both merge: token 0's direction is
+  // SLERP((1, 0), (0, 1), 0.6) = (sin 0.4 pi/2, sin 0.6 pi/2), layer 0 keeps norm 1, layer 1
+  // norm 2; token 1's direction is (0.6, 0.8) itself.
+  kv::Snapshot s = kvtest::one_head_snapshot({1, 0, 3, 4}, {1, 0, 3, 4}, 2, {1, 0});
+  s.header.model.n_layers = 2;
+  s.layers.push_back(s.layers[0]);
+  const std::vector<float> b = {0, 2, 6, 8};
+  s.layers[1].k = kv::Tensor::from_f32(kv::DType::f32, 2, 2, b.data());
+  s.layers[1].v = s.layers[1].k;
+  kv::Layer a = s.layers[0], c = s.layers[1];
+  const kv::MinicacheStats st = kv::merge_minicache_pair(s.header, 0, a, c, -1.0, 0.6);
+  EXPECT_EQ(st.rows, 4);
+  EXPECT_EQ(st.merged, 4);
+  kv::Snapshot m = s;
+  m.layers = {a, c};
+  const std::string path = kvtest::temp_dir() + "/minicache.kv.h5";
+  kv::write_snapshot(path, m);
+  const kv::Snapshot back = kv::read_snapshot(path);
+  const double e0 = std::sin(0.4 * M_PI / 2), e1 = std::sin(0.6 * M_PI / 2);
+  const auto k0 = back.layers[0].k.to_f32(), k1 = back.layers[1].k.to_f32();
+  EXPECT_NEAR(k0[0], e0, 1e-6);
+  EXPECT_NEAR(k0[1], e1, 1e-6);
+  EXPECT_NEAR(k1[0], 2 * e0, 2e-3);  // the norm is stored as f16
+  EXPECT_NEAR(k1[1], 2 * e1, 2e-3);
+  EXPECT_NEAR(k0[2], 3, 1e-6);
+  EXPECT_NEAR(k1[3], 8, 1e-2);
+  EXPECT_TRUE(back.layers[1].k_encoding.dense());  // read back as a dense tensor
+  // At tau 1 only the parallel token merges (in k and in v), and then exactly.
+  a = s.layers[0];
+  c = s.layers[1];
+  EXPECT_EQ(kv::merge_minicache_pair(s.header, 0, a, c, 1.0, 0.6).merged, 2);
+  EXPECT_EQ(a.k.to_f32(), s.layers[0].k.to_f32());
+  // Layers holding different entries are refused.
+  kv::Layer short_layer = kvtest::one_head_snapshot({1, 0}, {1, 0}, 2, {1, 0}).layers[0];
+  a = s.layers[0];
+  try {
+    kv::merge_minicache_pair(s.header, 0, a, short_layer, 0.5, 0.6);
+    ADD_FAILURE();
+  } catch (const kv::Error& e) {
+    EXPECT_EQ(e.code(), kv::Exit::usage);
   }
 }

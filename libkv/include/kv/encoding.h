@@ -12,6 +12,9 @@
 //    the values outside each vector's central quantiles kept exact in a sparse list;
 //  - mikv: MiKV-style mixed precision, the rows that received the most attention (attention
 //    statistics) at high_bits, the others at bits, both uniform along tokens;
+//  - minicache: written by kv-merge -m minicache only: of a pair of adjacent layers, the later
+//    one stores, for each merged row, only its norm (the direction is the earlier layer's row),
+//    and retained rows as they are; readers give back the dense tensor;
 //  - paged: written by kv-offload only: dense rows, some of whose pages live in a page store on
 //    disk. Readers fetch them and give back the dense tensor in its dtype, with a dense
 //    encoding, so rewriting a paged snapshot restores it.
@@ -52,7 +55,8 @@ struct Encoding {
   double high_share = 0;         // mikv: share of each head's rows kept at high_bits
   int page_size = 0;             // paged: entries per page
   std::string store;             // paged: the page store directory (kv/page_store.h)
-  std::string dtype;             // paged: the dense dtype of the rows (f16, bf16, f32)
+  std::string dtype;             // paged, minicache: the dense dtype of the rows
+  int partner = -1;              // minicache: the earlier layer holding the shared directions
 
   bool dense() const { return scheme == "dense"; }
   // "kivi bits=2 group=32 axis=channel residual=128": scheme and the parameters it uses.
@@ -113,6 +117,11 @@ Encoded encode(const Encoding& e, const float* x, const RowLayout& rows);
 // Hands the arrays' storage back for reuse by later encodes (a streaming writer encodes layer
 // after layer of about the same size); `enc` is left empty.
 void recycle(Encoded&& enc);
+
+// minicache (kv-merge -m minicache) decodes against its partner layer's same tensor, `partner`
+// [N, D] f32: merged rows are the partner's direction at their own norm.
+void decode_minicache(const Encoded& enc, int64_t n_rows, int dim, const float* partner,
+                      float* out);
 
 // Decodes into out [N, D]. Throws Error(Exit::data) naming the array when an array is missing or
 // has the wrong length for the layout, or a per-head value (rank) is out of range.

@@ -51,6 +51,17 @@ void merge_layer(const Header& header, int l, Layer& in, const MergeOptions& opt
 void merge_heads(const Header& in_header, const Layer& in, int groups, Header& out_header,
                  Layer& out);
 
+// `minicache` (MiniCache): layers la and la + 1, holding the same entries (Error(Exit::usage)
+// otherwise), share each row's direction where their rows agree: for k and for v, rows whose
+// cosine is at least tau get e = SLERP(a/|a|, b/|b|, t); layer la keeps |a| e (in place, dense),
+// layer la + 1 keeps only |b| (b.k_stored / b.v_stored: the "minicache" encoding, so the bytes
+// shrink) and its other rows as they are. Readers give layer la + 1 back as |b| e.
+struct MinicacheStats {
+  int64_t rows = 0, merged = 0;  // over k and v
+};
+MinicacheStats merge_minicache_pair(const Header& header, int la, Layer& a, Layer& b, double tau,
+                                    double t);
+
 // A whole in-memory snapshot (tests, library users): options.method for every layer.
 Snapshot merge_snapshot(const Snapshot& snap, const MergeOptions& options);
 
