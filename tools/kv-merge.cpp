@@ -32,7 +32,8 @@ int main(int argc, char** argv) {
                              "(default 0); cluster: neighbouring keys' cosine that joins them in "
                              "one set (default 0.9); minicache: the pair's cosine from which a "
                              "token's rows share a direction (default 0.8); in [-1, 1]");
-  app.add_option("--groups", groups, "heads: the KV heads after merging; divides the KV heads");
+  auto* groups_option =
+      app.add_option("--groups", groups, "heads: the KV heads after merging; divides the KV heads");
   int start = -1;
   double slerp = 0.6;
   app.add_option("--start", start,
@@ -73,7 +74,9 @@ int main(int argc, char** argv) {
       tool.progress_done();
       return;
     }
-    if (groups) throw kv::Error(kv::Exit::usage, "--groups is for --method heads");
+    if (groups_option->count()) throw kv::Error(kv::Exit::usage, "--groups is for --method heads");
+    if (method == "cam" && tau->count())
+      throw kv::Error(kv::Exit::usage, "cam weighs merges by attention: it takes no --tau");
     if (method == "minicache") {
       if (selection.given())
         throw kv::Error(kv::Exit::usage,

@@ -251,6 +251,14 @@ void merge_heads(const Header& in_header, const Layer& in, int groups, Header& o
       throw Error(Exit::usage, str("heads ", first, " and ", h,
                                    " hold different positions; "
                                    "heads merges heads of the same entries (before eviction)"));
+    // A pooled entry stands for what each of its heads' entries stood for: only one mass.
+    if (!in.mass.empty() &&
+        !std::equal(in.mass.begin() + in.head_offsets[h], in.mass.begin() + in.head_offsets[h + 1],
+                    in.mass.begin() + in.head_offsets[first]))
+      throw Error(Exit::usage,
+                  str("heads ", first, " and ", h,
+                      " carry different masses; "
+                      "heads merges heads of the same entries (before token merging)"));
   }
   out_header = in_header;
   out_header.model.n_kv_heads = groups;

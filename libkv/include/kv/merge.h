@@ -46,8 +46,8 @@ void merge_layer(const Header& header, int l, Layer& in, const MergeOptions& opt
 
 // `heads`: the GQA paper's mean-pool conversion: KV heads [g*r, (g+1)*r) (r = H_kv / groups)
 // become head g, entry by entry; out_header gets n_kv_heads = groups (query heads unchanged, so
-// the group size grows). The merged heads must hold the same positions (Error(Exit::usage)),
-// and groups must divide H_kv (Error(Exit::usage)).
+// the group size grows). The merged heads must hold the same positions and masses
+// (Error(Exit::usage)), and groups must divide H_kv (Error(Exit::usage)).
 void merge_heads(const Header& in_header, const Layer& in, int groups, Header& out_header,
                  Layer& out);
 
