@@ -107,8 +107,14 @@ PageStore::PageStore(std::string dir, bool writable) : dir_(std::move(dir)) {
 }
 
 std::string PageStore::put(const void* data, size_t n, bool zstd) {
-  const std::string id = sha256_hex(data, n);
-  if (entries_.count(id)) return id;
+    const std::string id = sha256_hex(data, n);
+  // Already stored, unless its file went missing or changed size (then it is written again).
+  if (const auto it = entries_.find(id); it != entries_.end()) {
+    struct stat st;
+    const std::string path = dir_ + "/" + it->second.file;
+    if (::stat(path.c_str(), &st) == 0 && int64_t(st.st_size) == it->second.stored) return id;
+    entries_.erase(it);
+  }
   Entry e;
   e.bytes = int64_t(n);
   e.file = "pages/" + id + (zstd ? ".zst" : ".raw");
