@@ -160,6 +160,7 @@ int64_t tile_rows(int64_t unit, int D) {
 // Rows [row, row + n) of the layer as f32, Hadamard-rotated when the encoding asks; throws for
 // NaN/Inf.
 void load_rows(const Encoding& e, const Tensor& x, int64_t row, int64_t n, float* dst) {
+  if (n == 0) return;  // (an empty layer has no storage to point into)
   const int D = int(x.cols());
   const auto* src =
       static_cast<const std::byte*>(x.data()) + size_t(row) * D * kvk::dtype_size(x.dtype());
@@ -808,6 +809,7 @@ Encoded encode_kvquant(const Encoding& e, const float* x, const RowLayout& rows)
       uint16_t* lv = elements<uint16_t>(levels) + levels_at[h];
       uint8_t* packed = elements<uint8_t>(codes) + codes_at[h];
       std::vector<uint8_t> q(static_cast<size_t>(per_channel ? n : n * D));
+      if (n == 0) continue;  // its levels stay zero, it has no codes
       if (per_channel) {
         const int64_t cb = int64_t(quant::uniform_code_bytes(n, e.bits));
         for (int d = 0; d < D; ++d) {

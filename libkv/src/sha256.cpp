@@ -3,6 +3,7 @@
 #include <cstring>
 
 #if defined(__x86_64__)
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -85,7 +86,13 @@ __attribute__((target("sha,sse4.1"))) void blocks_shani(uint32_t h[8], const uns
 
 void blocks(uint32_t h[8], const unsigned char* p, size_t count, bool portable) {
 #if defined(__x86_64__)
-  static const bool shani = __builtin_cpu_supports("sha") && __builtin_cpu_supports("sse4.1");
+  // CPUID: leaf 7 EBX bit 29 (SHA), leaf 1 ECX bit 19 (SSE4.1); clang's __builtin_cpu_supports
+  // does not know "sha".
+  static const bool shani = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 19))) return false;
+    return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (b & (1u << 29));
+  }();
   if (shani && !portable) return blocks_shani(h, p, count);
 #endif
   for (size_t i = 0; i < count; ++i) block(h, p + 64 * i);

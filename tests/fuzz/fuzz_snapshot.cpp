@@ -86,12 +86,16 @@ void attr_double(hid_t loc, const char* name, double v) {
 // of arbitrary lengths. Every parameter and array name of every scheme can appear.
 void encoded_group(Bytes& in, hid_t layer, const char* name, int64_t D, int64_t Hkv,
                    const std::vector<int64_t>& off, const std::vector<int32_t>& pos) {
-  const auto& names = kv::scheme_names();
+  std::vector<std::string> names = kv::scheme_names();
+  names.push_back("paged");      // written by kv-offload only
+  names.push_back("minicache");  // written by kv-merge only
   kv::Encoding e;
   try {
     e = kv::default_encoding(names[1 + in.u8() % (names.size() - 1)], name[0]);
   } catch (const kv::Error&) {
   }
+  if (e.scheme == "paged") e.store = in.u8() & 1 ? "/nonexistent-kvtk-store" : "";
+  if (e.scheme == "minicache") e.partner = int(in.small(-1, 3));
   const uint8_t knobs = in.u8();
   if (knobs & 1) e.bits = int(in.small(0, 9));
   if (knobs & 2) e.group = int(in.small(-1, 40));
@@ -133,11 +137,13 @@ void encoded_group(Bytes& in, hid_t layer, const char* name, int64_t D, int64_t 
     for (uint8_t& b : a.bytes) b = in.n ? in.u8() : b;
   }
   if (arrays.empty() || (damage & 4)) {  // arbitrary arrays
-    const char* all[] = {"codes",     "scales",         "zeros",         "residual",
-                         "blocks",    "ranks",          "coeffs",        "basis",
-                         "levels",    "outlier_counts", "outlier_index", "outlier_value",
-                         "high",      "codes_high",     "scales_high",   "zeros_high",
-                         "codes_low", "scales_low",     "zeros_low"};
+    const char* all[] = {
+        "codes",         "scales",        "zeros",        "residual",   "blocks",
+        "ranks",         "coeffs",        "basis",        "levels",     "outlier_counts",
+        "outlier_index", "outlier_value", "high",         "codes_high", "scales_high",
+        "zeros_high",    "codes_low",     "scales_low",   "zeros_low",  "local",
+        "external",      "ids",           "page_key_min", "merged",     "norms",
+        "rows"};
     const kv::CodeArray::Type types[] = {kv::CodeArray::Type::u8, kv::CodeArray::Type::f16,
                                          kv::CodeArray::Type::f32, kv::CodeArray::Type::i32};
     for (int i = 0, n = int(in.small(0, 4)); i < n; ++i) {
@@ -166,6 +172,10 @@ void encoded_group(Bytes& in, hid_t layer, const char* name, int64_t D, int64_t 
   attr_int(g, "high_bits", damage & 64 ? 99 : e.high_bits);
   attr_double(g, "high_share", e.high_share);
   attr_int(g, "hadamard", e.hadamard);
+  attr_int(g, "page", e.page_size);
+  attr_str(g, "store", e.store);
+  attr_str(g, "dtype", e.dtype);
+  attr_int(g, "partner", e.partner);
   for (const kv::CodeArray& a : arrays) {
     // f16 as kvsnap section 8 defines it, sometimes replaced by uint16 (a wrong type).
     hid_t f16 = H5Tcopy(H5T_IEEE_F32LE);
