@@ -25,6 +25,11 @@ std::vector<float> normalized(const float* rows, int64_t n, int d) {
   return out;
 }
 
+// Each entry's mass (1 when the layer has none).
+std::vector<float> entry_masses(const Layer& in) {
+  return in.mass.empty() ? std::vector<float>(static_cast<size_t>(in.entries()), 1.0f) : in.mass;
+}
+
 // Kept rows' sums, started with each kept row's own mass-weighted key and value.
 struct MergeSums {
   std::vector<float> k, v, m;
@@ -99,8 +104,7 @@ void merge_nearest(const Header& header, int l, Layer& in, const MergeOptions& o
   const Selection kept = select_layer(header, l, in, options.select);
   const int D = header.model.head_dim;
   const std::vector<float> k = in.k.to_f32(), v = in.v.to_f32();
-  std::vector<float> mass(static_cast<size_t>(in.entries()), 1.0f);
-  if (!in.mass.empty()) mass = in.mass;
+  const std::vector<float> mass = entry_masses(in);
 
   // Sums of mass-weighted keys and values, and total masses, per kept row (in kept order).
   MergeSums sums(kept, k, v, mass, D);
@@ -146,8 +150,7 @@ void merge_cam(const Header& header, int l, Layer& in, const MergeOptions& optio
   const Selection kept = select_layer(header, l, in, options.select);
   const int D = header.model.head_dim;
   const std::vector<float> k = in.k.to_f32(), v = in.v.to_f32();
-  std::vector<float> mass(static_cast<size_t>(in.entries()), 1.0f);
-  if (!in.mass.empty()) mass = in.mass;
+  const std::vector<float> mass = entry_masses(in);
   MergeSums sums(kept, k, v, mass, D);
   const auto dropped = dropped_rows(in, kept);
   for (size_t h = 0; h < kept.size(); ++h) {
@@ -182,8 +185,7 @@ void merge_cluster(const Header& header, int l, Layer& in, const MergeOptions& o
   const Selection kept = select_layer(header, l, in, options.select);
   const int D = header.model.head_dim;
   const std::vector<float> k = in.k.to_f32(), v = in.v.to_f32();
-  std::vector<float> mass(static_cast<size_t>(in.entries()), 1.0f);
-  if (!in.mass.empty()) mass = in.mass;
+  const std::vector<float> mass = entry_masses(in);
   const std::vector<float> kn = normalized(k.data(), in.entries(), D);
   MergeSums sums(kept, k, v, mass, D);
   for (size_t h = 0; h < kept.size(); ++h) {
