@@ -284,6 +284,7 @@ Encoded encode_uniform(const Encoding& e, const Tensor& x, const RowLayout& rows
   // The residual: the most recent rows as f16 (their bytes, when the layer is f16).
   for (int h = 0; h < H; ++h) {
     const UniformSizes s = uniform_sizes(e, off[h + 1] - off[h], D);
+    if (s.residual_values == 0) continue;  // (an empty array has no storage to point into)
     const int64_t row = off[h] + s.quantized_rows;
     uint16_t* res = elements<uint16_t>(resid) + at.residual_at[h];
     if (x.dtype() == DType::f16) {

@@ -414,7 +414,7 @@ Encoded page_out(const Tensor& x, const std::vector<int64_t>& head_offsets, int 
       a.name = name;
       a.type = CodeArray::Type::f32;
       a.bytes.resize(values->size() * sizeof(float));
-      std::memcpy(a.bytes.data(), values->data(), a.bytes.size());
+      if (!a.bytes.empty()) std::memcpy(a.bytes.data(), values->data(), a.bytes.size());
       out.arrays.push_back(std::move(a));
     }
   }

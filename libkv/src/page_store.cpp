@@ -107,7 +107,7 @@ PageStore::PageStore(std::string dir, bool writable) : dir_(std::move(dir)) {
 }
 
 std::string PageStore::put(const void* data, size_t n, bool zstd) {
-    const std::string id = sha256_hex(data, n);
+  const std::string id = sha256_hex(data, n);
   // Already stored, unless its file went missing or changed size (then it is written again).
   if (const auto it = entries_.find(id); it != entries_.end()) {
     struct stat st;
@@ -150,7 +150,7 @@ std::vector<uint8_t> PageStore::get(const std::string& id) const {
     if (it->second.stored != it->second.bytes)
       throw Error(Exit::data, str(what, ": a raw page of ", it->second.bytes, " bytes stored in ",
                                   it->second.stored));
-    std::memcpy(out.data(), file.data(), out.size());
+    if (!out.empty()) std::memcpy(out.data(), file.data(), out.size());
   }
   if (sha256_hex(out.data(), out.size()) != id)
     throw Error(Exit::data, what + ": content does not match its id (corrupt page)");
