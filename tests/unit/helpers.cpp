@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "kv/capture.h"
+#include "kv/error.h"
 #include "kv/model.h"
 
 namespace kvtest {
@@ -21,6 +22,15 @@ namespace kvtest {
   setenv("KV_BIN", KV_BIN_DEFAULT, 0);
   return true;
 }();
+
+int exit_code_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const kv::Error& e) {
+    return int(e.code());
+  }
+  return 0;
+}
 
 const kv::Snapshot* stories_capture() {
   static std::unique_ptr<kv::Snapshot> snap = [] {

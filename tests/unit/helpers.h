@@ -1,5 +1,6 @@
 // Small hand-made snapshots for the unit tests.
 #pragma once
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -21,6 +22,9 @@ kv::Snapshot one_head_snapshot(const std::vector<float>& k, const std::vector<fl
 // and a 64-token probe (the acceptance setting of the strategy issues); captured once per
 // process. Null when the model or the text is not available (KV_MODELS_DIR, KV_DATA_DIR).
 const kv::Snapshot* stories_capture();
+
+// The sysexits code a kv::Error thrown by f carries, or 0 when f returns.
+int exit_code_of(const std::function<void()>& f);
 
 // Asserts (gtest) that two snapshots hold identical data.
 void expect_same(const kv::Snapshot& a, const kv::Snapshot& b);

@@ -373,41 +373,33 @@ TEST(Encoding, StoredBytesMatchEachSchemesBitsPerValue) {
 TEST(Encoding, BadParametersAndValues) {
   Layout l(8, {4});
   auto x = gaussian(l.values(), 10);
-  auto code_of = [&](auto f) {
-    try {
-      f();
-    } catch (const kv::Error& e) {
-      return int(e.code());
-    }
-    return 0;
-  };
-  EXPECT_EQ(code_of([] { kv::default_encoding("kivii", 'k'); }), 64);
+  EXPECT_EQ(kvtest::exit_code_of([] { kv::default_encoding("kivii", 'k'); }), 64);
   Encoding e = scheme("uniform");
   e.bits = 5;
-  EXPECT_EQ(code_of([&] { kv::check_encoding(e, l.model, 'k'); }), 64);
+  EXPECT_EQ(kvtest::exit_code_of([&] { kv::check_encoding(e, l.model, 'k'); }), 64);
   e = scheme("uniform");
   e.group = 3;  // does not divide 8
-  EXPECT_EQ(code_of([&] { kv::check_encoding(e, l.model, 'k'); }), 64);
+  EXPECT_EQ(kvtest::exit_code_of([&] { kv::check_encoding(e, l.model, 'k'); }), 64);
   e = scheme("svd");
   e.rank = 9;
-  EXPECT_EQ(code_of([&] { kv::check_encoding(e, l.model, 'k'); }), 64);
+  EXPECT_EQ(kvtest::exit_code_of([&] { kv::check_encoding(e, l.model, 'k'); }), 64);
   e = scheme("svd");
   e.pre_rope = true;
-  EXPECT_EQ(code_of([&] { kv::check_encoding(e, l.model, 'v'); }), 64);
+  EXPECT_EQ(kvtest::exit_code_of([&] { kv::check_encoding(e, l.model, 'v'); }), 64);
   x[5] = NAN;
   const std::vector<float> importance(4, 1.0f);
   kv::RowLayout rows = l.rows();
   rows.importance = importance.data();  // for mikv
   for (const auto& name : kv::scheme_names()) {
     if (name == "dense") continue;
-    EXPECT_EQ(code_of([&] { kv::encode(scheme(name), x.data(), rows); }), 65) << name;
+    EXPECT_EQ(kvtest::exit_code_of([&] { kv::encode(scheme(name), x.data(), rows); }), 65) << name;
   }
   // A truncated array is a data error naming it.
   x[5] = 1;
   kv::Encoded enc = kv::encode(scheme("uniform"), x.data(), l.rows());
   enc.arrays[0].bytes.pop_back();
   std::vector<float> y(x.size());
-  EXPECT_EQ(code_of([&] { kv::decode(enc, l.rows(), y.data()); }), 65);
+  EXPECT_EQ(kvtest::exit_code_of([&] { kv::decode(enc, l.rows(), y.data()); }), 65);
 }
 
 TEST(Encoding, SnapshotsKeepTheirEncodingThroughFiles) {

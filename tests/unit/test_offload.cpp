@@ -15,15 +15,6 @@
 
 namespace {
 
-int code_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const kv::Error& e) {
-    return int(e.code());
-  }
-  return 0;
-}
-
 // One KV head of n rows, dim 2: key r = (r, -2r), values alike.
 kv::Layer ramp_layer(int64_t n) {
   kv::Layer l;
@@ -59,8 +50,8 @@ TEST(Offload, PagesHoldTheirKeysMinMaxAndMean) {
   EXPECT_NEAR(kv::quest_bound(t, 1, q), -1.0, 1e-9);
   EXPECT_GE(kv::quest_bound(t, 1, q), -1.0);
   EXPECT_DOUBLE_EQ(kv::landmark_score(t, 1, q), 23.5 - 47.0);
-  EXPECT_EQ(code_of([&] { kv::build_pages(l, k, 2, 8); }), 64);
-  EXPECT_EQ(code_of([&] { kv::build_pages(l, k, 2, 512); }), 64);
+  EXPECT_EQ(kvtest::exit_code_of([&] { kv::build_pages(l, k, 2, 8); }), 64);
+  EXPECT_EQ(kvtest::exit_code_of([&] { kv::build_pages(l, k, 2, 512); }), 64);
 }
 
 TEST(Offload, QuestBoundIsAtLeastEveryDotProductInItsPage) {
@@ -104,7 +95,7 @@ TEST(Offload, LinksParseWithTheirDocumentedDefaults) {
   EXPECT_NEAR(custom.seconds(1e6), 45e-6, 1e-12);
   EXPECT_EQ(custom.seconds(0), 0.0);
   for (const char* bad : {"pcie4", "0,1", "25", "25,-1", "x,1", "25,1x"})
-    EXPECT_EQ(code_of([&] { kv::Link::parse(bad); }), 64) << bad;
+    EXPECT_EQ(kvtest::exit_code_of([&] { kv::Link::parse(bad); }), 64) << bad;
 }
 
 TEST(Offload, SimulationAccountsEveryPageAndMatchesTheFullCacheAtFullBudget) {
@@ -145,18 +136,18 @@ TEST(Offload, BadOptionsAreUsageErrors) {
   if (!real) GTEST_SKIP() << "stories260K or TinyStories not available";
   kv::SimulateOptions o;
   o.budget = 31;  // below one sink and one recent page of 16
-  EXPECT_EQ(code_of([&] { kv::check_simulate_options(real->header, o); }), 64);
+  EXPECT_EQ(kvtest::exit_code_of([&] { kv::check_simulate_options(real->header, o); }), 64);
   o.budget = 64;
   o.fast_capacity = 32;
-  EXPECT_EQ(code_of([&] { kv::check_simulate_options(real->header, o); }), 64);
+  EXPECT_EQ(kvtest::exit_code_of([&] { kv::check_simulate_options(real->header, o); }), 64);
   o.fast_capacity = 0;
   o.score = "oracle";
-  EXPECT_EQ(code_of([&] { kv::check_simulate_options(real->header, o); }), 64);
+  EXPECT_EQ(kvtest::exit_code_of([&] { kv::check_simulate_options(real->header, o); }), 64);
   o.score = "quest";
   kv::Header no_probe = real->header;
   no_probe.probe_tokens.clear();
-  EXPECT_EQ(code_of([&] { kv::check_simulate_options(no_probe, o); }), 65);
-  EXPECT_EQ(code_of([&] { kv::check_simulate_options(real->header, o); }), 0);
+  EXPECT_EQ(kvtest::exit_code_of([&] { kv::check_simulate_options(no_probe, o); }), 65);
+  EXPECT_EQ(kvtest::exit_code_of([&] { kv::check_simulate_options(real->header, o); }), 0);
 }
 
 // Mean attention-output error of the probe over all layers, as kv-eval reports it.

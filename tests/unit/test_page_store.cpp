@@ -17,15 +17,6 @@
 
 namespace {
 
-int code_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const kv::Error& e) {
-    return int(e.code());
-  }
-  return 0;
-}
-
 TEST(PageStore, Sha256MatchesFipsVectorsAndTheFastPathMatchesThePortableOne) {
   EXPECT_EQ(kv::sha256_hex("abc", 3),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
@@ -61,7 +52,7 @@ TEST(PageStore, PagesAreContentAddressedCheckedAndListedByTheManifest) {
   EXPECT_EQ(std::string(got_a.begin(), got_a.end()), a);
   EXPECT_EQ(std::string(got_b.begin(), got_b.end()), b);
   // An id the manifest lacks, a missing file, a corrupted file: data errors naming the page.
-  EXPECT_EQ(code_of([&] { r.get(std::string(64, '0')); }), 65);
+  EXPECT_EQ(kvtest::exit_code_of([&] { r.get(std::string(64, '0')); }), 65);
   { std::ofstream(dir + "/pages/" + id_a + ".raw", std::ios::binary) << "page A bytes"; }
   try {
     r.get(id_a);
@@ -71,14 +62,15 @@ TEST(PageStore, PagesAreContentAddressedCheckedAndListedByTheManifest) {
     EXPECT_NE(std::string(e.what()).find("does not match its id"), std::string::npos);
   }
   std::filesystem::remove(dir + "/pages/" + id_b + ".zst");
-  EXPECT_EQ(code_of([&] { r.get(id_b); }), 65);
+  EXPECT_EQ(kvtest::exit_code_of([&] { r.get(id_b); }), 65);
   // A torn manifest is refused; a store without one cannot be read from.
   { std::ofstream(dir + "/manifest.json") << "{\"format\": \"kvtk-page-store\", \"pages\": [{"; }
-  EXPECT_EQ(code_of([&] { kv::PageStore(dir, false); }), 65);
-  EXPECT_EQ(code_of([&] { kv::PageStore(kvtest::temp_dir() + "/none", false); }), 65);
+  EXPECT_EQ(kvtest::exit_code_of([&] { kv::PageStore(dir, false); }), 65);
+  EXPECT_EQ(kvtest::exit_code_of([&] { kv::PageStore(kvtest::temp_dir() + "/none", false); }), 65);
   // A store that cannot be created.
   { std::ofstream(kvtest::temp_dir() + "/file") << "x"; }
-  EXPECT_EQ(code_of([&] { kv::PageStore(kvtest::temp_dir() + "/file/store", true); }), 73);
+  EXPECT_EQ(kvtest::exit_code_of([&] { kv::PageStore(kvtest::temp_dir() + "/file/store", true); }),
+            73);
 }
 
 TEST(PageStore, TiersParseAndPlacePagesByHeat) {
@@ -88,7 +80,7 @@ TEST(PageStore, TiersParseAndPlacePagesByHeat) {
   EXPECT_EQ(kv::Tier::parse("disk:/x/y").capacity, -1);
   EXPECT_EQ(kv::Tier::parse("disk:d:1KiB").capacity, 1024);
   for (const char* bad : {"gpu", "gpu:", ":1G", "gpu:lots", "gpu:-1G", "disk:"})
-    EXPECT_EQ(code_of([&] { kv::Tier::parse(bad); }), 64) << bad;
+    EXPECT_EQ(kvtest::exit_code_of([&] { kv::Tier::parse(bad); }), 64) << bad;
   // Six pages of 100 bytes: two always kept (first tier), the others by heat.
   std::vector<kv::PlacedPage> pages(6);
   const double heat[6] = {0, 5, 1, 9, 3, 0};
@@ -105,9 +97,11 @@ TEST(PageStore, TiersParseAndPlacePagesByHeat) {
   const int want[6] = {0, 1, 2, 0, 2, 0};
   for (int i = 0; i < 6; ++i) EXPECT_EQ(pages[size_t(i)].tier, want[i]) << i;
   auto fresh = pages;
-  EXPECT_EQ(code_of([&] { kv::place_pages(fresh, {kv::Tier::parse("gpu:150")}); }), 64);
+  EXPECT_EQ(kvtest::exit_code_of([&] { kv::place_pages(fresh, {kv::Tier::parse("gpu:150")}); }),
+            64);
   fresh = pages;
-  EXPECT_EQ(code_of([&] { kv::place_pages(fresh, {kv::Tier::parse("gpu:400")}); }), 64);
+  EXPECT_EQ(kvtest::exit_code_of([&] { kv::place_pages(fresh, {kv::Tier::parse("gpu:400")}); }),
+            64);
 }
 
 TEST(PageStore, PrefixIdsChainTheTokensOfEachHeadsPages) {
@@ -139,10 +133,10 @@ TEST(PageStore, TieredSnapshotsReadBackExactly) {
         pages += (l.head_offsets[h + 1] - l.head_offsets[h] + 15) / 16;
       std::vector<uint8_t> flags(static_cast<size_t>(pages));
       for (size_t i = 0; i < flags.size(); ++i) flags[i] = i % 2;  // every other page on disk
-      l.k_stored =
-          std::make_shared<kv::Encoded>(kv::page_out(l.k, l.head_offsets, 16, flags, store, true, true));
-      l.v_stored =
-          std::make_shared<kv::Encoded>(kv::page_out(l.v, l.head_offsets, 16, flags, store, false, false));
+      l.k_stored = std::make_shared<kv::Encoded>(
+          kv::page_out(l.k, l.head_offsets, 16, flags, store, true, true));
+      l.v_stored = std::make_shared<kv::Encoded>(
+          kv::page_out(l.v, l.head_offsets, 16, flags, store, false, false));
     }
     store.commit();
     const std::string path = kvtest::temp_dir() + "/paged.kv.h5";
