@@ -24,6 +24,37 @@ double kvbench_now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
+// A layer with an encoded k or v (kept as stored: ReadOptions::keep_stored) is placed and stored
+// tensor by tensor, each whole; a dense layer page by page, k and v rows together.
+// tier, share and restore pass layers through: encoded tensors are written back as they were read.
+kv::ReadOptions verbatim(const kvt::Tool& tool) {
+  kv::ReadOptions o = tool.read_options();
+  o.keep_stored = true;
+  return o;
+}
+
+bool whole_tensors(const kv::Layer& layer) {
+  return layer.k_stored || layer.v_stored;
+}
+
+// Moves layer's k (or v) whole into the store: an encoded one as one external object, a dense
+// one as pages, all of them in the store.
+void store_whole(kv::Layer& layer, bool keys, int page_size, kv::PageStore& store, bool zstd) {
+  const std::shared_ptr<const kv::Encoded>& stored = keys ? layer.k_stored : layer.v_stored;
+  const kv::Tensor& t = keys ? layer.k : layer.v;
+  kv::Encoded moved;
+  if (stored) {
+    moved = kv::put_external(*stored, store, zstd);
+  } else {
+    int64_t n_pages = 0;
+    for (size_t h = 0; h + 1 < layer.head_offsets.size(); ++h)
+      n_pages += (layer.head_offsets[h + 1] - layer.head_offsets[h] + page_size - 1) / page_size;
+    moved = kv::page_out(t, layer.head_offsets, page_size,
+                         std::vector<uint8_t>(static_cast<size_t>(n_pages), 1), store, zstd, keys);
+  }
+  (keys ? layer.k_stored : layer.v_stored) = std::make_shared<const kv::Encoded>(std::move(moved));
+}
+
 kv::Json stats_json(const kv::SimulateStats& s) {
   kv::Json j = kv::Json::object();
   j.set("rel_error", s.rows ? kv::Json(s.rel_error / double(s.rows)) : kv::Json(nullptr));
@@ -52,7 +83,7 @@ void run_tier(kvt::Tool& tool, const std::string& input, const std::vector<std::
   if (o.sink_pages < 0 || o.recent_pages < 0)
     throw kv::Error(kv::Exit::usage, "--sink-pages and --recent-pages cannot be negative");
   tool.check_output();
-  kv::SnapshotReader reader(input, tool.read_options());
+  kv::SnapshotReader reader(input, verbatim(tool));
   kv::Header header = reader.header();
   const kv::ModelInfo& m = header.model;
   if (place == "attention" && !header.has_attn_stats)
@@ -66,15 +97,29 @@ void run_tier(kvt::Tool& tool, const std::string& input, const std::vector<std::
   for (int l = 0; l < m.n_layers; ++l) {
     tool.progress("layer", l, 2 * m.n_layers);
     reader.read_layer(l, layer);
-    for (const auto* e : {&layer.k_encoding, &layer.v_encoding})
-      if (!e->dense())
-        throw kv::Error(kv::Exit::data,
-                        kv::str("layer ", l, " is encoded (", e->describe(),
-                                "); kv-offload tier pages dense caches (kv-compress -d first)"));
     std::vector<float> importance;
     if (place == "attention")
       importance = kv::entry_importance(m, layer.head_offsets, layer.positions, layer.attn_acc);
     layer_first.push_back(pages.size());
+    if (whole_tensors(layer)) {  // k then v, each placed whole; heat as for one page of it all
+      for (const auto& [t, stored] :
+           {std::pair{&layer.k, layer.k_stored}, std::pair{&layer.v, layer.v_stored}}) {
+        kv::PlacedPage p;
+        p.layer = l;
+        p.page = int64_t(pages.size() - layer_first.back());
+        p.bytes = stored ? stored->bytes() : t->bytes();
+        if (layer.entries() > 0) {
+          if (place == "recent")
+            p.heat = *std::max_element(layer.positions.begin(), layer.positions.end());
+          else if (place == "prefix")
+            p.heat = -double(*std::min_element(layer.positions.begin(), layer.positions.end()));
+          else
+            for (float x : importance) p.heat += x;
+        }
+        pages.push_back(p);
+      }
+      continue;
+    }
     const int64_t row_bytes = int64_t(m.head_dim) * int64_t(kvk::dtype_size(layer.k.dtype()) +
                                                             kvk::dtype_size(layer.v.dtype()));
     int64_t index = 0;
@@ -113,7 +158,12 @@ void run_tier(kvt::Tool& tool, const std::string& input, const std::vector<std::
         (size_t(l) + 1 < layer_first.size() ? layer_first[size_t(l) + 1] : pages.size()) - first;
     std::vector<uint8_t> external(count, 0);
     for (size_t i = 0; i < count; ++i) external[i] = pages[first + i].tier == disk;
-    if (store) {
+    if (store && whole_tensors(layer)) {
+      const double t0 = kvbench_now();
+      if (external[0]) store_whole(layer, true, o.page_size, *store, zstd);
+      if (external[1]) store_whole(layer, false, o.page_size, *store, zstd);
+      write_seconds += kvbench_now() - t0;
+    } else if (store) {
       const double t0 = kvbench_now();
       layer.k_stored = std::make_shared<kv::Encoded>(
           kv::page_out(layer.k, layer.head_offsets, o.page_size, external, *store, zstd, true));
@@ -187,7 +237,7 @@ void run_share(kvt::Tool& tool, const std::vector<std::string>& inputs, const st
   std::printf("%-24s %7s %12s %12s %13s\n", "input", "pages", "k+v bytes", "new stored",
               "prefix pages");
   for (const std::string& in : inputs) {
-    kv::SnapshotReader reader(in, tool.read_options());
+    kv::SnapshotReader reader(in, verbatim(tool));
     kv::Header header = reader.header();
     const std::string out = out_dir + "/" + std::filesystem::path(in).filename().string();
     if (std::filesystem::exists(out) && std::filesystem::equivalent(out, in))
@@ -202,12 +252,15 @@ void run_share(kvt::Tool& tool, const std::vector<std::string>& inputs, const st
     kv::Layer layer;
     for (int l = 0; l < header.model.n_layers; ++l) {
       reader.read_layer(l, layer);
-      for (const auto* e : {&layer.k_encoding, &layer.v_encoding})
-        if (!e->dense())
-          throw kv::Error(kv::Exit::data,
-                          kv::str("'", in, "' layer ", l, " is encoded (", e->describe(),
-                                  "); share pages dense caches "
-                                  "(kv-compress -d first)"));
+      if (whole_tensors(layer)) {  // encoded: equal tensors are stored once, as equal pages are
+        bytes += double((layer.k_stored ? layer.k_stored->bytes() : layer.k.bytes()) +
+                        (layer.v_stored ? layer.v_stored->bytes() : layer.v.bytes()));
+        store_whole(layer, true, page_size, store, zstd);
+        store_whole(layer, false, page_size, store, zstd);
+        pages += 2;
+        writer.write_layer(layer);
+        continue;
+      }
       const std::vector<std::string> ids = kv::page_prefix_ids(header, layer, page_size);
       for (const std::string& id : ids) {
         const std::string key =
@@ -245,7 +298,7 @@ void run_share(kvt::Tool& tool, const std::vector<std::string>& inputs, const st
 
 void run_restore(kvt::Tool& tool, const std::string& input) {
   tool.check_output();
-  kv::SnapshotReader reader(input, tool.read_options());
+  kv::SnapshotReader reader(input, verbatim(tool));
   kv::Header header = reader.header();
   tool.stamp(header);
   kv::SnapshotWriter writer(tool.output, header, tool.write_options(reader.path()));
@@ -310,7 +363,7 @@ int main(int argc, char** argv) {
   std::string place = "recent", page_codec = "none";
   CLI::App* tier = app.add_subcommand(
       "tier", "Place a cache's pages into tiers, fastest first; disk pages go to a page store");
-  tier->add_option("INPUT", input, "Dense snapshot; - reads stdin")->default_val("-");
+  tier->add_option("INPUT", input, "Snapshot, dense or encoded; - reads stdin")->default_val("-");
   tier->add_option("-t,--tier", tier_specs,
                    "NAME:CAPACITY (e.g. gpu:2GiB, host:512MiB), or disk:DIR[:CAPACITY] for the "
                    "page store; repeat, fastest first")
@@ -341,7 +394,7 @@ int main(int argc, char** argv) {
   std::string share_store, share_out;
   CLI::App* share = app.add_subcommand(
       "share", "Store several caches' pages in one page store: pages of a shared prefix once");
-  share->add_option("INPUT", share_inputs, "Dense snapshots (named files)")->required();
+  share->add_option("INPUT", share_inputs, "Snapshots (named files)")->required();
   share->add_option("--store", share_store, "The page store directory")->required();
   share
       ->add_option("-O,--out-dir", share_out,

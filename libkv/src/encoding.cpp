@@ -1065,19 +1065,12 @@ void decode_paged(const Encoded& enc, const RowLayout& rows, float* out) {
   const uint8_t* next_local = local.bytes.data();
   int64_t next_id = 0;
   page = 0;
-  static const char* hex = "0123456789abcdef";
   for (int h = 0; h < H; ++h)
     for (int64_t r = off[h]; r < off[h + 1]; r += e.page_size, ++page) {
       const int64_t n = std::min<int64_t>(e.page_size, off[h + 1] - r);
       const size_t bytes = size_t(n) * row_bytes;
       if (external.bytes[size_t(page)]) {
-        std::string id;
-        for (int i = 0; i < 32; ++i) {
-          const uint8_t b = ids.bytes[size_t(next_id * 32 + i)];
-          id += hex[b >> 4];
-          id += hex[b & 15];
-        }
-        ++next_id;
+        const std::string id = PageStore::id_from_bytes(&ids.bytes[size_t(next_id++ * 32)]);
         const std::vector<uint8_t> data = store.get(id);
         if (data.size() != bytes)
           throw Error(Exit::data, str("page ", id, " holds ", data.size(), " bytes; head ", h,
@@ -1182,6 +1175,8 @@ Encoding default_encoding(const std::string& scheme, char role) {
   } else if (scheme == "paged") {
     e.page_size = 16;
     e.dtype = "f16";
+  } else if (scheme == "external") {
+    e.inner = "q8_0";
   } else if (scheme == "mikv") {
     e.bits = 2;
     e.high_bits = 8;
@@ -1244,6 +1239,13 @@ void check_encoding(const Encoding& e, const ModelInfo& model, char role) {
       throw Error(Exit::usage, str(what, "dtype '", e.dtype, "' is not f16, bf16 or f32"));
     if (e.store.empty()) throw Error(Exit::usage, str(what, "no page store"));
   }
+  if (e.scheme == "external") {
+    if (e.inner == "dense" || e.inner == "paged" || e.inner == "external" || e.inner.empty())
+      throw Error(Exit::usage, str(what, "inner scheme '", e.inner, "' is not an encoding"));
+    if (e.store.empty()) throw Error(Exit::usage, str(what, "no page store"));
+    check_encoding(e.inner_encoding(), model, role);
+    return;
+  }
   if (e.hadamard && !allows_hadamard(e.scheme))
     throw Error(Exit::usage,
                 str(what, "no Hadamard rotation (uniform, kivi, q8_0, q4_0, fp8, mikv)"));
@@ -1274,7 +1276,16 @@ void check_encoding(const Encoding& e, const ModelInfo& model, char role) {
     throw Error(Exit::usage, str(what, "pre-RoPE encoding is for svd and kvquant keys only"));
 }
 
+Encoding Encoding::inner_encoding() const {
+  Encoding e = *this;
+  e.scheme = inner;
+  e.inner.clear();
+  e.store.clear();
+  return e;
+}
+
 std::string Encoding::describe() const {
+  if (scheme == "external") return str("external(", inner_encoding().describe(), ") store=", store);
   std::string s = scheme;
   if (uses_bits(scheme)) {
     s += str(" bits=", bits, " group=", group, " axis=", axis);

@@ -397,9 +397,7 @@ Encoded page_out(const Tensor& x, const std::vector<int64_t>& head_offsets, int 
       const size_t bytes = size_t(n) * row_bytes;
       flags.bytes.push_back(external.at(page));
       if (external[page]) {
-        const std::string id = store.put(rows, bytes, zstd);
-        for (size_t i = 0; i < 64; i += 2)
-          ids.bytes.push_back(uint8_t(std::stoi(id.substr(i, 2), nullptr, 16)));
+        PageStore::append_id_bytes(store.put(rows, bytes, zstd), ids.bytes);
       } else {
         local.bytes.insert(local.bytes.end(), rows, rows + bytes);
       }
@@ -419,6 +417,88 @@ Encoded page_out(const Tensor& x, const std::vector<int64_t>& head_offsets, int 
     }
   }
   return out;
+}
+
+// The object: "KVTKENC1", a u32 array count, then per array a u8 type, a u8 name length, the
+// name, a u64 byte count and the bytes (little-endian throughout).
+constexpr char kExternalMagic[8] = {'K', 'V', 'T', 'K', 'E', 'N', 'C', '1'};
+
+Encoded put_external(const Encoded& enc, PageStore& store, bool zstd) {
+  if (enc.encoding.dense() || enc.encoding.scheme == "paged" || enc.encoding.scheme == "external")
+    throw Error(Exit::software, "put_external: '" + enc.encoding.scheme + "' is not an encoding");
+  std::vector<uint8_t> blob(kExternalMagic, kExternalMagic + 8);
+  auto put_le = [&](uint64_t v, int n) {
+    for (int b = 0; b < n; ++b) blob.push_back(uint8_t(v >> (8 * b)));
+  };
+  put_le(enc.arrays.size(), 4);
+  for (const CodeArray& a : enc.arrays) {
+    put_le(uint64_t(a.type), 1);
+    put_le(a.name.size(), 1);
+    blob.insert(blob.end(), a.name.begin(), a.name.end());
+    put_le(a.bytes.size(), 8);
+    blob.insert(blob.end(), a.bytes.begin(), a.bytes.end());
+  }
+  Encoded out;
+  out.encoding = enc.encoding;
+  out.encoding.inner = enc.encoding.scheme;
+  out.encoding.scheme = "external";
+  out.encoding.store = std::filesystem::absolute(store.dir()).lexically_normal().string();
+  CodeArray ids;
+  ids.name = "ids";
+  PageStore::append_id_bytes(store.put(blob.data(), blob.size(), zstd), ids.bytes);
+  out.arrays.push_back(std::move(ids));
+  return out;
+}
+
+Encoded fetch_external(const Encoded& external) {
+  const CodeArray* ids = nullptr;
+  for (const CodeArray& a : external.arrays)
+    if (a.name == "ids") ids = &a;
+  if (!ids || ids->type != CodeArray::Type::u8 || ids->bytes.size() != 32)
+    throw Error(Exit::data, "external tensor: 'ids' is not one 32-byte page id");
+  const std::string id = PageStore::id_from_bytes(ids->bytes.data());
+  return parse_external_object(PageStore(external.encoding.store, false).get(id), id,
+                               external.encoding.inner_encoding());
+}
+
+Encoded parse_external_object(const std::vector<uint8_t>& blob, const std::string& id,
+                              const Encoding& inner) {
+  size_t at = 0;
+  auto take = [&](size_t n) {
+    if (blob.size() - at < n)
+      throw Error(Exit::data, "page " + id + " is not an encoded tensor (truncated)");
+    const uint8_t* p = blob.data() + at;
+    at += n;
+    return p;
+  };
+  auto get_le = [&](int n) {
+    const uint8_t* p = take(size_t(n));
+    uint64_t v = 0;
+    for (int b = 0; b < n; ++b) v |= uint64_t(p[b]) << (8 * b);
+    return v;
+  };
+  if (std::memcmp(take(8), kExternalMagic, 8) != 0)
+    throw Error(Exit::data, "page " + id + " is not an encoded tensor (no KVTKENC1 header)");
+  Encoded enc;
+  enc.encoding = inner;
+  for (uint64_t n = get_le(4); n > 0; --n) {
+    CodeArray a;
+    const uint64_t type = get_le(1);
+    if (type > uint64_t(CodeArray::Type::i32))
+      throw Error(Exit::data, str("page ", id, ": array type ", type, " is unknown"));
+    a.type = CodeArray::Type(type);
+    const size_t name_length = get_le(1);
+    const auto* name = reinterpret_cast<const char*>(take(name_length));
+    a.name.assign(name, name_length);
+    const uint64_t bytes = get_le(8);
+    if (bytes > blob.size() - at || bytes % CodeArray::element_size(a.type))
+      throw Error(Exit::data, str("page ", id, ": array '", a.name, "' is truncated"));
+    const uint8_t* p = take(size_t(bytes));
+    a.bytes.assign(p, p + bytes);
+    enc.arrays.push_back(std::move(a));
+  }
+  if (at != blob.size()) throw Error(Exit::data, "page " + id + " has bytes after its arrays");
+  return enc;
 }
 
 std::vector<std::string> page_prefix_ids(const Header& header, const Layer& layer, int page_size) {

@@ -177,4 +177,24 @@ void PageStore::commit() {
   write_atomically(dir_ + "/manifest.json", text.data(), text.size(), true);
 }
 
+void PageStore::append_id_bytes(const std::string& id, std::vector<uint8_t>& out) {
+  auto nibble = [&](char c) -> uint8_t {
+    if (c >= '0' && c <= '9') return uint8_t(c - '0');
+    if (c >= 'a' && c <= 'f') return uint8_t(c - 'a' + 10);
+    throw Error(Exit::software, "page id '" + id + "' is not lowercase hex");
+  };
+  if (id.size() != 64) throw Error(Exit::software, "page id '" + id + "' is not 64 hex digits");
+  for (size_t i = 0; i < 64; i += 2) out.push_back(uint8_t(nibble(id[i]) << 4 | nibble(id[i + 1])));
+}
+
+std::string PageStore::id_from_bytes(const uint8_t* bytes) {
+  static const char* hex = "0123456789abcdef";
+  std::string id;
+  for (int i = 0; i < 32; ++i) {
+    id += hex[bytes[i] >> 4];
+    id += hex[bytes[i] & 15];
+  }
+  return id;
+}
+
 }  // namespace kv

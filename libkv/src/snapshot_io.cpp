@@ -16,6 +16,7 @@
 #include <tuple>
 
 #include "h5.h"
+#include "kv/offload.h"
 #include "kv/str.h"
 #include "zstd_filter.h"
 
@@ -181,8 +182,15 @@ hid_t code_file_type(CodeArray::Type t) {
 }
 
 // The scheme's parameters as attributes; only those the scheme uses (Encoding::describe).
-void write_encoding_attrs(hid_t g, const Encoding& e) {
-  h5::write_attr(g, "scheme", e.scheme);
+void write_encoding_attrs(hid_t g, const Encoding& e, bool with_scheme = true) {
+  if (e.scheme == "external") {  // the inner scheme's parameters, and where its arrays are
+    h5::write_attr(g, "scheme", e.scheme);
+    h5::write_attr(g, "inner", e.inner);
+    h5::write_attr(g, "store", e.store);
+    write_encoding_attrs(g, e.inner_encoding(), false);
+    return;
+  }
+  if (with_scheme) h5::write_attr(g, "scheme", e.scheme);
   if (e.scheme == "uniform" || e.scheme == "kivi") {
     h5::write_attr(g, "bits", int64_t(e.bits));
     h5::write_attr(g, "group", int64_t(e.group));
@@ -467,7 +475,7 @@ Encoding read_encoding_attrs(hid_t g, const std::string& where) {
   Encoding e;
   e.scheme = h5::read_attr_string(g, "scheme", where);
   const auto& known = scheme_names();
-  if (e.scheme != "paged" && e.scheme != "minicache" &&
+  if (e.scheme != "paged" && e.scheme != "minicache" && e.scheme != "external" &&
       (e.scheme == "dense" || std::find(known.begin(), known.end(), e.scheme) == known.end()))
     throw Error(Exit::data,
                 str(where, " uses encoding '", e.scheme, "', which this kvtk cannot decode"));
@@ -501,6 +509,7 @@ Encoding read_encoding_attrs(hid_t g, const std::string& where) {
   e.store = string_attr("store");
   e.dtype = string_attr("dtype");
   e.partner = h5::has_attr(g, "partner") ? small_int("partner") : -1;
+  e.inner = string_attr("inner");
   e.high_share = h5::has_attr(g, "high_share") ? h5::read_attr_double(g, "high_share", where) : 0.0;
   return e;
 }
@@ -947,11 +956,20 @@ void SnapshotReader::read_layer(int l, Layer& out) {
   // An encoded k or v is decoded after the layer's structure has been validated (decoding
   // indexes its arrays by the head offsets).
   Encoded k_code, v_code;
+  out.k_stored.reset();
+  out.v_stored.reset();
   for (auto [name, t, enc, code, bad] :
        {std::tuple{"k", &out.k, &out.k_encoding, &k_code, &k_bad},
         std::tuple{"v", &out.v, &out.v_encoding, &v_code, &v_bad}}) {
     if (is_encoded(g, name)) {
       *code = read_encoded(g, name, where, h.model);
+      if (code->encoding.scheme == "external") {  // kv-offload's disk tier: fetch the arrays
+        try {
+          *code = fetch_external(*code);
+        } catch (const Error& e) {
+          throw Error(e.code(), str(where, ": '", name, "': ", e.what()));
+        }
+      }
       *enc = code->encoding;
       t->resize(DType::f32, int64_t(out.positions.size()), h.model.head_dim);
     } else {
@@ -989,15 +1007,23 @@ void SnapshotReader::read_layer(int l, Layer& out) {
     if (code->encoding.dense()) continue;
     try {
       if (code->encoding.scheme == "minicache") {
-        // The directions are the partner layer's, an earlier layer stored dense.
+        // The directions are the partner layer's, an earlier layer stored dense (or paged).
         const int p = code->encoding.partner;
         if (p >= l) throw Error(Exit::data, str("partner layer ", p, " is not an earlier layer"));
         const std::string pname = layer_name(p) + "/" + name;
-        if (!h5::exists(impl_->layers, pname) || is_encoded(impl_->layers, pname))
+        if (!h5::exists(impl_->layers, pname))
           throw Error(Exit::data, str("partner layer ", p, " has no dense '", name, "'"));
         Handle pg(H5Gopen2(impl_->layers, layer_name(p).c_str(), H5P_DEFAULT), H5Gclose);
         Tensor partner;
-        read_tensor(pg, name, where, partner);
+        if (is_encoded(pg, name)) {  // paged by kv-offload: dense rows, some in a page store
+          const Encoded paged = read_encoded(pg, name, where, h.model);
+          if (paged.encoding.scheme != "paged")
+            throw Error(Exit::data, str("partner layer ", p, " has no dense '", name, "'"));
+          partner.resize(DType::f32, t->rows(), t->cols());
+          decode(paged, rows, partner.as<float>());
+        } else {
+          read_tensor(pg, name, where, partner);
+        }
         if (partner.rows() != t->rows() || partner.cols() != t->cols())
           throw Error(Exit::data, str("partner layer ", p, " holds other entries"));
         const std::vector<float> directions = partner.to_f32();
@@ -1009,10 +1035,14 @@ void SnapshotReader::read_layer(int l, Layer& out) {
       throw Error(Exit::data, str(where, ": '", name, "': ", e.what()));
     }
     if (check_values) *bad = kvk::count_nonfinite(DType::f32, t->data(), t->size());
-    const std::string& scheme = code->encoding.scheme;
+    const Encoding encoding = code->encoding;
+    const std::string& scheme = encoding.scheme;
+    std::shared_ptr<const Encoded>& stored = name[0] == 'k' ? out.k_stored : out.v_stored;
+    if (impl_->options.keep_stored && scheme != "paged")
+      stored = std::make_shared<const Encoded>(std::move(*code));
     if (scheme == "paged" || scheme == "minicache") {  // restored to their dense form
       const std::vector<float> values(t->as<float>(), t->as<float>() + t->size());
-      const std::string& d = code->encoding.dtype;
+      const std::string& d = encoding.dtype;
       *t = Tensor::from_f32(d == "f32"    ? DType::f32
                             : d == "bf16" ? DType::bf16
                                           : DType::f16,

@@ -2,6 +2,9 @@
 set -u
 : "${KV_BIN:?KV_BIN must point at the built tools}"
 export PATH="$KV_BIN:$PATH"
+# This directory, for the shared Python checkers (h5same.py).
+CLI_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+export CLI_DIR
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 cd "$WORK"

@@ -17,7 +17,9 @@
 //    and retained rows as they are; readers give back the dense tensor;
 //  - paged: written by kv-offload only: dense rows, some of whose pages live in a page store on
 //    disk. Readers fetch them and give back the dense tensor in its dtype, with a dense
-//    encoding, so rewriting a paged snapshot restores it.
+//    encoding, so rewriting a paged snapshot restores it;
+//  - external: written by kv-offload only: an encoded tensor (any scheme above but paged) moved
+//    whole into a page store as one object; readers fetch it and give back the inner encoding.
 
 // Hadamard rotation (rows times H_D / sqrt(D)) may precede uniform, kivi, q8_0, q4_0 and fp8;
 // decoding undoes it. svd may factorize keys before RoPE (un-rotated with the positions).
@@ -57,8 +59,12 @@ struct Encoding {
   std::string store;             // paged: the page store directory (kv/page_store.h)
   std::string dtype;             // paged, minicache: the dense dtype of the rows
   int partner = -1;              // minicache: the earlier layer holding the shared directions
+  std::string inner;             // external: the scheme of the tensor in the store (the other
+                                 // fields are that scheme's, plus `store`)
 
   bool dense() const { return scheme == "dense"; }
+  // external: the encoding of the tensor in the store.
+  Encoding inner_encoding() const;
   // "kivi bits=2 group=32 axis=channel residual=128": scheme and the parameters it uses.
   std::string describe() const;
   bool operator==(const Encoding&) const = default;

@@ -121,6 +121,20 @@ Encoded page_out(const Tensor& x, const std::vector<int64_t>& head_offsets, int 
                  const std::vector<uint8_t>& external, class PageStore& store, bool zstd,
                  bool keys);
 
+// An encoded tensor (any scheme but paged) as one object in the store, for the disk tier: the
+// "external" encoding, whose `ids` array names the object. Encodings group values across tokens
+// (channel groups, per-head factors and levels, outlier lists), so their codes are not cut into
+// token pages; the object holds the arrays exactly as stored, so restoring gives them back
+// byte for byte.
+Encoded put_external(const Encoded& enc, class PageStore& store, bool zstd);
+// The encoded tensor an "external" one names. Error(Exit::data) naming the object when the store
+// lacks it, its bytes do not hash to its id, or they are not an encoded tensor.
+Encoded fetch_external(const Encoded& external);
+// The object's bytes as the encoded tensor they hold (`id` names it in errors, `inner` is the
+// encoding given to it): the parser fetch_external uses, exposed for the robustness tests.
+Encoded parse_external_object(const std::vector<uint8_t>& blob, const std::string& id,
+                              const Encoding& inner);
+
 // ---- prefix sharing ---------------------------------------------------------------------------
 
 // Each page's prefix id, as serving engines' prefix caches name blocks: the SHA-256 (hex) of the

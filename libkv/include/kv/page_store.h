@@ -39,6 +39,10 @@ class PageStore {
   void commit();
 
   const std::string& dir() const { return dir_; }
+
+  // Ids as snapshots hold them: 32 raw bytes, for the 64 hex digits of a SHA-256.
+  static void append_id_bytes(const std::string& id, std::vector<uint8_t>& out);
+  static std::string id_from_bytes(const uint8_t* bytes);
   const std::map<std::string, Entry>& entries() const { return entries_; }
 
  private:

@@ -29,6 +29,10 @@ void register_zstd_filter();
 
 struct ReadOptions {
   bool allow_nonfinite = false;  // accept NaN/Inf in k and v
+  // Also hand over each encoded k or v as stored (Layer::k_stored, v_stored; an external one as
+  // fetched from its store; not a paged one, which reads back dense), so that a tool passing
+  // layers through unchanged (kv-offload) writes them back byte for byte.
+  bool keep_stored = false;
 };
 
 // Storage facts of one layer, read from metadata only.
@@ -39,7 +43,7 @@ struct LayerStorage {
   Encoding k_encoding, v_encoding;  // dense, or the scheme (k_dtype is then f32, as decoded)
   int64_t kv_bytes_stored = 0;      // k and v as stored in the file (after any codec)
   int64_t kv_bytes_logical = 0;     // k and v before the codec (dense values or encoded arrays)
-  int64_t other_bytes_stored = 0;  // positions, offsets, mass, side data
+  int64_t other_bytes_stored = 0;   // positions, offsets, mass, side data
   bool has_mass = false;
 };
 
@@ -53,7 +57,7 @@ class SnapshotReader {
   const Header& header() const;
   int n_layers() const { return header().model.n_layers; }
   const std::string& path() const;
-  int64_t file_bytes() const;  // size of the file or image
+  int64_t file_bytes() const;      // size of the file or image
   std::string codec_name() const;  // codec of layer 0's k ("none" for contiguous)
 
   // Reads and validates layer l into `out`, reusing its buffers.
