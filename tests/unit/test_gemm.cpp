@@ -101,11 +101,13 @@ TEST(Softmax, FarBelowTheMaximumIsZeroAndEqualLogitsAreUniform) {
   for (int j : {2, 4, 5, 6, 7, 8, 9}) EXPECT_NEAR(x[size_t(j)], 1.0 / (7 + std::exp(-5.0)), 1e-7);
 }
 
+// d picks the kernel: multiples of 8 the AVX2 one (24, 48: a final 8-channel step in the value
+// pass, which walks 16 channels at a time), the rest the scalar reference.
 TEST(DecodeAttention, MatchesTheDoubleReferenceForEveryTypeAndShape) {
   std::mt19937 rng(5);
   std::normal_distribution<float> nd;
   for (kvk::DType type : {kvk::DType::f32, kvk::DType::f16, kvk::DType::bf16})
-    for (int d : {8, 64, 128, 12})
+    for (int d : {8, 24, 48, 64, 128, 12})
       for (int64_t n : {1, 7, 64, 65, 300})
         for (int G : {1, 4, 9})
           for (bool with_bias : {false, true}) {
