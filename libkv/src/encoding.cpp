@@ -222,6 +222,12 @@ UniformSizes uniform_sizes(const Encoding& e, int64_t n, int D) {
           e.axis == "token" ? nq * D / p.group : D * quant::uniform_groups(nq, p.group), r * D};
 }
 
+// Axis channel: whether each group of rows starts on a byte of the codes (then its channels are
+// coded in place by quant::quantize_groups; otherwise a tile is transposed and packed at once).
+bool channel_groups_fill_bytes(const Encoding& e, int D) {
+  return (int64_t(e.group) * D * e.bits) % 8 == 0;
+}
+
 // Rows per tile: whole groups (axis channel) whose codes fill whole bytes.
 int64_t uniform_tile_rows(const Encoding& e, int D) {
   int64_t unit = e.axis == "token" ? 1 : e.group;
@@ -262,11 +268,20 @@ Encoded encode_uniform(const Encoding& e, const Tensor& x, const RowLayout& rows
     load_rows(e, x, off[t.h] + t.first, t.rows, values);
     uint16_t* sc = elements<uint16_t>(scales) + at.groups_at[t.h];
     uint16_t* zp = e.symmetric ? nullptr : elements<uint16_t>(zeros) + at.groups_at[t.h];
+    uint8_t* dst = elements<uint8_t>(codes) + at.codes_at[t.h] + t.first * D * e.bits / 8;
     if (e.axis == "token") {
       const int64_t first_group = t.first * D / p.group;
-      for (int64_t g = 0; g < t.rows * D / p.group; ++g)
-        quant::quantize_group(values + g * p.group, p.group, p, sc + first_group + g,
-                              zp ? zp + first_group + g : nullptr, q + g * p.group);
+      quant::quantize_groups(values, t.rows * D / p.group, p.group, 1, p, sc + first_group,
+                             zp ? zp + first_group : nullptr, dst);
+    } else if (channel_groups_fill_bytes(e, D)) {
+      // Straight down the channels of each group of rows, no transposition.
+      for (int64_t r0 = 0; r0 < t.rows; r0 += e.group) {
+        quant::UniformParams block = p;
+        block.group = int(std::min<int64_t>(e.group, t.rows - r0));
+        const int64_t group = (t.first + r0) / e.group * D;  // index of its channel 0
+        quant::quantize_groups(values + r0 * D, D, 1, D, block, sc + group,
+                               zp ? zp + group : nullptr, dst + r0 * D * e.bits / 8);
+      }
     } else {
       for (int64_t r0 = 0; r0 < t.rows; r0 += e.group) {
         const int64_t len = std::min<int64_t>(e.group, t.rows - r0);
@@ -277,9 +292,8 @@ Encoded encode_uniform(const Encoding& e, const Tensor& x, const RowLayout& rows
           quant::quantize_group(column + d * len, len, p, sc + group + d,
                                 zp ? zp + group + d : nullptr, q + r0 * D + d * len);
       }
+      quant::pack_codes(q, t.rows * D, e.bits, dst);
     }
-    quant::pack_codes(q, t.rows * D, e.bits,
-                      elements<uint8_t>(codes) + at.codes_at[t.h] + t.first * D * e.bits / 8);
   });
   // The residual: the most recent rows as f16 (their bytes, when the layer is f16).
   for (int h = 0; h < H; ++h) {
@@ -327,17 +341,24 @@ void decode_uniform(const Encoding& e, const Encoded& enc, const RowLayout& rows
   for_tiles(work, T * D + T * D / 4 + 1, [&](const Tile& t, float* buf) {
     float* column = buf;
     auto* q = reinterpret_cast<uint8_t*>(buf + T * D);
-    quant::unpack_codes(elements<uint8_t>(codes) + at.codes_at[t.h] + t.first * D * e.bits / 8,
-                        t.rows * D, e.bits, q);
+    const uint8_t* src = elements<uint8_t>(codes) + at.codes_at[t.h] + t.first * D * e.bits / 8;
     const uint16_t* sc = elements<uint16_t>(scales) + at.groups_at[t.h];
     const uint16_t* zp = zeros ? elements<uint16_t>(*zeros) + at.groups_at[t.h] : nullptr;
     float* values = out + (off[t.h] + t.first) * D;
     if (e.axis == "token") {
       const int64_t first_group = t.first * D / p.group;
-      for (int64_t g = 0; g < t.rows * D / p.group; ++g)
-        quant::dequantize_group(q + g * p.group, p.group, p, sc[first_group + g],
-                                zp ? zp[first_group + g] : 0, values + g * p.group);
+      quant::dequantize_groups(src, sc + first_group, zp ? zp + first_group : nullptr,
+                               t.rows * D / p.group, p.group, 1, p, values);
+    } else if (channel_groups_fill_bytes(e, D)) {
+      for (int64_t r0 = 0; r0 < t.rows; r0 += e.group) {
+        quant::UniformParams block = p;
+        block.group = int(std::min<int64_t>(e.group, t.rows - r0));
+        const int64_t group = (t.first + r0) / e.group * D;
+        quant::dequantize_groups(src + r0 * D * e.bits / 8, sc + group, zp ? zp + group : nullptr,
+                                 D, 1, D, block, values + r0 * D);
+      }
     } else {
+      quant::unpack_codes(src, t.rows * D, e.bits, q);
       for (int64_t r0 = 0; r0 < t.rows; r0 += e.group) {
         const int64_t len = std::min<int64_t>(e.group, t.rows - r0);
         const int64_t group = (t.first + r0) / e.group * D;
@@ -419,15 +440,22 @@ void decode_blocks(const Encoded& enc, const RowLayout& rows, float* out) {
   const int64_t T = tile_rows(kBlockTileUnit, D);
   for_tiles(tiles(H, T, [&](int h) { return off[h + 1] - off[h]; }), T * D + quant::block_values,
             [&](const Tile& t, float* v) {
-              const int64_t n = padded_values(t.rows, D);
               const uint8_t* src =
                   elements<uint8_t>(blocks) + at[t.h] + block_bytes(e, t.first * D);
-              if (e.scheme == "q8_0")
-                quant::decode_q8_0(src, n, v);
-              else
-                quant::decode_q4_0(src, n, v);
+              auto decode = [&](const uint8_t* in, int64_t n, float* y) {
+                if (e.scheme == "q8_0")
+                  quant::decode_q8_0(in, n, y);
+                else
+                  quant::decode_q4_0(in, n, y);
+              };
+              // Whole blocks straight into the output; a head's padded last block via v.
+              const int64_t n = t.rows * D, whole = n / quant::block_values * quant::block_values;
               float* values = out + (off[t.h] + t.first) * D;
-              std::copy(v, v + t.rows * D, values);
+              decode(src, whole, values);
+              if (whole < n) {
+                decode(src + block_bytes(e, whole), quant::block_values, v);
+                std::copy(v, v + (n - whole), values + whole);
+              }
               rotate_rows(e, values, t.rows, D);
             });
 }

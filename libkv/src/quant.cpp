@@ -1,9 +1,11 @@
 #include "kv/quant.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "kv/error.h"
@@ -324,6 +326,643 @@ void check_uniform_call(const char* what, int64_t n, const UniformParams& p, con
     throw Error(Exit::usage, str(what, ": asymmetric quantization needs a zero-point buffer"));
 }
 
+// Blocks or groups per call of a vector kernel: one per lane.
+constexpr int64_t kBatch = 16;
+
+// Runs body(i) for i < count, on OpenMP threads when `parallel` (an `if` clause would still open
+// a one-thread parallel region, which costs as much as a small tile's work); true if every call
+// returned true.
+template <class Body>
+bool all_batches(int64_t count, bool parallel, Body body) {
+  bool ok = true;
+  if (!parallel) {
+    for (int64_t i = 0; i < count; ++i) ok = body(i) && ok;
+    return ok;
+  }
+#pragma omp parallel for schedule(static) reduction(&& : ok)
+  for (int64_t i = 0; i < count; ++i) ok = body(i) && ok;
+  return ok;
+}
+
+// ---- vector kernels ----------------------------------------------------------------------------
+// Written in GCC's vector extension, 16 lanes of 32 bits (one zmm register), compiled for
+// AVX-512 (F, BW, DQ, VL) and called through plain-pointer wrappers, so no vector crosses a call.
+// (An AVX2 build of the same code is not offered: GCC 12 lowers each 64-byte select that AVX2
+// lacks one lane at a time, slower than the scalar path.) The kernels do the scalar code's
+// float operations in the same order, so the results are its results:
+//  - q8_0/q4_0: one lane per value; per batch of 16 blocks the scales are computed in lanes.
+//  - uniform groups: 16 groups per batch, their extremes, f16 zero and f16 scale computed in
+//    lanes (the scale by a 15-step bitwise search for the smallest f16 that reaches the max,
+//    which is what smallest_f16's walk finds), then codes by counting the same exact float
+//    thresholds as group_codes_by_thresholds, packed in registers. Groups along a row
+//    ("rows": group_stride apart, values contiguous) are coded one group per vector; groups
+//    down the channels ("columns": 16 adjacent groups, values value_stride apart) one group
+//    per lane, so keys need no transposition.
+// A batch holding NaN/Inf, or a group f16 cannot describe, is left to the scalar path, which
+// throws its usual error.
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define KV_VECTOR_KERNELS 1
+#endif
+
+#ifdef KV_VECTOR_KERNELS
+// (Up to the end of the file, where GCC instantiates the templates: their vectors never cross a
+// call, so the ABI note does not apply.)
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#define KV_INLINE __attribute__((always_inline)) inline
+// The whole section: helpers compiled for the default target would be lowered for SSE2 before
+// they are inlined.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")
+
+namespace vec {
+
+constexpr int W = int(kBatch);  // lanes: values, blocks or groups per batch
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef double f64x8 __attribute__((vector_size(64)));
+typedef int64_t i64x8 __attribute__((vector_size(64)));
+typedef uint64_t u64x8 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef uint32_t u32x4 __attribute__((vector_size(16)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef int8_t i8x16 __attribute__((vector_size(16)));
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+
+template <class V, class T>
+KV_INLINE V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <class T, class V>
+KV_INLINE void store(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof v);
+}
+template <class To, class From>
+KV_INLINE To as(const From& v) {
+  static_assert(sizeof(To) == sizeof(From));
+  To t;
+  std::memcpy(&t, &v, sizeof t);
+  return t;
+}
+
+KV_INLINE f32x8 low(const f32x16& v) {
+  return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+}
+KV_INLINE f32x8 high(const f32x16& v) {
+  return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+KV_INLINE u32x8 low(const u32x16& v) {
+  return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+}
+KV_INLINE u32x8 high(const u32x16& v) {
+  return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+KV_INLINE f32x16 join(const f32x8& a, const f32x8& b) {
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+
+// Horizontal reductions (lane order does not matter: the results are exact, and the sign of a
+// zero minimum is settled separately, see first_zero_of).
+KV_INLINE float hmin(const f32x16& v) {
+  f32x8 a = low(v), b = high(v);
+  a = b < a ? b : a;
+  f32x4 c = __builtin_shufflevector(a, a, 0, 1, 2, 3),
+        d = __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  c = d < c ? d : c;
+  float r = c[0];
+  for (int k = 1; k < 4; ++k) r = c[k] < r ? c[k] : r;
+  return r;
+}
+KV_INLINE float hmax(const f32x16& v) {
+  f32x8 a = low(v), b = high(v);
+  a = b > a ? b : a;
+  f32x4 c = __builtin_shufflevector(a, a, 0, 1, 2, 3),
+        d = __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  c = d > c ? d : c;
+  float r = c[0];
+  for (int k = 1; k < 4; ++k) r = c[k] > r ? c[k] : r;
+  return r;
+}
+KV_INLINE uint32_t hmax(const u32x8& v) {
+  u32x4 c = __builtin_shufflevector(v, v, 0, 1, 2, 3),
+        d = __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  c = d > c ? d : c;
+  uint32_t r = c[0];
+  for (int k = 1; k < 4; ++k) r = c[k] > r ? c[k] : r;
+  return r;
+}
+KV_INLINE uint32_t hmax(const u32x16& v) {
+  const u32x8 a = low(v), b = high(v);
+  return hmax(b > a ? b : a);
+}
+KV_INLINE uint32_t hor(const u32x8& v) {
+  u32x4 c = __builtin_shufflevector(v, v, 0, 1, 2, 3) | __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  return c[0] | c[1] | c[2] | c[3];
+}
+KV_INLINE uint32_t hor(const u32x16& v) {
+  return hor(low(v) | high(v));
+}
+
+KV_INLINE u32x16 magnitude_bits(const f32x16& v) {
+  return as<u32x16>(v) & 0x7fffffffu;
+}
+KV_INLINE f32x16 abs(const f32x16& v) {
+  return as<f32x16>(magnitude_bits(v));
+}
+template <class V, class T>
+KV_INLINE V splat(T v) {
+  return V{} + v;
+}
+KV_INLINE u32x16 lane_index() {
+  return u32x16{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+}
+
+// kvk::f16_to_f32 on 16 lanes of f16 bits (zeros, subnormals, Inf and NaN included).
+KV_INLINE f32x16 f16_to_f32(const u32x16& h) {
+  const u32x16 sign = (h & 0x8000u) << 16, mag = h & 0x7fffu, mant = h & 0x3ffu;
+  const u32x16 normal = (mag << 13) + (112u << 23);
+  const u32x16 special = 0x7f800000u | (mant << 13);
+  const f32x16 subnormal = __builtin_convertvector(as<i32x16>(mant), f32x16) * 0x1p-24f;  // exact
+  u32x16 bits = mag >= 0x7c00u ? special : normal;
+  bits = mag < 0x400u ? as<u32x16>(subnormal) : bits;
+  return as<f32x16>(bits | sign);
+}
+
+// kvk::f32_to_f16 (nearest, ties to even) on 16 lanes of finite floats.
+KV_INLINE u32x16 f32_to_f16(const f32x16& f) {
+  const u32x16 u = as<u32x16>(f), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+  // Subnormal results: a * 2^24 < 2^10 is exact, and adding 2^23 rounds it to an integer, ties
+  // to even, which the low mantissa bits then hold.
+  const u32x16 subnormal = as<u32x16>(as<f32x16>(a) * 0x1p24f + 0x1p23f) - 0x4b000000u;
+  const u32x16 normal = (a + 0xfffu + ((a >> 13) & 1u) - 0x38000000u) >> 13;
+  u32x16 h = a < 0x38800000u ? subnormal : normal;
+  h = a >= 0x477ff000u ? splat<u32x16>(0x7c00u) : h;
+  return sign | h;
+}
+
+KV_INLINE u32x16 load_f16_bits(const uint16_t* p) {
+  return __builtin_convertvector(load<u16x16>(p), u32x16);
+}
+KV_INLINE void store_f16_bits(uint16_t* p, const u32x16& h, int64_t n) {
+  const u16x16 v = __builtin_convertvector(h, u16x16);
+  if (n == W)
+    store(p, v);
+  else
+    std::memcpy(p, &v, size_t(n) * 2);
+}
+
+// ---- q8_0 / q4_0: up to 16 blocks per call ----
+
+// False if a block holds NaN/Inf (nothing is promised about `out` then).
+template <bool Q4>
+KV_INLINE bool encode_blocks16(const float* x, int64_t nb, uint8_t* out) {
+  constexpr size_t step = Q4 ? 18 : 34;
+  alignas(64) float extreme[W] = {};  // q8_0: max|x|; q4_0: the first value of largest magnitude
+  for (int64_t b = 0; b < nb; ++b) {
+    const f32x16 a0 = load<f32x16>(x + b * QK), a1 = load<f32x16>(x + b * QK + 16);
+    const u32x16 m0 = magnitude_bits(a0), m1 = magnitude_bits(a1);
+    const uint32_t top = hmax(m1 > m0 ? m1 : m0);  // non-negative floats order like their bits
+    if (top >= 0x7f800000u) return false;
+    if constexpr (Q4) {
+      // ggml keeps the first value of largest magnitude (and +0 for a block of zeros).
+      const u32x16 none = splat<u32x16>(99u);
+      const u32x16 i0 = m0 == top ? lane_index() : none, i1 = m1 == top ? lane_index() + 16u : none;
+      const uint32_t first = ~hmax(~(i1 < i0 ? i1 : i0));
+      extreme[b] = top ? x[b * QK + first] : 0.0f;
+    } else {
+      extreme[b] = as<float>(top);
+    }
+  }
+  const f32x16 d = load<f32x16>(extreme) / (Q4 ? -8.0f : 127.0f);
+  alignas(64) float id[W];
+  store(id, d != 0.0f ? 1.0f / d : f32x16{});
+  alignas(64) uint32_t scale[W];
+  store(scale, f32_to_f16(d));
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + b * QK;
+    uint8_t* ob = out + size_t(b) * step;
+    store_u16(ob, uint16_t(scale[b]));
+    const f32x16 a0 = load<f32x16>(xb), a1 = load<f32x16>(xb + 16);
+    if constexpr (Q4) {
+      i32x16 c[2];
+      for (int k = 0; k < 2; ++k) {
+        // x * id rounded before 8.5 is added, as rounded_product() keeps it.
+        const f32x16 t = __builtin_assoc_barrier((k ? a1 : a0) * id[b]) + 8.5f;
+        f32x16 clamped = t < 0.0f ? f32x16{} : t;
+        clamped = clamped > 15.0f ? splat<f32x16>(15.0f) : clamped;
+        const i32x16 q = __builtin_convertvector(clamped, i32x16);
+        c[k] = magnitude_bits(t) < 0x7f800000u ? q : i32x16{};
+      }
+      store(ob + 2, __builtin_convertvector(c[0] | (c[1] << 4), u8x16));
+    } else {
+      for (int k = 0; k < 2; ++k) {
+        const f32x16 v = (k ? a1 : a0) * id[b];
+        // roundf: v - trunc(v) is exact; out-of-range v (id overflowed) gives 0, see above.
+        const i32x16 t = __builtin_convertvector(v, i32x16);
+        const f32x16 frac = abs(v - __builtin_convertvector(t, f32x16));
+        const i32x16 away = v < 0.0f ? splat<i32x16>(-1) : splat<i32x16>(1);
+        i32x16 q = t + (frac >= 0.5f ? away : i32x16{});
+        q = abs(v) <= 127.5f ? q : i32x16{};
+        store(ob + 2 + 16 * k, __builtin_convertvector(q, i8x16));
+      }
+    }
+  }
+  return true;
+}
+
+template <bool Q4>
+KV_INLINE void decode_blocks16(const uint8_t* in, int64_t nb, float* out) {
+  constexpr size_t step = Q4 ? 18 : 34;
+  alignas(64) uint32_t bits[W] = {};
+  for (int64_t b = 0; b < nb; ++b) bits[b] = load_u16(in + b * step);
+  alignas(64) float d[W];
+  store(d, f16_to_f32(load<u32x16>(bits)));
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = in + b * step + 2;
+    float* y = out + b * QK;
+    if constexpr (Q4) {
+      const i32x16 q = __builtin_convertvector(load<u8x16>(blk), i32x16);
+      store(y, __builtin_convertvector((q & 15) - 8, f32x16) * d[b]);
+      store(y + 16, __builtin_convertvector((q >> 4) - 8, f32x16) * d[b]);
+    } else {
+      for (int k = 0; k < 2; ++k)
+        store(y + 16 * k, __builtin_convertvector(
+                              __builtin_convertvector(load<i8x16>(blk + 16 * k), i32x16), f32x16) *
+                              d[b]);
+    }
+  }
+}
+
+// ---- uniform groups of 32, 16 groups per batch ----
+
+constexpr int64_t kGroup = 32;
+
+// One batch's grids, lane l for group l: group_params' S and Z (bits and values), the pinned
+// extremes, and group_codes_by_thresholds' thresholds T[j] (the smallest float at or above
+// Z + (j + 0.5) S).
+// Levels of a group: above the zero (asymmetric) or on each side of 0 (symmetric).
+template <int bits, bool Symmetric>
+constexpr int kLevels = Symmetric ? (1 << (bits - 1)) - 1 : (1 << bits) - 1;
+
+template <int L>
+struct Grids {
+  f32x16 scale, zero, lo, hi;
+  u32x16 scale_bits, zero_bits;
+  f32x16 threshold[L];
+};
+
+// group_params for 16 groups with extremes mn, mx; false if one cannot be stored (range).
+template <int L, bool Symmetric>
+KV_INLINE bool make_grids(const f32x16& mn, const f32x16& mx, Grids<L>& g) {
+  // (Comparisons only ever feed a ?: here: GCC lowers those for AVX2 two halves at a time, but
+  // scalarizes a comparison used as a value.)
+  const u32x16 one = splat<u32x16>(1u);
+  f32x16 top, zero;
+  u32x16 bad = {};
+  if constexpr (Symmetric) {
+    const f32x16 neg = -mn;
+    top = neg < mx ? mx : neg;  // std::max(-mn, mx)
+    zero = f32x16{};
+    g.zero_bits = u32x16{};
+    g.lo = -top;
+    g.hi = top;
+  } else {
+    g.zero_bits = f32_to_f16(mn);
+    bad = (g.zero_bits & 0x7c00u) == 0x7c00u ? one : bad;
+    zero = f16_to_f32(g.zero_bits);
+    top = mx;
+    g.lo = mn;
+    g.hi = mx;
+  }
+  // The smallest f16 S with L * S + Z >= top is one above the largest that falls short, which
+  // a bitwise search finds in 15 steps (non-negative f16 bits order like their values, and
+  // L * S is exact, so the test is monotone and is the scalar code's). Candidates from 0x7c00
+  // up are Inf and NaN, whose levels never fall short.
+  u32x16 short_of = {};
+  for (uint32_t bit = 1u << 14; bit; bit >>= 1) {
+    const u32x16 candidate = short_of | bit;
+    const f32x16 level = float(L) * f16_to_f32(candidate) + zero;
+    short_of = level < top ? candidate : short_of;
+  }
+  // A scale is needed when the top level must rise above Z (max > min and Z < max), or, for
+  // symmetric groups, when max|x| > 0.
+  g.scale_bits = short_of + 1u;
+  if constexpr (Symmetric) {
+    g.scale_bits = top > 0.0f ? g.scale_bits : u32x16{};
+  } else {
+    g.scale_bits = mn < mx ? g.scale_bits : u32x16{};
+    g.scale_bits = zero < mx ? g.scale_bits : u32x16{};
+  }
+  bad = g.scale_bits == 0x7c00u ? one : bad;
+  g.scale = f16_to_f32(g.scale_bits);
+  g.zero = zero;
+  // Thresholds in double (exact: at most 41 significant bits), rounded up to a float.
+  const f64x8 S[2] = {__builtin_convertvector(low(g.scale), f64x8),
+                      __builtin_convertvector(high(g.scale), f64x8)};
+  const f64x8 Z[2] = {__builtin_convertvector(low(zero), f64x8),
+                      __builtin_convertvector(high(zero), f64x8)};
+  for (int j = 0; j < L; ++j) {
+    f32x8 half[2];
+    for (int k = 0; k < 2; ++k) {
+      const f64x8 t = Z[k] + (j + 0.5) * S[k];
+      const f32x8 f = __builtin_convertvector(t, f32x8);
+      // nextafter(f, +Inf) where f < t: one more ulp away from 0 if f >= +0, one less if f < 0.
+      // f < t exactly when t - f (exact) is above +0, i.e. its bits as an integer are positive.
+      const i64x8 residual = as<i64x8>(t - __builtin_convertvector(f, f64x8));
+      const i32x8 below = __builtin_convertvector(as<u64x8>(-residual) >> 63, i32x8);  // 0 or 1
+      const i32x8 b = as<i32x8>(f);
+      half[k] = as<f32x8>(b + below * (1 - 2 * as<i32x8>(as<u32x8>(b) >> 31)));
+    }
+    g.threshold[j] = join(half[0], half[1]);
+  }
+  return !hor(as<u32x16>(bad));
+}
+
+// Codes of 16 values v: the thresholds reached, pinned at the extremes; `flat` marks S = 0.
+// Threshold, Lo, Hi, Flat are vectors (one group per lane) or scalars (one group per vector).
+template <int L, bool Symmetric, class Threshold, class Bound>
+KV_INLINE u32x16 codes16(const f32x16& v, const Threshold* T, const Bound& lo, const Bound& hi,
+                         const Bound& scale) {
+  const f32x16 a = Symmetric ? abs(v) : v;
+  const i32x16 one = splat<i32x16>(1), top = splat<i32x16>(L);
+  i32x16 c = {};
+  for (int j = 0; j < L; ++j) c += a >= T[j] ? one : i32x16{};
+  c = v == hi ? top : c;
+  if constexpr (Symmetric) {
+    c = v == lo ? top : c;
+    c = v < 0.0f ? -c : c;
+    c = scale == 0.0f ? i32x16{} : c;
+    c += L + 1;
+  } else {
+    c = v == lo ? i32x16{} : c;
+    c = scale == 0.0f ? i32x16{} : c;
+  }
+  return as<u32x16>(c);
+}
+
+// The sign of a zero minimum: the scalar loop keeps the first value equal to the minimum.
+template <class At>
+KV_INLINE float first_zero_of(At at) {
+  for (int64_t i = 0;; ++i)
+    if (at(i) == 0.0f) return at(i);
+}
+
+// 16 groups of 32 values down adjacent columns: group l's value i at x[i * stride + l].
+template <int bits, bool Symmetric>
+KV_INLINE bool quantize_columns16(const float* x, int64_t stride, uint16_t* scales, uint16_t* zeros,
+                                  uint8_t* codes) {
+  constexpr int L = kLevels<bits, Symmetric>;
+  f32x16 mn = load<f32x16>(x), mx = mn;
+  u32x16 top = {};
+  for (int64_t i = 0; i < kGroup; ++i) {
+    const f32x16 v = load<f32x16>(x + i * stride);
+    mn = v < mn ? v : mn;
+    mx = v > mx ? v : mx;
+    const u32x16 m = magnitude_bits(v);
+    top = m > top ? m : top;
+  }
+  if (hmax(top) >= 0x7f800000u) return false;
+  if (hor(mn == 0.0f ? splat<u32x16>(1u) : u32x16{}))
+    for (int l = 0; l < W; ++l)
+      if (mn[l] == 0.0f) mn[l] = first_zero_of([&](int64_t i) { return x[i * stride + l]; });
+  Grids<L> g;
+  if (!make_grids<L, Symmetric>(mn, mx, g)) return false;
+  store_f16_bits(scales, g.scale_bits, W);
+  if (!Symmetric) store_f16_bits(zeros, g.zero_bits, W);
+  constexpr int per_word = 32 / bits;
+  u32x16 words[bits] = {};
+  for (int64_t i = 0; i < kGroup; ++i) {
+    const u32x16 c =
+        codes16<L, Symmetric>(load<f32x16>(x + i * stride), g.threshold, g.lo, g.hi, g.scale);
+    words[i / per_word] |= c << (bits * (i % per_word));
+  }
+  // Group l's codes are `bits` little-endian words, lane l of each.
+  alignas(64) uint32_t w[bits][W];
+  for (int k = 0; k < bits; ++k) store(w[k], words[k]);
+  for (int l = 0; l < W; ++l)
+    for (int k = 0; k < bits; ++k) std::memcpy(codes + (l * bits + k) * 4, &w[k][l], 4);
+  return true;
+}
+
+// Up to 16 groups of 32 contiguous values, group g at x + g * stride.
+template <int bits, bool Symmetric>
+KV_INLINE bool quantize_rows16(const float* x, int64_t n, int64_t stride, uint16_t* scales,
+                               uint16_t* zeros, uint8_t* codes) {
+  constexpr int L = kLevels<bits, Symmetric>;
+  alignas(64) float mn[W] = {}, mx[W] = {};
+  for (int64_t l = 0; l < n; ++l) {
+    const float* xg = x + l * stride;
+    const f32x16 a0 = load<f32x16>(xg), a1 = load<f32x16>(xg + 16);
+    const u32x16 m0 = magnitude_bits(a0), m1 = magnitude_bits(a1);
+    if (hmax(m1 > m0 ? m1 : m0) >= 0x7f800000u) return false;
+    mn[l] = hmin(a1 < a0 ? a1 : a0);
+    mx[l] = hmax(a1 > a0 ? a1 : a0);
+    if (mn[l] == 0.0f) mn[l] = first_zero_of([&](int64_t i) { return xg[i]; });
+  }
+  Grids<L> g;
+  if (!make_grids<L, Symmetric>(load<f32x16>(mn), load<f32x16>(mx), g)) return false;
+  store_f16_bits(scales, g.scale_bits, n);
+  if (!Symmetric) store_f16_bits(zeros, g.zero_bits, n);
+  alignas(64) float T[L][W], lo[W], hi[W], scale[W];
+  for (int j = 0; j < L; ++j) store(T[j], g.threshold[j]);
+  store(lo, g.lo);
+  store(hi, g.hi);
+  store(scale, g.scale);
+  // Code i of a group sits at bit bits * i of its words: lane shifts within each word.
+  const u32x16 shift = bits * (lane_index() % (32 / bits));
+  for (int64_t l = 0; l < n; ++l) {
+    const float* xg = x + l * stride;
+    float t[L];
+    for (int j = 0; j < L; ++j) t[j] = T[j][l];
+    u32x16 c[2];
+    for (int k = 0; k < 2; ++k)
+      c[k] = codes16<L, Symmetric>(load<f32x16>(xg + 16 * k), t, lo[l], hi[l], scale[l]) << shift;
+    uint32_t w[bits];
+    if constexpr (bits == 2) {
+      w[0] = hor(c[0]);
+      w[1] = hor(c[1]);
+    } else {
+      w[0] = hor(low(c[0]));
+      w[1] = hor(high(c[0]));
+      w[2] = hor(low(c[1]));
+      w[3] = hor(high(c[1]));
+    }
+    std::memcpy(codes + l * bits * 4, w, sizeof w);
+  }
+  return true;
+}
+
+// Decoded values of 16 codes: q * S + Z (Z when S = 0), or (q - 2^(bits-1)) * S.
+template <bool Symmetric, int bits, class Value>
+KV_INLINE f32x16 dequantize16(const u32x16& q, const Value& scale, const Value& zero) {
+  if constexpr (Symmetric) {
+    return __builtin_convertvector(as<i32x16>(q) - (1 << (bits - 1)), f32x16) * scale;
+  } else {
+    const f32x16 v = __builtin_convertvector(as<i32x16>(q), f32x16) * scale + zero;
+    return scale == 0.0f ? f32x16{} + zero : v;
+  }
+}
+
+template <int bits, bool Symmetric>
+KV_INLINE void dequantize_columns16(const uint8_t* codes, const uint16_t* scales,
+                                    const uint16_t* zeros, int64_t stride, float* out) {
+  const f32x16 S = f16_to_f32(load_f16_bits(scales));
+  const f32x16 Z = Symmetric ? f32x16{} : f16_to_f32(load_f16_bits(zeros));
+  alignas(64) uint32_t w[bits][W];
+  for (int l = 0; l < W; ++l)
+    for (int k = 0; k < bits; ++k) std::memcpy(&w[k][l], codes + (l * bits + k) * 4, 4);
+  u32x16 words[bits];
+  for (int k = 0; k < bits; ++k) words[k] = load<u32x16>(w[k]);
+  constexpr int per_word = 32 / bits;
+  for (int64_t i = 0; i < kGroup; ++i) {
+    const u32x16 q = (words[i / per_word] >> (bits * (i % per_word))) & ((1u << bits) - 1);
+    store(out + i * stride, dequantize16<Symmetric, bits>(q, S, Z));
+  }
+}
+
+template <int bits, bool Symmetric>
+KV_INLINE void dequantize_rows16(const uint8_t* codes, const uint16_t* scales,
+                                 const uint16_t* zeros, int64_t n, int64_t stride, float* out) {
+  alignas(64) uint16_t sb[W] = {}, zb[W] = {};
+  std::memcpy(sb, scales, size_t(n) * 2);
+  if (!Symmetric) std::memcpy(zb, zeros, size_t(n) * 2);
+  alignas(64) float S[W], Z[W];
+  store(S, f16_to_f32(load_f16_bits(sb)));
+  store(Z, f16_to_f32(load_f16_bits(zb)));
+  const u32x16 shift = bits * (lane_index() % (32 / bits));
+  for (int64_t l = 0; l < n; ++l) {
+    uint32_t w[bits];
+    std::memcpy(w, codes + l * bits * 4, sizeof w);
+    for (int k = 0; k < 2; ++k) {
+      u32x16 word;
+      if constexpr (bits == 2)
+        word = splat<u32x16>(w[k]);
+      else
+        word = lane_index() < 8u ? splat<u32x16>(w[2 * k]) : splat<u32x16>(w[2 * k + 1]);
+      const u32x16 q = (word >> shift) & ((1u << bits) - 1);
+      store(out + l * stride + 16 * k, dequantize16<Symmetric, bits>(q, S[l], Z[l]));
+    }
+  }
+}
+
+}  // namespace vec
+
+// Calls the kernel template for the bit width (2 or 4) and symmetry.
+#define KV_BY_WIDTH(kernel, bits, symmetric, args)                            \
+  ((bits) == 2 ? ((symmetric) ? kernel<2, true> args : kernel<2, false> args) \
+               : ((symmetric) ? kernel<4, true> args : kernel<4, false> args))
+
+// The kernels, as plain functions (no vectors in their signatures).
+struct Kernels {
+  bool (*encode_q8_0)(const float* x, int64_t blocks, uint8_t* out);  // <= 16 blocks
+  bool (*encode_q4_0)(const float* x, int64_t blocks, uint8_t* out);
+  void (*decode_q8_0)(const uint8_t* in, int64_t blocks, float* out);
+  void (*decode_q4_0)(const uint8_t* in, int64_t blocks, float* out);
+  bool (*quantize_rows)(const float* x, int64_t groups, int64_t stride, int bits, bool symmetric,
+                        uint16_t* scales, uint16_t* zeros, uint8_t* codes);  // <= 16 groups
+  bool (*quantize_columns)(const float* x, int64_t stride, int bits, bool symmetric,
+                           uint16_t* scales, uint16_t* zeros, uint8_t* codes);  // 16 groups
+  void (*dequantize_rows)(const uint8_t* codes, const uint16_t* scales, const uint16_t* zeros,
+                          int64_t groups, int64_t stride, int bits, bool symmetric, float* out);
+  void (*dequantize_columns)(const uint8_t* codes, const uint16_t* scales, const uint16_t* zeros,
+                             int64_t stride, int bits, bool symmetric, float* out);
+};
+
+namespace avx512 {
+bool encode_q8_0(const float* x, int64_t nb, uint8_t* out) {
+  return vec::encode_blocks16<false>(x, nb, out);
+}
+bool encode_q4_0(const float* x, int64_t nb, uint8_t* out) {
+  return vec::encode_blocks16<true>(x, nb, out);
+}
+void decode_q8_0(const uint8_t* in, int64_t nb, float* out) {
+  vec::decode_blocks16<false>(in, nb, out);
+}
+void decode_q4_0(const uint8_t* in, int64_t nb, float* out) {
+  vec::decode_blocks16<true>(in, nb, out);
+}
+bool quantize_rows(const float* x, int64_t n, int64_t stride, int bits, bool sym, uint16_t* s,
+                   uint16_t* z, uint8_t* c) {
+  return KV_BY_WIDTH(vec::quantize_rows16, bits, sym, (x, n, stride, s, z, c));
+}
+bool quantize_columns(const float* x, int64_t stride, int bits, bool sym, uint16_t* s, uint16_t* z,
+                      uint8_t* c) {
+  return KV_BY_WIDTH(vec::quantize_columns16, bits, sym, (x, stride, s, z, c));
+}
+void dequantize_rows(const uint8_t* c, const uint16_t* s, const uint16_t* z, int64_t n,
+                     int64_t stride, int bits, bool sym, float* out) {
+  KV_BY_WIDTH(vec::dequantize_rows16, bits, sym, (c, s, z, n, stride, out));
+}
+void dequantize_columns(const uint8_t* c, const uint16_t* s, const uint16_t* z, int64_t stride,
+                        int bits, bool sym, float* out) {
+  KV_BY_WIDTH(vec::dequantize_columns16, bits, sym, (c, s, z, stride, out));
+}
+const Kernels kernels{encode_q8_0,   encode_q4_0,      decode_q8_0,     decode_q4_0,
+                      quantize_rows, quantize_columns, dequantize_rows, dequantize_columns};
+}  // namespace avx512
+
+#pragma GCC pop_options
+#endif  // KV_VECTOR_KERNELS
+
+Simd detect_simd() {
+#ifdef KV_VECTOR_KERNELS
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+    return Simd::avx512;
+#endif
+  return Simd::scalar;
+}
+
+std::atomic<Simd> simd_in_use{simd_supported()};
+
+// The kernels of the level in use, or null for the scalar path.
+const Kernels* vector_kernels() {
+#ifdef KV_VECTOR_KERNELS
+  switch (simd_in_use.load(std::memory_order_relaxed)) {
+    case Simd::avx512:
+      return &avx512::kernels;
+    case Simd::scalar:
+      break;
+  }
+#endif
+  return nullptr;
+}
+
+void encode_block_batches(const char* what, const float* x, int64_t n, uint8_t* out,
+                          size_t block_bytes, bool (*kernel)(const float*, int64_t, uint8_t*)) {
+  check_blocks(what, n);
+  const int64_t nb = n / QK;
+  const bool ok = all_batches((nb + kBatch - 1) / kBatch, n >= parallel_min, [&](int64_t i) {
+    const int64_t b = i * kBatch;
+    return kernel(x + b * QK, std::min(kBatch, nb - b), out + size_t(b) * block_bytes);
+  });
+  if (!ok) throw_nonfinite(what, x, n);
+}
+
+void decode_block_batches(const uint8_t* in, int64_t n, float* out, size_t block_bytes,
+                          void (*kernel)(const uint8_t*, int64_t, float*)) {
+  const int64_t nb = n / QK;
+  all_batches((nb + kBatch - 1) / kBatch, n >= parallel_min, [&](int64_t i) {
+    const int64_t b = i * kBatch;
+    kernel(in + size_t(b) * block_bytes, std::min(kBatch, nb - b), out + b * QK);
+    return true;
+  });
+}
+
+// Whether quantize_groups/dequantize_groups have a vector kernel for these groups.
+bool vector_groups(const UniformParams& p) {
+  return p.group == 32 && (p.bits == 2 || p.bits == 4);
+}
+
 }  // namespace
 
 // ---- q8_0 / q4_0 -----------------------------------------------------------------------------
@@ -339,15 +978,21 @@ size_t q4_0_bytes(int64_t n) {
 }
 
 void encode_q8_0(const float* x, int64_t n, uint8_t* out) {
+  if (const Kernels* k = vector_kernels())
+    return encode_block_batches("q8_0", x, n, out, 34, k->encode_q8_0);
   encode_blocks("q8_0", x, n, out, 34, encode_q8_0_block);
 }
 
 void encode_q4_0(const float* x, int64_t n, uint8_t* out) {
+  if (const Kernels* k = vector_kernels())
+    return encode_block_batches("q4_0", x, n, out, 18, k->encode_q4_0);
   encode_blocks("q4_0", x, n, out, 18, encode_q4_0_block);
 }
 
 void decode_q8_0(const uint8_t* in, int64_t n, float* out) {
   check_blocks("q8_0", n);
+  if (const Kernels* k = vector_kernels())
+    return decode_block_batches(in, n, out, 34, k->decode_q8_0);
   const int64_t nb = n / QK;
 #pragma omp parallel for schedule(static) if (n >= parallel_min)
   for (int64_t b = 0; b < nb; ++b) {
@@ -359,6 +1004,8 @@ void decode_q8_0(const uint8_t* in, int64_t n, float* out) {
 
 void decode_q4_0(const uint8_t* in, int64_t n, float* out) {
   check_blocks("q4_0", n);
+  if (const Kernels* k = vector_kernels())
+    return decode_block_batches(in, n, out, 18, k->decode_q4_0);
   const int64_t nb = n / QK;
 #pragma omp parallel for schedule(static) if (n >= parallel_min)
   for (int64_t b = 0; b < nb; ++b) {
@@ -475,6 +1122,83 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
   for (int64_t i = 0; i < len; ++i) out[i] = float(codes[i]) * S + Z;
 }
 
+void quantize_groups(const float* x, int64_t groups, int64_t group_stride, int64_t value_stride,
+                     const UniformParams& p, uint16_t* scales, uint16_t* zeros, uint8_t* codes) {
+  const char* what = "uniform quantization";
+  check_params(p);
+  check_count(what, groups);
+  check_uniform_call(what, groups * p.group, p, scales, zeros);
+  const int64_t len = p.group;
+  int64_t g = 0;  // groups before g are done
+  if (const Kernels* k = vector_kernels(); k && vector_groups(p)) {
+    const int64_t group_bytes = len * p.bits / 8;
+    auto at = [&](int64_t g) {
+      return std::tuple(scales + g, zeros ? zeros + g : nullptr, codes + g * group_bytes);
+    };
+    if (value_stride == 1) {
+      for (; g < groups; g += kBatch) {
+        const auto [s, z, c] = at(g);
+        if (!k->quantize_rows(x + g * group_stride, std::min(kBatch, groups - g), group_stride,
+                              p.bits, p.symmetric, s, z, c))
+          break;
+      }
+    } else if (group_stride == 1) {
+      for (; g + kBatch <= groups; g += kBatch) {
+        const auto [s, z, c] = at(g);
+        if (!k->quantize_columns(x + g, value_stride, p.bits, p.symmetric, s, z, c)) break;
+      }
+    }
+  }
+  if (g >= groups) return;
+  // The scalar path for the rest (and for a batch a kernel left: it throws the error there).
+  // Groups whose codes fill whole bytes (all the kernels code) start on a byte of `codes`.
+  std::vector<uint8_t> q(static_cast<size_t>((groups - g) * len));
+  std::vector<float> gathered(value_stride == 1 ? 0 : static_cast<size_t>(len));
+  for (int64_t i = g; i < groups; ++i) {
+    const float* xg = x + i * group_stride;
+    if (value_stride != 1) {
+      for (int64_t j = 0; j < len; ++j) gathered[size_t(j)] = xg[j * value_stride];
+      xg = gathered.data();
+    }
+    quantize_group(xg, len, p, scales + i, zeros ? zeros + i : nullptr, q.data() + (i - g) * len);
+  }
+  pack_codes(q.data(), (groups - g) * len, p.bits, codes + g * len * p.bits / 8);
+}
+
+void dequantize_groups(const uint8_t* codes, const uint16_t* scales, const uint16_t* zeros,
+                       int64_t groups, int64_t group_stride, int64_t value_stride,
+                       const UniformParams& p, float* out) {
+  check_params(p);
+  check_count("uniform dequantization", groups);
+  check_uniform_call("uniform dequantization", groups * p.group, p, scales, zeros);
+  const int64_t len = p.group;
+  int64_t g = 0;
+  if (const Kernels* k = vector_kernels(); k && vector_groups(p)) {
+    const int64_t group_bytes = len * p.bits / 8;
+    const uint16_t* z = zeros;
+    if (value_stride == 1) {
+      for (; g < groups; g += kBatch)
+        k->dequantize_rows(codes + g * group_bytes, scales + g, z ? z + g : nullptr,
+                           std::min(kBatch, groups - g), group_stride, p.bits, p.symmetric,
+                           out + g * group_stride);
+    } else if (group_stride == 1) {
+      for (; g + kBatch <= groups; g += kBatch)
+        k->dequantize_columns(codes + g * group_bytes, scales + g, z ? z + g : nullptr,
+                              value_stride, p.bits, p.symmetric, out + g);
+    }
+  }
+  if (g >= groups) return;
+  std::vector<uint8_t> q(static_cast<size_t>((groups - g) * len));
+  unpack_codes(codes + g * len * p.bits / 8, (groups - g) * len, p.bits, q.data());
+  std::vector<float> values(static_cast<size_t>(len));
+  for (int64_t i = g; i < groups; ++i) {
+    float* y = value_stride == 1 ? out + i * group_stride : values.data();
+    dequantize_group(q.data() + (i - g) * len, len, p, scales[i], zeros ? zeros[i] : 0, y);
+    if (value_stride != 1)
+      for (int64_t j = 0; j < len; ++j) out[i * group_stride + j * value_stride] = y[j];
+  }
+}
+
 void encode_uniform(const float* x, int64_t n, const UniformParams& p, uint8_t* codes,
                     uint16_t* scales, uint16_t* zeros) {
   const char* what = "uniform quantization";
@@ -520,6 +1244,23 @@ void decode_uniform(const uint8_t* codes, const uint16_t* scales, const uint16_t
   for (int64_t g = 0; g < ng; ++g)
     dequantize_group(q.data() + g * G, std::min(G, n - g * G), p, scales[g],
                      p.symmetric ? 0 : zeros[g], out + g * G);
+}
+
+// ---- vector paths ------------------------------------------------------------------------------
+
+Simd simd_supported() {
+  static const Simd supported = detect_simd();
+  return supported;
+}
+
+Simd simd_level() {
+  return simd_in_use.load(std::memory_order_relaxed);
+}
+
+Simd set_simd_level(Simd level) {
+  const Simd used = std::min(level, simd_supported());
+  simd_in_use.store(used, std::memory_order_relaxed);
+  return used;
 }
 
 // ---- evaluation --------------------------------------------------------------------------------

@@ -757,3 +757,257 @@ TEST(RelativeError, Definition) {
   EXPECT_EQ(q::relative_error(a.data(), ref.data(), 0), 0.0);
   EXPECT_EQ(error_code([&] { q::relative_error(a.data(), ref.data(), -1); }), kv::Exit::usage);
 }
+
+// ---- vector kernels against the scalar reference ------------------------------------------------
+// Each vector path must give the scalar path's bytes and floats exactly. Inputs mix gaussian
+// groups with the cases where a shortcut would show: ties between levels, zeros of both signs,
+// constant groups, f16-subnormal and float-subnormal ranges, offset groups, magnitudes at the
+// edge of f16 and of the block scales.
+
+namespace {
+
+// Runs fn at the scalar level and at the widest one, restoring the level afterwards.
+template <class F>
+void at_each_level(F fn) {
+  const q::Simd widest = q::simd_supported();
+  for (q::Simd level : {q::Simd::scalar, widest}) {
+    q::set_simd_level(level);
+    fn(level);
+  }
+  q::set_simd_level(widest);
+}
+
+// What an encoder produced: its bytes, or the error it threw.
+struct Outcome {
+  Bytes bytes;
+  std::string error;
+  bool operator==(const Outcome&) const = default;
+};
+template <class F>
+Outcome outcome(F fn) {
+  Outcome o;
+  try {
+    o.bytes = fn();
+  } catch (const kv::Error& e) {
+    o.error = e.what();
+  }
+  return o;
+}
+
+Bytes float_bytes(const Floats& v) {
+  Bytes b(v.size() * 4);
+  if (!v.empty()) std::memcpy(b.data(), v.data(), b.size());
+  return b;
+}
+
+// Groups of 32 values: gaussian, then one edge case per group from the list below.
+Floats edge_groups(int64_t groups, unsigned seed) {
+  Floats x = gaussian(groups * 32, seed);
+  std::mt19937 rng(seed + 1);
+  for (int64_t g = 0; g < groups; ++g) {
+    float* v = x.data() + g * 32;
+    switch (g % 12) {
+      case 0:
+        break;  // gaussian
+      case 1:
+        std::fill(v, v + 32, 0.0f);
+        break;
+      case 2:
+        std::fill(v, v + 32, 0.0f);
+        v[3] = -0.0f;  // the first zero decides the stored zero's sign
+        break;
+      case 3:
+        // A zero minimum whose first occurrence is -0, after a larger value and before +0.
+        for (int i = 0; i < 32; ++i) v[i] = std::fabs(v[i]) + 0.5f;
+        v[1] = -0.0f;
+        v[4] = 0.0f;
+        v[20] = 0.0f;
+        break;
+      case 4:
+        std::fill(v, v + 32, 3.3f);
+        break;  // constant, not an f16
+      case 5:
+        for (int i = 0; i < 32; ++i) v[i] = 10.0f + 0.01f * float(i % 5 - 2);  // offset group
+        break;
+      case 6:
+        for (int i = 0; i < 32; ++i) v[i] *= 1e-6f;  // f16 subnormal scales
+        break;
+      case 7:
+        for (int i = 0; i < 32; ++i) v[i] *= 1e-39f;  // float subnormals
+        break;
+      case 8:
+        for (int i = 0; i < 32; ++i) v[i] = (i % 2 ? 60000.0f : -60000.0f) * (float(i) / 31);
+        break;
+      case 9:
+        // Ties: values on the levels and midway between them, of a grid 0..15 x 0.25.
+        for (int i = 0; i < 32; ++i) v[i] = 0.125f * float(i % 31);
+        break;
+      case 10:
+        for (int i = 0; i < 32; ++i) v[i] = float(int(rng() % 9) - 4) * 0.5f;  // ties at .5
+        break;
+      case 11:
+        for (int i = 0; i < 32; ++i) v[i] = std::ldexp(v[i], int(rng() % 32) - 20);
+        break;
+    }
+  }
+  return x;
+}
+
+}  // namespace
+
+TEST(QuantVector, BlocksMatchTheScalarPath) {
+  // Block counts around the 16-block batch; values that hit the rounding ties of both formats.
+  for (int64_t blocks : {1, 15, 16, 17, 40, 1100}) {
+    Floats x = edge_groups(blocks, unsigned(blocks));
+    for (int64_t b = 0; b < blocks; b += 5) {
+      float* v = x.data() + b * 32;
+      v[0] = 127.0f;  // d = 1: every other value k + 0.5 is a tie for q8_0
+      for (int i = 1; i < 32; ++i) v[i] = float(i) - 0.5f - float(i % 3) * 40;
+    }
+    if (blocks > 16) {
+      std::fill(x.begin() + 16 * 32, x.begin() + 17 * 32, 8.4e6f);  // q8_0 scale overflows f16
+      x[16 * 32 + 5] = -1e-38f;
+      std::fill(x.begin() + 18 * 32, x.begin() + 19 * 32, 1e-38f);  // 1/d overflows (q8_0)
+    }
+    const int64_t n = int64_t(x.size());
+    Outcome ref8, ref4;
+    Floats dec8, dec4;
+    at_each_level([&](q::Simd level) {
+      SCOPED_TRACE(int(level));
+      const Outcome o8 = outcome([&] { return enc_q8(x); });
+      const Outcome o4 = outcome([&] { return enc_q4(x); });
+      ASSERT_TRUE(o8.error.empty() && o4.error.empty());
+      const Floats d8 = dec_q8(o8.bytes, n), d4 = dec_q4(o4.bytes, n);
+      if (level == q::Simd::scalar) {
+        ref8 = o8, ref4 = o4, dec8 = d8, dec4 = d4;
+        return;
+      }
+      EXPECT_EQ(o8, ref8);
+      EXPECT_EQ(o4, ref4);
+      EXPECT_EQ(float_bytes(d8), float_bytes(dec8));
+      EXPECT_EQ(float_bytes(d4), float_bytes(dec4));
+    });
+  }
+  // Arbitrary stored bytes (scales that are NaN, Inf, subnormal) decode alike.
+  std::mt19937 rng(5);
+  Bytes random(34 * 37);
+  for (auto& b : random) b = uint8_t(rng());
+  Floats ref(37 * 32);
+  at_each_level([&](q::Simd level) {
+    Floats y8(37 * 32), y4(37 * 32);
+    q::decode_q8_0(random.data(), 37 * 32, y8.data());
+    q::decode_q4_0(random.data(), 37 * 32, y4.data());
+    y8.insert(y8.end(), y4.begin(), y4.end());
+    if (level == q::Simd::scalar)
+      ref = y8;
+    else
+      EXPECT_EQ(float_bytes(y8), float_bytes(ref));
+  });
+  // NaN/Inf: the same error, naming the same value.
+  for (float bad :
+       {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+    Floats x = gaussian(32 * 20, 9);
+    x[32 * 17 + 4] = bad;
+    std::string ref_error;
+    at_each_level([&](q::Simd level) {
+      const Outcome o8 = outcome([&] { return enc_q8(x); });
+      const Outcome o4 = outcome([&] { return enc_q4(x); });
+      EXPECT_FALSE(o8.error.empty());
+      if (level == q::Simd::scalar)
+        ref_error = o8.error + o4.error;
+      else
+        EXPECT_EQ(o8.error + o4.error, ref_error);
+    });
+  }
+}
+
+TEST(QuantVector, GroupsMatchTheScalarPath) {
+  struct Layout {
+    int64_t groups, group_stride, value_stride;
+  };
+  // Rows (groups along a row, contiguous or with a gap) and columns (groups down D channels:
+  // D = 48 fills three batches, D = 20 leaves a tail of 4 to the scalar path).
+  const Layout layouts[] = {{37, 32, 1}, {16, 40, 1}, {1, 32, 1}, {48, 1, 48}, {20, 1, 20}};
+  for (const Layout& l : layouts)
+    for (int bits : {2, 3, 4, 8})
+      for (bool symmetric : {false, true}) {
+        SCOPED_TRACE(testing::Message()
+                     << "groups " << l.groups << " stride " << l.group_stride << "/"
+                     << l.value_stride << " bits " << bits << (symmetric ? " symmetric" : ""));
+        const q::UniformParams p{bits, 32, symmetric};
+        const int64_t span = (l.groups - 1) * l.group_stride + 31 * l.value_stride + 1;
+        // Edge groups laid out in this layout's order.
+        const Floats e = edge_groups(l.groups, unsigned(bits * 7 + l.groups));
+        Floats x(static_cast<size_t>(span), 0.0f);
+        for (int64_t g = 0; g < l.groups; ++g)
+          for (int64_t i = 0; i < 32; ++i)
+            x[size_t(g * l.group_stride + i * l.value_stride)] = e[size_t(g * 32 + i)];
+        Outcome ref;
+        Bytes ref_decoded;
+        at_each_level([&](q::Simd level) {
+          std::vector<uint16_t> scales(size_t(l.groups)), zeros(size_t(l.groups));
+          Bytes codes(q::uniform_code_bytes(l.groups * 32, bits));
+          const Outcome o = outcome([&] {
+            q::quantize_groups(x.data(), l.groups, l.group_stride, l.value_stride, p, scales.data(),
+                               zeros.data(), codes.data());
+            Bytes all = codes;
+            for (auto* v : {&scales, &zeros})
+              for (uint16_t s : *v) all.insert(all.end(), {uint8_t(s), uint8_t(s >> 8)});
+            return all;
+          });
+          ASSERT_TRUE(o.error.empty()) << o.error;
+          Floats y(static_cast<size_t>(span), -1.0f);
+          q::dequantize_groups(codes.data(), scales.data(), zeros.data(), l.groups, l.group_stride,
+                               l.value_stride, p, y.data());
+          // And each group on its own, through the one-group functions.
+          if (level == q::Simd::scalar) {
+            ref = o;
+            ref_decoded = float_bytes(y);
+            for (int64_t g = 0; g < l.groups; ++g) {
+              uint16_t s, z = 0;
+              uint8_t c[32];
+              q::quantize_group(e.data() + g * 32, 32, p, &s, &z, c);
+              EXPECT_EQ(s, scales[size_t(g)]);
+              if (!symmetric) {
+                EXPECT_EQ(z, zeros[size_t(g)]);
+              }
+            }
+            return;
+          }
+          EXPECT_EQ(o, ref);
+          EXPECT_EQ(float_bytes(y), ref_decoded);
+        });
+      }
+}
+
+TEST(QuantVector, GroupErrorsMatchTheScalarPath) {
+  // A group f16 cannot describe (range 1e6), then NaN: the same first error at every level.
+  for (int64_t bad_group : {0, 5, 17}) {
+    for (float bad : {2e6f, std::numeric_limits<float>::quiet_NaN()}) {
+      for (bool columns : {false, true}) {
+        const int64_t G = 32;
+        Floats x = gaussian(G * 32, unsigned(bad_group));
+        if (columns)
+          x[size_t(9 * G + bad_group)] = bad;  // row 9 of column bad_group
+        else
+          x[size_t(bad_group * 32 + 9)] = bad;
+        if (bad > 1e6f) x[size_t(columns ? bad_group : bad_group * 32)] = -bad;
+        std::string ref;
+        at_each_level([&](q::Simd level) {
+          std::vector<uint16_t> scales(G), zeros(G);
+          Bytes codes(q::uniform_code_bytes(G * 32, 2));
+          const Outcome o = outcome([&] {
+            q::quantize_groups(x.data(), G, columns ? 1 : 32, columns ? G : 1, {2, 32, false},
+                               scales.data(), zeros.data(), codes.data());
+            return Bytes{};
+          });
+          EXPECT_FALSE(o.error.empty());
+          if (level == q::Simd::scalar)
+            ref = o.error;
+          else
+            EXPECT_EQ(o.error, ref);
+        });
+      }
+    }
+  }
+}

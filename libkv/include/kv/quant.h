@@ -71,6 +71,20 @@ void quantize_group(const float* x, int64_t len, const UniformParams& p, uint16_
 void dequantize_group(const uint8_t* codes, int64_t len, const UniformParams& p, uint16_t scale,
                       uint16_t zero, float* out);
 
+// A batch of whole groups, for callers that lay groups out themselves (kv-compress's tiles):
+// value i of group g is x[g * group_stride + i * value_stride] (group_stride 1 and value_stride D
+// reads groups down the channels of row-major rows), the codes of all groups form one packed
+// stream, group after group (as pack_codes lays them out), and group g's scale and zero go to
+// scales[g] and zeros[g]. Exactly quantize_group on each group in turn, followed by pack_codes:
+// the same bytes, the same first error. Asymmetric and symmetric 2- and 4-bit groups of 32 run
+// in vector kernels (16 groups at a time); other parameters take the scalar path.
+void quantize_groups(const float* x, int64_t groups, int64_t group_stride, int64_t value_stride,
+                     const UniformParams& p, uint16_t* scales, uint16_t* zeros, uint8_t* codes);
+// The inverse: dequantize_group on each group of the stream, written with the same strides.
+void dequantize_groups(const uint8_t* codes, const uint16_t* scales, const uint16_t* zeros,
+                       int64_t groups, int64_t group_stride, int64_t value_stride,
+                       const UniformParams& p, float* out);
+
 // Packs n codes (each < 2^bits) into uniform_code_bytes(n, bits) bytes in that layout, and back;
 // for schemes that choose their codes themselves (non-uniform levels).
 void pack_codes(const uint8_t* codes, int64_t n, int bits, uint8_t* out);
@@ -118,6 +132,20 @@ void encode_uniform(const float* x, int64_t n, const UniformParams& p, uint8_t* 
                     uint16_t* scales, uint16_t* zeros);
 void decode_uniform(const uint8_t* codes, const uint16_t* scales, const uint16_t* zeros, int64_t n,
                     const UniformParams& p, float* out);
+
+// ---- vector paths -------------------------------------------------------------------------------
+// q8_0/q4_0 encode and decode and quantize_groups/dequantize_groups have AVX-512 kernels (F, BW,
+// DQ, VL), used when the CPU has them; their output is the scalar code's, bit for bit. The
+// scalar code stays the reference, and the path everywhere else: tests force each level to
+// compare them.
+enum class Simd { scalar, avx512 };
+// The widest level this CPU supports.
+Simd simd_supported();
+// The level in use: simd_supported() unless set_simd_level chose a narrower one.
+Simd simd_level();
+// Uses `level`, or the widest supported level below it; returns the level now in use. Not
+// thread-safe against running encoders: for tests and benchmarks.
+Simd set_simd_level(Simd level);
 
 // ---- evaluation --------------------------------------------------------------------------------
 
