@@ -89,6 +89,7 @@ void encoded_group(Bytes& in, hid_t layer, const char* name, int64_t D, int64_t 
   std::vector<std::string> names = kv::scheme_names();
   names.push_back("paged");      // written by kv-offload only
   names.push_back("minicache");  // written by kv-merge only
+  names.push_back("external");   // written by kv-offload only (its object parser: test_page_store)
   kv::Encoding e;
   try {
     e = kv::default_encoding(names[1 + in.u8() % (names.size() - 1)], name[0]);
@@ -96,6 +97,10 @@ void encoded_group(Bytes& in, hid_t layer, const char* name, int64_t D, int64_t 
   }
   if (e.scheme == "paged") e.store = in.u8() & 1 ? "/nonexistent-kvtk-store" : "";
   if (e.scheme == "minicache") e.partner = int(in.small(-1, 3));
+  if (e.scheme == "external") {
+    e.inner = names[in.u8() % names.size()];
+    e.store = in.u8() & 1 ? "/nonexistent-kvtk-store" : "";
+  }
   const uint8_t knobs = in.u8();
   if (knobs & 1) e.bits = int(in.small(0, 9));
   if (knobs & 2) e.group = int(in.small(-1, 40));
@@ -176,6 +181,7 @@ void encoded_group(Bytes& in, hid_t layer, const char* name, int64_t D, int64_t 
   attr_str(g, "store", e.store);
   attr_str(g, "dtype", e.dtype);
   attr_int(g, "partner", e.partner);
+  attr_str(g, "inner", e.inner);
   for (const kv::CodeArray& a : arrays) {
     // f16 as kvsnap section 8 defines it, sometimes replaced by uint16 (a wrong type).
     hid_t f16 = H5Tcopy(H5T_IEEE_F32LE);
