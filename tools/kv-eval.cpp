@@ -125,7 +125,9 @@ int main(int argc, char** argv) {
     if (tool.json && csv) throw kv::Error(kv::Exit::usage, "give --json or --csv, not both");
     const bool on_cuda = std::string(kv::select_backend(tool.device).name) == "cuda";
     kv::SnapshotReader ref(ref_path, tool.read_options());
-    kv::SnapshotReader cand(input, tool.read_options());
+    kv::ReadOptions cand_options = tool.read_options();
+    cand_options.keep_stored = speed;  // q4_0 caches are timed on their codes
+    kv::SnapshotReader cand(input, cand_options);
     const kv::Header& h = ref.header();
     kv::check_comparable(h, cand.header());
     if (!model_path.empty() && cand.header().model.n_kv_heads != h.model.n_kv_heads)

@@ -17,7 +17,6 @@ namespace kvk {
 namespace {
 
 constexpr int64_t kAhead = 16;  // K rows prefetched ahead of the one being read
-constexpr int64_t kChunk = 64;  // keys per online-softmax step: K and V chunks stay in L1/L2
 
 float load_scalar(DType t, const void* p, int64_t i) {
   switch (t) {
@@ -135,30 +134,7 @@ __attribute__((target("avx2,fma,f16c"))) void attend_avx2(const void* k, const v
       }
       for (int g = 0; g < G; ++g) s[g][j] = hsum8(acc[g]) * scale + (bias ? bias[c0 + j] : 0.0f);
     }
-    // Online softmax: rescale what came before to the new maximum, exponentiate this chunk.
-    for (int g = 0; g < G; ++g) {
-      float mx = m[g];
-      for (int64_t j = 0; j < C; ++j) mx = std::max(mx, s[g][j]);
-      const float alpha = m[g] == -INFINITY ? 0.0f : std::exp(m[g] - mx);
-      m[g] = mx;
-      l[g] *= alpha;
-      for (int i = 0; i < d; ++i) out[g * d + i] *= alpha;
-      float sum = 0;
-      for (int64_t j = 0; j < C; j += 8) {
-        v8 x;
-        if (j + 8 <= C) {
-          load8(x, &s[g][j]);
-        } else {
-          float tail[8];
-          for (int e = 0; e < 8; ++e) tail[e] = j + e < C ? s[g][j + e] : -INFINITY;
-          load8(x, tail);
-        }
-        x -= mx;
-        exp8(x);
-        for (int e = 0; e < 8 && j + e < C; ++e) s[g][j + e] = x[e], sum += x[e];
-      }
-      l[g] += sum;
-    }
+    for (int g = 0; g < G; ++g) online_softmax_step(s[g], C, m[g], l[g], out + g * d, d);
     // Values: 16 channels at a time, the group's accumulators in registers across the chunk,
     // each broadcast weight serving two vectors.
     int i = 0;

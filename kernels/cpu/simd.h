@@ -2,6 +2,7 @@
 // target clone of the function using them), the vectorized exp shared by the softmax and the
 // attention kernels, and run-time CPU feature checks.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -46,6 +47,52 @@ __attribute__((always_inline)) inline void exp8(v8& x) {
   bits += n << 23;
   bits = under ? 0 : bits;
   std::memcpy(&x, &bits, sizeof x);
+}
+
+// Keys per online-softmax step of the decode attention kernels: a chunk's K and V stay in L1/L2.
+constexpr int64_t kChunk = 64;
+
+// One step of the online softmax (the flash-decoding recurrence) for one query: s[0..C) are this
+// chunk's logits; m and l the running maximum and sum of exponentials, out[0..d) the running
+// (unnormalized) output. Rescales what came before to the new maximum and turns s into the
+// chunk's weights exp(s - m), which the caller then applies to the chunk's values.
+__attribute__((always_inline)) inline void online_softmax_step(float* s, int64_t C, float& m,
+                                                               float& l, float* out, int d) {
+  // Vector max and sum: a scalar loop's dependency chain (a compare or an add per key, each
+  // waiting for the last) cost about as much as a q4_0 chunk's integer dot products.
+  v8 mv = v8{} + m, x;
+  int64_t j = 0;
+  for (; j + 8 <= C; j += 8) {
+    load8(x, s + j);
+    mv = x > mv ? x : mv;
+  }
+  float mx = m;
+  for (int e = 0; e < 8; ++e) mx = mv[e] > mx ? mv[e] : mx;
+  for (; j < C; ++j) mx = s[j] > mx ? s[j] : mx;
+  if (mx != m) {  // once the maximum settles, most chunks skip the rescale
+    const float alpha = m == -INFINITY ? 0.0f : std::exp(m - mx);
+    m = mx;
+    l *= alpha;
+    for (int i = 0; i < d; ++i) out[i] *= alpha;
+  }
+  v8 sum{};
+  for (j = 0; j < C; j += 8) {
+    if (j + 8 <= C) {
+      load8(x, s + j);
+    } else {
+      float tail[8];
+      for (int e = 0; e < 8; ++e) tail[e] = j + e < C ? s[j + e] : -INFINITY;
+      load8(x, tail);
+    }
+    x -= mx;
+    exp8(x);
+    sum += x;
+    if (j + 8 <= C)
+      store8(s + j, x);
+    else
+      for (int e = 0; j + e < C; ++e) s[j + e] = x[e];
+  }
+  for (int e = 0; e < 8; ++e) l += sum[e];
 }
 
 }  // namespace kvk

@@ -224,6 +224,16 @@ double decode_step_seconds_cuda(const ModelInfo& m, const std::vector<Layer>& la
   return ms / 1e3;
 }
 
+// The q4_0 blocks of a k or v kept as stored, when attention can run on them: rows of whole
+// blocks (head_dim a multiple of 32), not rotated. Null otherwise.
+const uint8_t* q4_0_blocks(const std::shared_ptr<const Encoded>& stored, int head_dim) {
+  if (!stored || stored->encoding.scheme != "q4_0" || stored->encoding.hadamard || head_dim % 32)
+    return nullptr;
+  for (const CodeArray& a : stored->arrays)
+    if (a.name == "blocks") return a.bytes.data();
+  return nullptr;
+}
+
 }  // namespace
 
 double decode_step_seconds(const ModelInfo& m, const std::vector<Layer>& layers,
@@ -244,15 +254,23 @@ double decode_step_seconds(const ModelInfo& m, const std::vector<Layer>& layers,
     for (size_t l = 0; l < layers.size(); ++l) {
       const Layer& layer = layers[l];
       const size_t ks = kvk::dtype_size(layer.k.dtype()) * size_t(D);
+      const uint8_t* k_codes = q4_0_blocks(layer.k_stored, D);
+      const uint8_t* v_codes = q4_0_blocks(layer.v_stored, D);
+      const size_t code_row = kvk::q4_0_row_bytes(D);
 #pragma omp parallel for schedule(static)
       for (int h = 0; h < Hkv; ++h) {
         const int64_t begin = layer.head_offsets[size_t(h)];
         const size_t q0 = (l * size_t(m.n_q_heads) + size_t(h) * size_t(G)) * size_t(D);
-        kvk::attend_head(layer.k.dtype(),
-                         static_cast<const std::byte*>(layer.k.data()) + size_t(begin) * ks,
-                         static_cast<const std::byte*>(layer.v.data()) + size_t(begin) * ks,
-                         layer.head_entries(h), D, &queries[q0], G, scale,
-                         log_mass[l].empty() ? nullptr : log_mass[l].data() + begin, &out[q0]);
+        const float* bias = log_mass[l].empty() ? nullptr : log_mass[l].data() + begin;
+        if (k_codes && v_codes)
+          kvk::attend_head_q4_0(k_codes + size_t(begin) * code_row,
+                                v_codes + size_t(begin) * code_row, layer.head_entries(h), D,
+                                &queries[q0], G, scale, bias, &out[q0]);
+        else
+          kvk::attend_head(layer.k.dtype(),
+                           static_cast<const std::byte*>(layer.k.data()) + size_t(begin) * ks,
+                           static_cast<const std::byte*>(layer.v.data()) + size_t(begin) * ks,
+                           layer.head_entries(h), D, &queries[q0], G, scale, bias, &out[q0]);
       }
     }
     best = std::min(best,

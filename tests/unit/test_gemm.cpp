@@ -5,18 +5,21 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <random>
 
 #include "kv/model.h"
+#include "kv/quant.h"
 #include "kvk/ops.h"
 
 namespace {
-void reference(const std::vector<float>& X, int64_t B, int64_t K, const std::vector<float>& W, int64_t N,
-               std::vector<double>& Y) {
+void reference(const std::vector<float>& X, int64_t B, int64_t K, const std::vector<float>& W,
+               int64_t N, std::vector<double>& Y) {
   Y.assign(size_t(B * N), 0.0);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t n = 0; n < N; ++n)
-      for (int64_t k = 0; k < K; ++k) Y[size_t(b * N + n)] += double(X[size_t(b * K + k)]) * W[size_t(n * K + k)];
+      for (int64_t k = 0; k < K; ++k)
+        Y[size_t(b * N + n)] += double(X[size_t(b * K + k)]) * W[size_t(n * K + k)];
 }
 }  // namespace
 
@@ -33,7 +36,8 @@ TEST(Gemm, MatchesReferenceOnAllRemainders) {
         reference(X, B, K, W, N, want);
         kvk::gemm_nt(X.data(), B, K, W.data(), N, Y.data(), N);
         for (size_t i = 0; i < Y.size(); ++i)
-          ASSERT_NEAR(Y[i], want[i], 1e-4 * double(K)) << "B " << B << " N " << N << " K " << K << " i " << i;
+          ASSERT_NEAR(Y[i], want[i], 1e-4 * double(K))
+              << "B " << B << " N " << N << " K " << K << " i " << i;
       }
     }
   }
@@ -82,11 +86,11 @@ TEST(Softmax, RowAgainstDoubleReferenceOverEveryTailLength) {
       double sum = 0;
       for (int64_t j = 0; j < n; ++j) {
         sum += x[size_t(j)];
-        // Relative error: the polynomial's ~2e-7 and the sum's rounding, plus the f32 rounding of the logit, which exp
-        // turns into a relative error proportional to its distance below the maximum.
+        // Relative error: the polynomial's ~2e-7 and the sum's rounding, plus the f32 rounding of
+        // the logit, which exp turns into a relative error proportional to its distance below the
+        // maximum.
         const double tol = 1e-6 * (1 + std::abs(arg[size_t(j)] - mx)) * (ref[size_t(j)] / z);
-        ASSERT_NEAR(x[size_t(j)], ref[size_t(j)] / z, tol)
-            << "n " << n << " j " << j;
+        ASSERT_NEAR(x[size_t(j)], ref[size_t(j)] / z, tol) << "n " << n << " j " << j;
       }
       EXPECT_NEAR(sum, 1.0, 1e-6);
     }
@@ -112,7 +116,8 @@ TEST(DecodeAttention, MatchesTheDoubleReferenceForEveryTypeAndShape) {
         for (int G : {1, 4, 9})
           for (bool with_bias : {false, true}) {
             const size_t kvn = size_t(n) * size_t(d);
-            std::vector<float> k32(kvn), v32(kvn), q(size_t(G) * size_t(d)), bias(static_cast<size_t>(n));
+            std::vector<float> k32(kvn), v32(kvn), q(size_t(G) * size_t(d)),
+                bias(static_cast<size_t>(n));
             for (auto& x : k32) x = 2 * nd(rng);
             for (auto& x : v32) x = nd(rng);
             for (auto& x : q) x = nd(rng);
@@ -122,8 +127,10 @@ TEST(DecodeAttention, MatchesTheDoubleReferenceForEveryTypeAndShape) {
               k16[i] = type == kvk::DType::f16 ? kvk::f32_to_f16(k32[i]) : kvk::f32_to_bf16(k32[i]);
               v16[i] = type == kvk::DType::f16 ? kvk::f32_to_f16(v32[i]) : kvk::f32_to_bf16(v32[i]);
             }
-            const void* k = type == kvk::DType::f32 ? static_cast<const void*>(k32.data()) : k16.data();
-            const void* v = type == kvk::DType::f32 ? static_cast<const void*>(v32.data()) : v16.data();
+            const void* k =
+                type == kvk::DType::f32 ? static_cast<const void*>(k32.data()) : k16.data();
+            const void* v =
+                type == kvk::DType::f32 ? static_cast<const void*>(v32.data()) : v16.data();
             const float scale = 1.0f / std::sqrt(float(d));
             std::vector<float> got(q.size()), want(q.size());
             const float* b = with_bias ? bias.data() : nullptr;
@@ -147,4 +154,198 @@ TEST(DecodeAttention, ReferenceByHand) {
   kvk::attend_head_reference(kvk::DType::f32, k, v, 2, 2, q, 1, 1.0f, bias, o);
   EXPECT_NEAR(o[0], 1.0, 1e-6);
   EXPECT_NEAR(o[1], 2.0, 1e-6);
+}
+
+namespace {
+
+// q4_0 rows of random values, as kv::quant writes them (llama.cpp's blocks).
+std::vector<uint8_t> q4_0_rows(const std::vector<float>& x) {
+  std::vector<uint8_t> out(kv::quant::q4_0_bytes(int64_t(x.size())));
+  kv::quant::encode_q4_0(x.data(), int64_t(x.size()), out.data());
+  return out;
+}
+
+double max_row_error(const std::vector<float>& got, const std::vector<float>& want, int d) {
+  double worst = 0;
+  for (size_t r = 0; r < want.size() / size_t(d); ++r) {
+    double diff = 0, norm = 0;
+    for (int i = 0; i < d; ++i) {
+      const double a = got[r * size_t(d) + size_t(i)], b = want[r * size_t(d) + size_t(i)];
+      diff += (a - b) * (a - b);
+      norm += b * b;
+    }
+    worst = std::max(worst, std::sqrt(diff / std::max(norm, 1e-30)));
+  }
+  return worst;
+}
+
+// The kernel's arithmetic in plain double-precision loops: the same roundings (queries to
+// q8_0 per block; per chunk of 64 keys, query and block, the weights p d to s8 against the bound
+// max p * max |d|; keys past the last group of 16 and values past the last group of 4 of a
+// chunk in f32), so that a slip in the kernel's lanes or transposes shows as a large difference.
+std::vector<float> q4_0_emulation(const std::vector<uint8_t>& kq, const std::vector<uint8_t>& vq,
+                                  int64_t n, int d, const std::vector<float>& q, int G, float scale,
+                                  const float* bias) {
+  const int nb = d / 32;
+  const size_t rb = kvk::q4_0_row_bytes(d);
+  auto code = [&](const std::vector<uint8_t>& rows, int64_t j, int i) {
+    const uint8_t byte = rows[size_t(j) * rb + size_t(i / 32) * 18 + 2 + size_t(i % 16)];
+    return (i % 32 < 16 ? byte & 15 : byte >> 4);
+  };
+  auto block_scale = [&](const std::vector<uint8_t>& rows, int64_t j, int b) {
+    uint16_t h;
+    std::memcpy(&h, &rows[size_t(j) * rb + size_t(b) * 18], 2);
+    return double(kvk::f16_to_f32(h));
+  };
+  std::vector<float> out(size_t(G) * size_t(d));
+  for (int g = 0; g < G; ++g) {
+    const float* qg = q.data() + g * d;
+    std::vector<int> q8(static_cast<size_t>(d));
+    std::vector<double> qs(static_cast<size_t>(nb));
+    for (int b = 0; b < nb; ++b) {
+      float amax = 0;
+      for (int t = 0; t < 32; ++t) amax = std::max(amax, std::fabs(qg[b * 32 + t]));
+      const float sc = amax / 127, inv = sc > 0 ? 1 / sc : 0;
+      qs[size_t(b)] = sc;
+      for (int t = 0; t < 32; ++t)
+        q8[size_t(b * 32 + t)] = int(std::nearbyint(qg[b * 32 + t] * inv));
+    }
+    double m = -INFINITY, l = 0;
+    std::vector<double> o(static_cast<size_t>(d), 0.0);
+    for (int64_t c0 = 0; c0 < n; c0 += 64) {
+      const int64_t C = std::min<int64_t>(64, n - c0), C16 = C / 16 * 16, C4 = C / 4 * 4;
+      std::vector<double> sc(static_cast<size_t>(C));
+      for (int64_t j = 0; j < C; ++j) {
+        double dot = 0;
+        for (int b = 0; b < nb; ++b) {
+          if (j < C16) {
+            long sum = 0, qsum = 0;
+            for (int t = 0; t < 32; ++t) {
+              sum += long(code(kq, c0 + j, b * 32 + t)) * q8[size_t(b * 32 + t)];
+              qsum += q8[size_t(b * 32 + t)];
+            }
+            dot += block_scale(kq, c0 + j, b) * qs[size_t(b)] * double(sum - 8 * qsum);
+          } else {
+            for (int t = 0; t < 32; ++t)
+              dot += double(qg[b * 32 + t]) * block_scale(kq, c0 + j, b) *
+                     (code(kq, c0 + j, b * 32 + t) - 8);
+          }
+        }
+        sc[size_t(j)] = dot * scale + (bias ? bias[c0 + j] : 0.0);
+      }
+      const double mx = std::max(m, *std::max_element(sc.begin(), sc.end()));
+      const double alpha = m == -INFINITY ? 0.0 : std::exp(m - mx);
+      m = mx;
+      l *= alpha;
+      for (double& x : o) x *= alpha;
+      std::vector<double> p(static_cast<size_t>(C));
+      for (int64_t j = 0; j < C; ++j) l += p[size_t(j)] = std::exp(sc[size_t(j)] - mx);
+      float pmax = 0;
+      for (int64_t j = 0; j < C4; ++j) pmax = std::max(pmax, float(p[size_t(j)]));
+      for (int b = 0; b < nb; ++b) {
+        float dmax = 0;
+        for (int64_t j = 0; j < C4; ++j)
+          dmax = std::max(dmax, std::fabs(float(block_scale(vq, c0 + j, b))));
+        const float a = pmax * dmax / 127,
+                    inv = (dmax > 0 ? 127 / dmax : 0) * (pmax > 0 ? 1 / pmax : 0);
+        for (int64_t j = 0; j < C; ++j) {
+          const double w = j < C4 ? a * std::nearbyint(float(p[size_t(j)]) *
+                                                       float(block_scale(vq, c0 + j, b)) * inv)
+                                  : p[size_t(j)] * block_scale(vq, c0 + j, b);
+          for (int t = 0; t < 32; ++t)
+            o[size_t(b * 32 + t)] += w * (code(vq, c0 + j, b * 32 + t) - 8);
+        }
+      }
+    }
+    for (int i = 0; i < d; ++i) out[size_t(g * d + i)] = l > 0 ? float(o[size_t(i)] / l) : 0.0f;
+  }
+  return out;
+}
+
+}  // namespace
+
+// The reference decodes q4_0 rows exactly as kv::quant does: its attention is the f32 one.
+TEST(DecodeAttentionQ4_0, ReferenceDecodesLikeLibkv) {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd;
+  const int d = 64, G = 4;
+  const int64_t n = 37;
+  std::vector<float> k(size_t(n) * d), v(k.size()), q(size_t(G) * d);
+  for (auto* a : {&k, &v, &q})
+    for (float& x : *a) x = nd(rng);
+  const auto kq = q4_0_rows(k), vq = q4_0_rows(v);
+  std::vector<float> k32(k.size()), v32(v.size()), got(q.size()), want(q.size());
+  kv::quant::decode_q4_0(kq.data(), int64_t(k.size()), k32.data());
+  kv::quant::decode_q4_0(vq.data(), int64_t(v.size()), v32.data());
+  kvk::attend_head_q4_0_reference(kq.data(), vq.data(), n, d, q.data(), G, 0.125f, nullptr,
+                                  got.data());
+  kvk::attend_head_reference(kvk::DType::f32, k32.data(), v32.data(), n, d, q.data(), G, 0.125f,
+                             nullptr, want.data());
+  EXPECT_EQ(got, want);
+  EXPECT_EQ(kvk::q4_0_row_bytes(128), 72u);
+}
+
+// On the codes, the kernel differs from the reference only by its roundings (queries to q8_0,
+// weights to 8 bits per chunk): every output row within 3% (relative L2; about 1.5% at worst
+// here, where near-uniform weights over random values make a small output), and close to
+// the emulation of those roundings (5e-3: a weight at a rounding boundary can round the other
+// way, exp8 against std::exp), over shapes that hit every remainder path (keys past the
+// last group of 16 or 4, chunks, G passes, bias).
+TEST(DecodeAttentionQ4_0, MatchesTheReferenceWithinItsRoundings) {
+  std::mt19937 rng(12);
+  std::normal_distribution<float> nd;
+  double worst = 0, worst_slip = 0;
+  bool any_difference = false;
+  for (int d : {32, 64, 128})
+    for (int64_t n : {1, 3, 15, 16, 17, 63, 64, 65, 130, 1000})
+      for (int G : {1, 4, 5, 8})
+        for (bool with_bias : {false, true}) {
+          std::vector<float> k(size_t(n) * size_t(d)), v(k.size()), q(size_t(G) * size_t(d)),
+              bias(static_cast<size_t>(n));
+          for (float& x : k) x = 2 * nd(rng);
+          for (float& x : v) x = nd(rng);
+          for (float& x : q) x = nd(rng) / 4;
+          for (float& x : bias) x = with_bias ? std::log(1.0f + float(rng() % 3)) : 0.0f;
+          const auto kq = q4_0_rows(k), vq = q4_0_rows(v);
+          const float scale = 1.0f / std::sqrt(float(d));
+          const float* b = with_bias ? bias.data() : nullptr;
+          std::vector<float> got(q.size()), want(q.size());
+          kvk::attend_head_q4_0(kq.data(), vq.data(), n, d, q.data(), G, scale, b, got.data());
+          kvk::attend_head_q4_0_reference(kq.data(), vq.data(), n, d, q.data(), G, scale, b,
+                                          want.data());
+          const double e = max_row_error(got, want, d);
+          EXPECT_LT(e, 3e-2) << "d " << d << " n " << n << " G " << G << " bias " << with_bias;
+          if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi")) {
+            const double slip = max_row_error(got, q4_0_emulation(kq, vq, n, d, q, G, scale, b), d);
+            EXPECT_LT(slip, 5e-3) << "emulation: d " << d << " n " << n << " G " << G;
+            worst_slip = std::max(worst_slip, slip);
+          }
+          worst = std::max(worst, e);
+          any_difference = any_difference || got != want;
+        }
+  std::printf(
+      "q4_0 kernel: worst row relative error %.2e vs the reference, %.2e vs the emulation\n", worst,
+      worst_slip);
+  // Where the CPU has the instructions, the integer path really ran (its roundings show).
+  if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi")) {
+    EXPECT_TRUE(any_difference);
+  }
+}
+
+// With all scores equal and every value block's scale equal, each weight rounds exactly (to 127):
+// the value path is then exact, and the output is the mean of the decoded values.
+TEST(DecodeAttentionQ4_0, EqualWeightsAreExact) {
+  const int d = 32, G = 1;
+  const int64_t n = 64;
+  std::vector<float> k(size_t(n) * d, 0.5f), v(k.size()), q(d, 0.0f);
+  for (int64_t j = 0; j < n; ++j)
+    for (int i = 0; i < d; ++i)
+      v[size_t(j * d + i)] = float((j + i) % 15 - 7);     // max |v| 7 or 8...
+  for (int64_t j = 0; j < n; ++j) v[size_t(j * d)] = -8;  // ...so every block's scale is 1
+  const auto kq = q4_0_rows(k), vq = q4_0_rows(v);
+  std::vector<float> got(d), want(d, 0.0f);
+  kvk::attend_head_q4_0(kq.data(), vq.data(), n, d, q.data(), G, 1.0f, nullptr, got.data());
+  for (int64_t j = 0; j < n; ++j)
+    for (int i = 0; i < d; ++i) want[size_t(i)] += v[size_t(j * d + i)] / float(n);
+  for (int i = 0; i < d; ++i) EXPECT_NEAR(got[size_t(i)], want[size_t(i)], 1e-5) << i;
 }

@@ -10,7 +10,9 @@ namespace kvk {
 // Element types a dense tensor can be stored in.
 enum class DType : uint8_t { f32 = 0, f16 = 1, bf16 = 2 };
 
-constexpr size_t dtype_size(DType t) { return t == DType::f32 ? 4 : 2; }
+constexpr size_t dtype_size(DType t) {
+  return t == DType::f32 ? 4 : 2;
+}
 const char* dtype_name(DType t);
 
 // One table of function pointers per backend (the ggml idea): an op a backend lacks is null and
@@ -60,11 +62,25 @@ void softmax_row(float* x, int64_t n, float scale, const float* bias);
 // softmax_j(scale * q[g] . k_j + bias[j]) v_j over n rows of K and V stored as `type`, row-major
 // [n, d]; q and out are [G, d] f32, bias [n] or null. One pass over K and V (online softmax).
 // Multiversioned: AVX2/F16C when the CPU has them and d % 8 == 0, else the reference.
-void attend_head(DType type, const void* k, const void* v, int64_t n, int d, const float* q,
-                 int G, float scale, const float* bias, float* out);
+void attend_head(DType type, const void* k, const void* v, int64_t n, int d, const float* q, int G,
+                 float scale, const float* bias, float* out);
 // The reference: plain loops in double precision.
 void attend_head_reference(DType type, const void* k, const void* v, int64_t n, int d,
                            const float* q, int G, float scale, const float* bias, float* out);
+
+// Decode attention as attend_head, over K and V stored as llama.cpp q4_0 blocks (rows of d/32
+// blocks of 18 bytes: an f16 scale, then 32 4-bit codes; d % 32 == 0), computed on the codes:
+// queries rounded to q8_0 and attention weights to 8 bits per chunk of keys, then integer dot
+// products (AVX-512 VNNI + VBMI; elsewhere it falls back to the reference). Its results differ
+// from the reference's by those roundings (relative L2 error of an output row: about 7e-3 on
+// average over an 8B-shaped cache, bench-decode-attention; up to 3e-2 in the unit tests).
+void attend_head_q4_0(const uint8_t* k, const uint8_t* v, int64_t n, int d, const float* q, int G,
+                      float scale, const float* bias, float* out);
+// The reference: the rows decoded to f32, then attend_head_reference.
+void attend_head_q4_0_reference(const uint8_t* k, const uint8_t* v, int64_t n, int d,
+                                const float* q, int G, float scale, const float* bias, float* out);
+// Bytes of one q4_0 row of d values.
+size_t q4_0_row_bytes(int d);
 
 // Memory read bandwidth in GB/s (1e9 B/s): a STREAM-like sum over `bytes` of uint64 with
 // `threads` OpenMP threads, best of `reps`.
