@@ -361,7 +361,26 @@ bool all_batches(int64_t count, bool parallel, Body body) {
 // A batch holding NaN/Inf, or a group f16 cannot describe, is left to the scalar path, which
 // throws its usual error.
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+// The kernels, as plain functions (no vectors in their signatures).
+struct Kernels {
+  bool (*encode_q8_0)(const float* x, int64_t blocks, uint8_t* out);  // <= 16 blocks
+  bool (*encode_q4_0)(const float* x, int64_t blocks, uint8_t* out);
+  void (*decode_q8_0)(const uint8_t* in, int64_t blocks, float* out);
+  void (*decode_q4_0)(const uint8_t* in, int64_t blocks, float* out);
+  bool (*quantize_rows)(const float* x, int64_t groups, int64_t stride, int bits, bool symmetric,
+                        uint16_t* scales, uint16_t* zeros, uint8_t* codes);  // <= 16 groups
+  bool (*quantize_columns)(const float* x, int64_t stride, int bits, bool symmetric,
+                           uint16_t* scales, uint16_t* zeros, uint8_t* codes);  // 16 groups
+  void (*dequantize_rows)(const uint8_t* codes, const uint16_t* scales, const uint16_t* zeros,
+                          int64_t groups, int64_t stride, int bits, bool symmetric, float* out);
+  void (*dequantize_columns)(const uint8_t* codes, const uint16_t* scales, const uint16_t* zeros,
+                             int64_t stride, int bits, bool symmetric, float* out);
+};
+
+// GCC only: the kernels rely on __builtin_assoc_barrier (GCC 12) and on GCC's target pragmas;
+// other compilers (clang builds the fuzzers) get the scalar path.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && \
+    (defined(__x86_64__) || defined(__i386__))
 #define KV_VECTOR_KERNELS 1
 #endif
 
@@ -858,22 +877,6 @@ KV_INLINE void dequantize_rows16(const uint8_t* codes, const uint16_t* scales,
 #define KV_BY_WIDTH(kernel, bits, symmetric, args)                            \
   ((bits) == 2 ? ((symmetric) ? kernel<2, true> args : kernel<2, false> args) \
                : ((symmetric) ? kernel<4, true> args : kernel<4, false> args))
-
-// The kernels, as plain functions (no vectors in their signatures).
-struct Kernels {
-  bool (*encode_q8_0)(const float* x, int64_t blocks, uint8_t* out);  // <= 16 blocks
-  bool (*encode_q4_0)(const float* x, int64_t blocks, uint8_t* out);
-  void (*decode_q8_0)(const uint8_t* in, int64_t blocks, float* out);
-  void (*decode_q4_0)(const uint8_t* in, int64_t blocks, float* out);
-  bool (*quantize_rows)(const float* x, int64_t groups, int64_t stride, int bits, bool symmetric,
-                        uint16_t* scales, uint16_t* zeros, uint8_t* codes);  // <= 16 groups
-  bool (*quantize_columns)(const float* x, int64_t stride, int bits, bool symmetric,
-                           uint16_t* scales, uint16_t* zeros, uint8_t* codes);  // 16 groups
-  void (*dequantize_rows)(const uint8_t* codes, const uint16_t* scales, const uint16_t* zeros,
-                          int64_t groups, int64_t stride, int bits, bool symmetric, float* out);
-  void (*dequantize_columns)(const uint8_t* codes, const uint16_t* scales, const uint16_t* zeros,
-                             int64_t stride, int bits, bool symmetric, float* out);
-};
 
 namespace avx512 {
 bool encode_q8_0(const float* x, int64_t nb, uint8_t* out) {
