@@ -208,6 +208,7 @@ int main(int argc, char** argv) {
       recall_cand = kv::recall_rate(*model, cand.header(), cand_layers, items);
     }
     double t_ref = 0, t_cand = 0, bandwidth = 0;
+    const bool on_codes = speed && !on_cuda && kv::decodes_on_q4_0_codes(h.model, cand_layers);
     if (speed) {
       // The first probe query of every query head, per layer: [L][H_q][D].
       const int Hq = h.model.n_q_heads, D = h.model.head_dim;
@@ -263,6 +264,7 @@ int main(int argc, char** argv) {
       j.set("decode_speedup", t_ref / t_cand);
       j.set("decode_gbps_candidate", double(cand_bytes) / t_cand / 1e9);
       j.set("bandwidth_gbps", bandwidth).set("speed_device", on_cuda ? "cuda" : "cpu");
+      j.set("decode_on_codes", on_codes ? kv::Json("q4_0") : kv::Json(nullptr));
     }
     kv::Json chain = kv::Json::array();
     for (const auto& p : cand.header().provenance) chain.push(p.command_line);
@@ -331,7 +333,8 @@ int main(int argc, char** argv) {
             " ms (reference ", fmt("%.4f", t_ref * 1e3), " ms, ", fmt("%.2f", t_ref / t_cand),
             "x); candidate reads ", fmt("%.1f", double(cand_bytes) / t_cand / 1e9),
             " GB/s = ", fmt("%.0f", 100.0 * double(cand_bytes) / t_cand / 1e9 / bandwidth),
-            "% of the ", fmt("%.1f", bandwidth), " GB/s memory read bandwidth\n");
+            "% of the ", fmt("%.1f", bandwidth), " GB/s memory read bandwidth",
+            on_codes ? " (timed on its q4_0 codes)" : "", "\n");
       if (per_layer) out += "\n" + table;
       std::cout << out;
     }

@@ -236,6 +236,13 @@ const uint8_t* q4_0_blocks(const std::shared_ptr<const Encoded>& stored, int hea
 
 }  // namespace
 
+bool decodes_on_q4_0_codes(const ModelInfo& model, const std::vector<Layer>& layers) {
+  return !layers.empty() && std::all_of(layers.begin(), layers.end(), [&](const Layer& layer) {
+    return q4_0_blocks(layer.k_stored, model.head_dim) &&
+           q4_0_blocks(layer.v_stored, model.head_dim);
+  });
+}
+
 double decode_step_seconds(const ModelInfo& m, const std::vector<Layer>& layers,
                            const std::vector<float>& queries, int reps, bool cuda) {
   if (cuda) return decode_step_seconds_cuda(m, layers, queries, reps);

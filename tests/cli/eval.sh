@@ -58,6 +58,21 @@ for k in ("decode_ms_reference", "decode_ms_candidate", "decode_speedup", "decod
     assert j[k] > 0, k
 PY
 
+# q4_0 candidates are timed on their codes (head_dim a multiple of 32), others on their values;
+# the accuracy metrics are the same either way (computed on decoded values).
+kv-synth --preset stories260k --layers 2 --head-dim 64 -n 256 --probe 4 -o d64.kv.h5 || fail "synth d64"
+for s in q4_0 q8_0; do
+  kv-compress -q -s $s d64.kv.h5 -o $s.kv.h5 && kv-eval -q --ref d64.kv.h5 --speed --json $s.kv.h5 > $s.speed.json \
+    && kv-eval -q --ref d64.kv.h5 --json $s.kv.h5 > $s.plain.json || fail "eval --speed $s"
+done
+/usr/bin/python3 - <<'PY' && pass "--speed: q4_0 timed on its codes (decode_on_codes), q8_0 on values; same accuracy" || fail "q4_0 speed: $(cat q4_0.speed.json)"
+import json
+for s, want in (("q4_0", "q4_0"), ("q8_0", None)):
+    a, b = json.load(open(s + ".speed.json")), json.load(open(s + ".plain.json"))
+    assert a["decode_on_codes"] == want and a["decode_ms_candidate"] > 0, (s, a)
+    assert a["rel_error"] == b["rel_error"] and a["rel_error"] > 0, (s, a["rel_error"], b["rel_error"])
+PY
+
 # Synthetic caches with a probe (kv-synth --probe): attention metrics and timing for any shape.
 kv-synth --preset tiny -n 300 --window 8 --probe 4 -o synth.kv.h5 || fail "synth --probe"
 kv-evict -s snapkv -r 0.25 synth.kv.h5 | kv-eval --ref synth.kv.h5 --speed --json > synth.json || fail "eval synth"

@@ -59,6 +59,9 @@ ModelFidelity compare_logits(const std::vector<float>& ref, const std::vector<fl
 // codes (kvk::attend_head_q4_0), other encoded layers on their decoded values. With `cuda`,
 // the cache is uploaded first (heads padded to the layer's longest, padding masked) and each
 // layer is one kvk::cuda::attend_heads.
+// Whether decode_step_seconds times every layer of `layers` on q4_0 codes (CPU only).
+bool decodes_on_q4_0_codes(const ModelInfo& model, const std::vector<Layer>& layers);
+
 double decode_step_seconds(const ModelInfo& model, const std::vector<Layer>& layers,
                            const std::vector<float>& queries, int reps, bool cuda = false);
 
