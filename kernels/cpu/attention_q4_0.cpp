@@ -299,19 +299,30 @@ size_t q4_0_row_bytes(int d) {
 
 void attend_head_q4_0_reference(const uint8_t* k, const uint8_t* v, int64_t n, int d,
                                 const float* q, int G, float scale, const float* bias, float* out) {
-  const size_t rb = q4_0_row_bytes(d);
-  std::vector<float> k32(size_t(n) * size_t(d)), v32(k32.size());
-  for (int64_t j = 0; j < n; ++j) {
-    decode_row(k + size_t(j) * rb, d, k32.data() + j * d);
-    decode_row(v + size_t(j) * rb, d, v32.data() + j * d);
+  // The n*d values as one run of blocks (libkv's layout for any d; for d % 32 == 0 each row is
+  // d/32 whole blocks, as the kernel reads them).
+  const int64_t values = n * d, blocks = (values + kBlockValues - 1) / kBlockValues;
+  std::vector<float> k32(size_t(blocks) * kBlockValues), v32(k32.size());
+  for (int64_t b = 0; b < blocks; ++b) {
+    decode_row(k + size_t(b) * kBlockBytes, kBlockValues, k32.data() + b * kBlockValues);
+    decode_row(v + size_t(b) * kBlockBytes, kBlockValues, v32.data() + b * kBlockValues);
   }
   attend_head_reference(DType::f32, k32.data(), v32.data(), n, d, q, G, scale, bias, out);
 }
 
+bool q4_0_codes_supported(int d) {
+  return have_vnni_vbmi() && d > 0 && d % kBlockValues == 0;
+}
+
 void attend_head_q4_0(const uint8_t* k, const uint8_t* v, int64_t n, int d, const float* q, int G,
                       float scale, const float* bias, float* out) {
-  if (!have_vnni_vbmi() || d % kBlockValues != 0 || d <= 0)
+  if (!q4_0_codes_supported(d))
     return attend_head_q4_0_reference(k, v, n, d, q, G, scale, bias, out);
+  for (int i = 0; i < G * d; ++i)
+    if (!std::isfinite(q[i])) {  // as the reference: no finite output (and no int8 of a NaN)
+      std::fill(out, out + G * d, NAN);
+      return;
+    }
   // Passes of 8, 4, 2 or 1 query heads, as attend_head.
   for (int g0 = 0; g0 < G;) {
     const int left = G - g0, g = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;

@@ -69,6 +69,10 @@ __attribute__((always_inline)) inline void online_softmax_step(float* s, int64_t
   float mx = m;
   for (int e = 0; e < 8; ++e) mx = mv[e] > mx ? mv[e] : mx;
   for (; j < C; ++j) mx = s[j] > mx ? s[j] : mx;
+  if (mx == -INFINITY) {  // every key masked so far: this chunk adds nothing (not NaN)
+    for (j = 0; j < C; ++j) s[j] = 0;
+    return;
+  }
   if (mx != m) {  // once the maximum settles, most chunks skip the rescale
     const float alpha = m == -INFINITY ? 0.0f : std::exp(m - mx);
     m = mx;

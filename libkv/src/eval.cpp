@@ -225,9 +225,11 @@ double decode_step_seconds_cuda(const ModelInfo& m, const std::vector<Layer>& la
 }
 
 // The q4_0 blocks of a k or v kept as stored, when attention can run on them: rows of whole
-// blocks (head_dim a multiple of 32), not rotated. Null otherwise.
+// blocks (head_dim a multiple of 32), not rotated, on a CPU with the kernel's instructions
+// (elsewhere the decoded values are faster). Null otherwise.
 const uint8_t* q4_0_blocks(const std::shared_ptr<const Encoded>& stored, int head_dim) {
-  if (!stored || stored->encoding.scheme != "q4_0" || stored->encoding.hadamard || head_dim % 32)
+  if (!stored || stored->encoding.scheme != "q4_0" || stored->encoding.hadamard ||
+      !kvk::q4_0_codes_supported(head_dim))
     return nullptr;
   for (const CodeArray& a : stored->arrays)
     if (a.name == "blocks") return a.bytes.data();

@@ -490,6 +490,12 @@ Encoded parse_external_object(const std::vector<uint8_t>& blob, const std::strin
     const size_t name_length = get_le(1);
     const auto* name = reinterpret_cast<const char*>(take(name_length));
     a.name.assign(name, name_length);
+    // A name becomes an HDF5 dataset name when the tensor is restored: a plain, new one.
+    const bool plain = !a.name.empty() && a.name.find_first_of("/.") == std::string::npos;
+    if (!plain || std::any_of(enc.arrays.begin(), enc.arrays.end(),
+                              [&](const CodeArray& b) { return b.name == a.name; }))
+      throw Error(Exit::data, str("page ", id, ": array name '", a.name, "' is empty, not plain ",
+                                  "or repeated"));
     const uint64_t bytes = get_le(8);
     if (bytes > blob.size() - at || bytes % CodeArray::element_size(a.type))
       throw Error(Exit::data, str("page ", id, ": array '", a.name, "' is truncated"));

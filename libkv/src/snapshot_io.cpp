@@ -1025,13 +1025,16 @@ void SnapshotReader::read_layer(int l, Layer& out) {
         if (!h5::exists(impl_->layers, pname))
           throw Error(Exit::data, str("partner layer ", p, " has no dense '", name, "'"));
         Handle pg(H5Gopen2(impl_->layers, layer_name(p).c_str(), H5P_DEFAULT), H5Gclose);
+        // The same entries (formats/kvsnap.md 9.3): the same head offsets, row for row.
+        if (read_vector<int64_t>(pg, "head_offsets", where) != out.head_offsets)
+          throw Error(Exit::data, str("partner layer ", p, " holds other entries"));
         Tensor partner;
         if (is_encoded(pg, name)) {  // paged by kv-offload: dense rows, some in a page store
           const Encoded paged = read_encoded(pg, name, where, h.model);
           if (paged.encoding.scheme != "paged")
             throw Error(Exit::data, str("partner layer ", p, " has no dense '", name, "'"));
           partner.resize(DType::f32, t->rows(), t->cols());
-          decode(paged, rows, partner.as<float>());
+          decode(paged, rows, partner.as<float>());  // rows: equal head offsets, checked above
         } else {
           read_tensor(pg, name, where, partner);
         }

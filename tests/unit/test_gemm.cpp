@@ -349,3 +349,57 @@ TEST(DecodeAttentionQ4_0, EqualWeightsAreExact) {
     for (int i = 0; i < d; ++i) want[size_t(i)] += v[size_t(j * d + i)] / float(n);
   for (int i = 0; i < d; ++i) EXPECT_NEAR(got[size_t(i)], want[size_t(i)], 1e-5) << i;
 }
+
+// Keys masked with a bias of -inf, a whole first chunk of them and more: they get no weight, and
+// the output is the attention over the others (not NaN), in both kernels.
+TEST(DecodeAttention, FullyMaskedChunksAddNothing) {
+  std::mt19937 rng(13);
+  std::normal_distribution<float> nd;
+  const int d = 64, G = 4;
+  const int64_t n = 200;
+  std::vector<float> k(size_t(n) * d), v(k.size()), q(size_t(G) * d);
+  for (auto* a : {&k, &v, &q})
+    for (float& x : *a) x = nd(rng);
+  for (int64_t masked : {64, 100, 128}) {
+    std::vector<float> bias(static_cast<size_t>(n), 0.0f);
+    std::fill(bias.begin(), bias.begin() + masked, -INFINITY);
+    std::vector<float> got(q.size()), want(q.size());
+    kvk::attend_head(kvk::DType::f32, k.data(), v.data(), n, d, q.data(), G, 0.125f, bias.data(),
+                     got.data());
+    kvk::attend_head_reference(kvk::DType::f32, k.data(), v.data(), n, d, q.data(), G, 0.125f,
+                               bias.data(), want.data());
+    for (size_t i = 0; i < got.size(); ++i)
+      ASSERT_NEAR(got[i], want[i], 1e-4) << masked << " " << i;
+    const auto kq = q4_0_rows(k), vq = q4_0_rows(v);
+    kvk::attend_head_q4_0(kq.data(), vq.data(), n, d, q.data(), G, 0.125f, bias.data(), got.data());
+    kvk::attend_head_q4_0_reference(kq.data(), vq.data(), n, d, q.data(), G, 0.125f, bias.data(),
+                                    want.data());
+    EXPECT_LT(max_row_error(got, want, d), 3e-2) << masked;
+  }
+}
+
+// The reference reads the n*d values as one run of blocks, so any head_dim works there (here 48:
+// blocks straddle rows); a non-finite query gives a non-finite output, as in the reference.
+TEST(DecodeAttentionQ4_0, AnyHeadDimAndNonFiniteQueries) {
+  std::mt19937 rng(14);
+  std::normal_distribution<float> nd;
+  const int d = 48, G = 2;
+  const int64_t n = 22;  // 1056 values, 33 blocks
+  std::vector<float> k(size_t(n) * d), v(k.size()), q(size_t(G) * d);
+  for (auto* a : {&k, &v, &q})
+    for (float& x : *a) x = nd(rng);
+  const auto kq = q4_0_rows(k), vq = q4_0_rows(v);
+  std::vector<float> k32(kq.size() / 18 * 32), v32(k32.size()), got(q.size()), want(q.size());
+  kv::quant::decode_q4_0(kq.data(), int64_t(k32.size()), k32.data());
+  kv::quant::decode_q4_0(vq.data(), int64_t(v32.size()), v32.data());
+  kvk::attend_head_q4_0(kq.data(), vq.data(), n, d, q.data(), G, 0.2f, nullptr, got.data());
+  kvk::attend_head_reference(kvk::DType::f32, k32.data(), v32.data(), n, d, q.data(), G, 0.2f,
+                             nullptr, want.data());
+  EXPECT_EQ(got, want);
+  EXPECT_FALSE(kvk::q4_0_codes_supported(48));
+  const auto k64 = q4_0_rows(std::vector<float>(size_t(n) * 64, 1.0f));
+  std::vector<float> q64(size_t(G) * 64, 0.5f), o64(q64.size());
+  q64[5] = INFINITY;
+  kvk::attend_head_q4_0(k64.data(), k64.data(), n, 64, q64.data(), G, 0.2f, nullptr, o64.data());
+  for (float x : o64) EXPECT_FALSE(std::isfinite(x));
+}

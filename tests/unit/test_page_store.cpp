@@ -199,6 +199,22 @@ TEST(PageStore, ExternalTensorsComeBackByteForByte) {
   const auto cut = fetch_of(std::string(blob.begin(), blob.end() - 3));
   EXPECT_EQ(cut.first, 65);
   EXPECT_NE(cut.second.find("truncated"), std::string::npos) << cut.second;
+  // Array names become HDF5 dataset names on restore: empty, path-like or repeated ones are bad.
+  for (const std::vector<std::string>& names :
+       std::vector<std::vector<std::string>>{{""}, {"/injected"}, {"a.b"}, {"blocks", "blocks"}}) {
+    kv::Encoded odd = coded;
+    odd.arrays.clear();
+    for (const std::string& name : names) {
+      kv::CodeArray a;
+      a.name = name;
+      a.bytes = {1, 2, 3};
+      odd.arrays.push_back(a);
+    }
+    kv::PageStore w(dir, true);
+    const kv::Encoded e = kv::put_external(odd, w, false);
+    w.commit();
+    EXPECT_EQ(kvtest::exit_code_of([&] { kv::fetch_external(e); }), 65) << names[0];
+  }
   // Every truncation and a few thousand random byte changes of a real object: parsed, or a data
   // error; never a crash or an out-of-bounds read (the sanitizer build runs this).
   std::mt19937 rng(7);

@@ -69,9 +69,10 @@ void attend_head_reference(DType type, const void* k, const void* v, int64_t n, 
                            const float* q, int G, float scale, const float* bias, float* out);
 
 // Decode attention as attend_head, over K and V stored as llama.cpp q4_0 blocks (rows of d/32
-// blocks of 18 bytes: an f16 scale, then 32 4-bit codes; d % 32 == 0), computed on the codes:
+// blocks of 18 bytes: an f16 scale, then 32 4-bit codes), computed on the codes:
 // queries rounded to q8_0 and attention weights to 8 bits per chunk of keys, then integer dot
-// products (AVX-512 VNNI + VBMI; elsewhere it falls back to the reference). Its results differ
+// products (AVX-512 VNNI + VBMI and d % 32 == 0; otherwise it is the reference, which reads
+// the n*d values as one run of blocks, for any d). Its results differ
 // from the reference's by those roundings (relative L2 error of an output row: about 7e-3 on
 // average over an 8B-shaped cache, bench-decode-attention; up to 3e-2 in the unit tests).
 void attend_head_q4_0(const uint8_t* k, const uint8_t* v, int64_t n, int d, const float* q, int G,
@@ -79,8 +80,11 @@ void attend_head_q4_0(const uint8_t* k, const uint8_t* v, int64_t n, int d, cons
 // The reference: the rows decoded to f32, then attend_head_reference.
 void attend_head_q4_0_reference(const uint8_t* k, const uint8_t* v, int64_t n, int d,
                                 const float* q, int G, float scale, const float* bias, float* out);
-// Bytes of one q4_0 row of d values.
+// Bytes of one q4_0 row of d values (d % 32 == 0).
 size_t q4_0_row_bytes(int d);
+// Whether attend_head_q4_0 runs on the codes here (the CPU has AVX-512 VNNI and VBMI, and
+// d % 32 == 0); otherwise it is the reference, far slower than attend_head on decoded values.
+bool q4_0_codes_supported(int d);
 
 // Memory read bandwidth in GB/s (1e9 B/s): a STREAM-like sum over `bytes` of uint64 with
 // `threads` OpenMP threads, best of `reps`.

@@ -55,7 +55,7 @@ ModelFidelity compare_logits(const std::vector<float>& ref, const std::vector<fl
 // `reps`): each head's entries are read in their stored type for the query heads of its group;
 // mass enters as a log bias. `queries` holds [n_layers][H_q][D] f32. On the CPU, OpenMP threads
 // over KV heads (kvk::attend_head); a layer whose k and v are kept as stored q4_0 blocks
-// (ReadOptions::keep_stored; not Hadamard-rotated, head_dim a multiple of 32) is timed on its
+// (ReadOptions::keep_stored; not Hadamard-rotated, kvk::q4_0_codes_supported) is timed on its
 // codes (kvk::attend_head_q4_0), other encoded layers on their decoded values. With `cuda`,
 // the cache is uploaded first (heads padded to the layer's longest, padding masked) and each
 // layer is one kvk::cuda::attend_heads.
