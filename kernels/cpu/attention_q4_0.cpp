@@ -263,9 +263,8 @@ __attribute__((target(KVK_Q4_TARGET))) void attend_q4_0(const uint8_t* k, const 
         const __m512i hi =
             _mm512_permutexvar_epi8(lanes_index, _mm512_and_si512(_mm512_srli_epi16(z, 4), nibble));
         for (int g = 0; g < G; ++g) {
-          int32_t w4;
-          std::memcpy(&w4, &wq[g][jj], 4);
-          const __m512i w = _mm512_set1_epi32(w4);
+          // (A broadcast from memory: one load, no trip through a general register.)
+          const __m512i w = _mm512_broadcastd_epi32(_mm_loadu_si32(&wq[g][jj]));
           acc_lo[g] = _mm512_dpbusd_epi32(acc_lo[g], lo, w);
           acc_hi[g] = _mm512_dpbusd_epi32(acc_hi[g], hi, w);
         }
