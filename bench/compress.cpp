@@ -87,7 +87,7 @@ int main(int argc, char** argv) {
     double encode_s = 1e30, decode_s = 1e30;
     kv::Encoded enc;
     for (int r = 0; r < reps; ++r) {
-            // As in the writer, which hands each layer's arrays back for the next one.
+      // As in the writer, which hands each layer's arrays back for the next one.
       kv::recycle(std::move(enc));
       double t0 = kvbench::now();
       enc = kv::encode(e, dense, rows);

@@ -97,6 +97,15 @@ __attribute__((target_clones("arch=x86-64-v3", "default"))) bool all_finite(cons
   return top < 0x7f800000u;
 }
 
+// The largest |x| of f16 values, as bits (non-negative f16 values order like their bits):
+// 0x7c00 or more if one is NaN/Inf.
+__attribute__((target_clones("arch=x86-64-v3", "default"))) uint16_t largest_f16_magnitude(
+    const uint16_t* x, int64_t n) {
+  uint16_t top = 0;
+  for (int64_t i = 0; i < n; ++i) top = std::max(top, uint16_t(x[i] & 0x7fff));
+  return top;
+}
+
 // Throws naming the first NaN/Inf of rows [row0, row0 + n / D).
 void check_finite(const float* x, int64_t n, int64_t row0, int D) {
   if (all_finite(x, n)) return;
@@ -170,6 +179,12 @@ void load_rows(const Encoding& e, const Tensor& x, int64_t row, int64_t n, float
     kvk::cpu_ops().to_f32(x.dtype(), src, dst, size_t(n) * D);
   check_finite(dst, n * D, row, D);
   rotate_rows(e, dst, n, D);
+}
+
+// The f16 bits of an f16 layer from row `row` on, when the encoders may read them as they are
+// (no rotation to apply first: the quant kernels take f16); null otherwise, for load_rows.
+const uint16_t* f16_rows(const Encoding& e, const Tensor& x, int64_t row) {
+  return x.dtype() == DType::f16 && !e.hadamard ? x.as<uint16_t>() + row * x.cols() : nullptr;
 }
 
 // Runs body(tile, buffer) over the tiles in parallel; the first error (lowest tile) is rethrown
@@ -265,35 +280,50 @@ Encoded encode_uniform(const Encoding& e, const Tensor& x, const RowLayout& rows
     float* values = buf;
     float* column = buf + T * D;
     auto* q = reinterpret_cast<uint8_t*>(buf + T * D * 2);
-    load_rows(e, x, off[t.h] + t.first, t.rows, values);
     uint16_t* sc = elements<uint16_t>(scales) + at.groups_at[t.h];
     uint16_t* zp = e.symmetric ? nullptr : elements<uint16_t>(zeros) + at.groups_at[t.h];
     uint8_t* dst = elements<uint8_t>(codes) + at.codes_at[t.h] + t.first * D * e.bits / 8;
-    if (e.axis == "token") {
-      const int64_t first_group = t.first * D / p.group;
-      quant::quantize_groups(values, t.rows * D / p.group, p.group, 1, p, sc + first_group,
-                             zp ? zp + first_group : nullptr, dst);
-    } else if (channel_groups_fill_bytes(e, D)) {
+    // The tile's groups through `quantize` (quant::quantize_groups, or its f16 form, which may
+    // leave the tile to the float path by returning false); false if it did.
+    auto quantize_tile = [&](const auto* rows, auto quantize) {
+      if (e.axis == "token") {
+        const int64_t first_group = t.first * D / p.group;
+        return quantize(rows, t.rows * D / p.group, p.group, 1, p, sc + first_group,
+                        zp ? zp + first_group : nullptr, dst);
+      }
       // Straight down the channels of each group of rows, no transposition.
       for (int64_t r0 = 0; r0 < t.rows; r0 += e.group) {
         quant::UniformParams block = p;
         block.group = int(std::min<int64_t>(e.group, t.rows - r0));
         const int64_t group = (t.first + r0) / e.group * D;  // index of its channel 0
-        quant::quantize_groups(values + r0 * D, D, 1, D, block, sc + group,
-                               zp ? zp + group : nullptr, dst + r0 * D * e.bits / 8);
+        if (!quantize(rows + r0 * D, D, 1, D, block, sc + group, zp ? zp + group : nullptr,
+                      dst + r0 * D * e.bits / 8))
+          return false;
       }
-    } else {
-      for (int64_t r0 = 0; r0 < t.rows; r0 += e.group) {
-        const int64_t len = std::min<int64_t>(e.group, t.rows - r0);
-        const int64_t group = (t.first + r0) / e.group * D;  // index of its channel 0
-        for (int64_t r = 0; r < len; ++r)
-          for (int d = 0; d < D; ++d) column[d * len + r] = values[(r0 + r) * D + d];
-        for (int d = 0; d < D; ++d)
-          quant::quantize_group(column + d * len, len, p, sc + group + d,
-                                zp ? zp + group + d : nullptr, q + r0 * D + d * len);
-      }
-      quant::pack_codes(q, t.rows * D, e.bits, dst);
+      return true;
+    };
+    const bool whole_bytes = e.axis == "token" || channel_groups_fill_bytes(e, D);
+    if (const uint16_t* rows = f16_rows(e, x, off[t.h] + t.first);
+        rows && whole_bytes && quantize_tile(rows, quant::quantize_groups_f16))
+      return;
+    load_rows(e, x, off[t.h] + t.first, t.rows, values);
+    if (whole_bytes) {
+      quantize_tile(values, [](auto... args) {
+        quant::quantize_groups(args...);
+        return true;
+      });
+      return;
     }
+    for (int64_t r0 = 0; r0 < t.rows; r0 += e.group) {
+      const int64_t len = std::min<int64_t>(e.group, t.rows - r0);
+      const int64_t group = (t.first + r0) / e.group * D;  // index of its channel 0
+      for (int64_t r = 0; r < len; ++r)
+        for (int d = 0; d < D; ++d) column[d * len + r] = values[(r0 + r) * D + d];
+      for (int d = 0; d < D; ++d)
+        quant::quantize_group(column + d * len, len, p, sc + group + d,
+                              zp ? zp + group + d : nullptr, q + r0 * D + d * len);
+    }
+    quant::pack_codes(q, t.rows * D, e.bits, dst);
   });
   // The residual: the most recent rows as f16 (their bytes, when the layer is f16).
   for (int h = 0; h < H; ++h) {
@@ -313,7 +343,9 @@ Encoded encode_uniform(const Encoding& e, const Tensor& x, const RowLayout& rows
   }
   Encoded out;
   out.encoding = e;
-  out.arrays = {std::move(codes), std::move(scales)};
+  // (One at a time: a braced list would copy the arrays, from its const elements.)
+  out.arrays.push_back(std::move(codes));
+  out.arrays.push_back(std::move(scales));
   if (!e.symmetric) out.arrays.push_back(std::move(zeros));
   out.arrays.push_back(std::move(resid));
   return out;
@@ -408,14 +440,20 @@ Encoded encode_blocks(const Encoding& e, const Tensor& x, const RowLayout& rows)
   const float limit = e.scheme == "q8_0" ? 65504.0f * 127 : 65504.0f * 8;
   for_tiles(tiles(H, T, [&](int h) { return off[h + 1] - off[h]; }), T * D + quant::block_values,
             [&](const Tile& t, float* v) {
-              load_rows(e, x, off[t.h] + t.first, t.rows, v);
               const int64_t n = padded_values(t.rows, D);
-              std::fill(v + t.rows * D, v + n, 0.0f);
               uint8_t* dst = elements<uint8_t>(blocks) + at[t.h] + block_bytes(e, t.first * D);
-              if (e.scheme == "q8_0")
-                quant::encode_q8_0(v, n, dst);
-              else
-                quant::encode_q4_0(v, n, dst);
+              // f16 rows straight into the blocks, when no padding is needed.
+              const uint16_t* rows = f16_rows(e, x, off[t.h] + t.first);
+              if (!rows || n != t.rows * D ||
+                  !(e.scheme == "q8_0" ? quant::encode_q8_0_f16(rows, n, dst)
+                                       : quant::encode_q4_0_f16(rows, n, dst))) {
+                load_rows(e, x, off[t.h] + t.first, t.rows, v);
+                std::fill(v + t.rows * D, v + n, 0.0f);
+                if (e.scheme == "q8_0")
+                  quant::encode_q8_0(v, n, dst);
+                else
+                  quant::encode_q4_0(v, n, dst);
+              }
               const size_t step = block_bytes(e, quant::block_values);
               for (int64_t b = 0; b < n / quant::block_values; ++b)
                 if ((dst[b * step + 1] & 0x7c) == 0x7c)  // the f16 scale's exponent: Inf
@@ -474,6 +512,14 @@ Encoded encode_fp8(const Encoding& e, const Tensor& x, const RowLayout& rows) {
   // Pass 1: each head's largest magnitude (after any rotation).
   std::vector<float> tile_amax(work.size(), 0.0f);
   for_tiles(work, T * D, [&](const Tile& t, float* v) {
+    if (const uint16_t* rows = f16_rows(e, x, off[t.h] + t.first)) {
+      // From the f16 bits, unless NaN/Inf (load_rows then says where).
+      const uint16_t top = largest_f16_magnitude(rows, t.rows * D);
+      if (top < 0x7c00) {
+        tile_amax[size_t(&t - work.data())] = kvk::f16_to_f32(top);
+        return;
+      }
+    }
     load_rows(e, x, off[t.h] + t.first, t.rows, v);
     float amax = 0;
     for (int64_t i = 0; i < t.rows * D; ++i) amax = std::max(amax, std::fabs(v[i]));
@@ -494,13 +540,17 @@ Encoded encode_fp8(const Encoding& e, const Tensor& x, const RowLayout& rows) {
     elements<float>(scales)[h] = per_head ? scale_of(head_amax[size_t(h)]) : tensor_scale;
   // Pass 2: the codes.
   for_tiles(work, T * D, [&](const Tile& t, float* v) {
-    load_rows(e, x, off[t.h] + t.first, t.rows, v);
+    if (const uint16_t* rows = f16_rows(e, x, off[t.h] + t.first))
+      kvk::cpu_ops().to_f32(DType::f16, rows, v, size_t(t.rows) * D);  // finite: see pass 1
+    else
+      load_rows(e, x, off[t.h] + t.first, t.rows, v);
     fp8::encode_array(v, t.rows * D, elements<float>(scales)[per_head ? t.h : 0], f,
                       elements<uint8_t>(codes) + (off[t.h] + t.first) * D);
   });
   Encoded out;
   out.encoding = e;
-  out.arrays = {std::move(codes), std::move(scales)};
+  out.arrays.push_back(std::move(codes));  // (a braced list would copy them)
+  out.arrays.push_back(std::move(scales));
   return out;
 }
 
@@ -666,7 +716,8 @@ Encoded encode_svd(const Encoding& e, const float* x, const RowLayout& rows) {
   }
   Encoded out;
   out.encoding = e;
-  out.arrays = {std::move(rank_array), std::move(coeffs), std::move(basis)};
+  for (CodeArray* a : {&rank_array, &coeffs, &basis})
+    out.arrays.push_back(std::move(*a));  // (a braced list of arrays would copy them)
   return out;
 }
 
@@ -899,7 +950,7 @@ Encoded encode_kvquant(const Encoding& e, const float* x, const RowLayout& rows)
     }
   Encoded out;
   out.encoding = e;
-  out.arrays = {std::move(levels), std::move(codes)};
+  for (CodeArray* a : {&levels, &codes}) out.arrays.push_back(std::move(*a));  // (not copied)
   if (!per_channel) out.arrays.push_back(std::move(scales));
   out.arrays.push_back(std::move(counts));
   out.arrays.push_back(std::move(index));

@@ -359,7 +359,8 @@ std::shared_ptr<Encoded> minicache_tensor(Tensor& a, const Tensor& b, int partne
   }
   stats.rows += N;
   a = Tensor::from_f32(a.dtype(), N, D, x.data());
-  enc->arrays = {std::move(merged), std::move(norms), std::move(rows)};
+  for (CodeArray* a : {&merged, &norms, &rows})
+    enc->arrays.push_back(std::move(*a));  // (not copied)
   return enc;
 }
 

@@ -402,7 +402,7 @@ Encoded page_out(const Tensor& x, const std::vector<int64_t>& head_offsets, int 
         local.bytes.insert(local.bytes.end(), rows, rows + bytes);
       }
     }
-  out.arrays = {std::move(local), std::move(flags), std::move(ids)};
+  for (CodeArray* a : {&local, &flags, &ids}) out.arrays.push_back(std::move(*a));  // (not copied)
   if (keys) {  // each page's Quest bounds and landmark, for query-aware fetching
     const PageTable t = build_pages(head_offsets, x.to_f32(), int(x.cols()), page_size);
     for (auto [name, values] :

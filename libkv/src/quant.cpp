@@ -6,7 +6,11 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #include "kv/error.h"
 #include "kv/str.h"
@@ -326,8 +330,18 @@ void check_uniform_call(const char* what, int64_t n, const UniformParams& p, con
     throw Error(Exit::usage, str(what, ": asymmetric quantization needs a zero-point buffer"));
 }
 
+// quantize_groups' and dequantize_groups' checks.
+void check_groups_call(const char* what, int64_t groups, const UniformParams& p, const void* scales,
+                       const void* zeros) {
+  check_params(p);
+  check_count(what, groups);
+  check_uniform_call(what, groups * p.group, p, scales, zeros);
+}
+
 // Blocks or groups per call of a vector kernel: one per lane.
 constexpr int64_t kBatch = 16;
+// Batches per call of the column decoder (128 groups: a row of an 8B-shaped head).
+constexpr int64_t kColumnBatches = 8;
 
 // Runs body(i) for i < count, on OpenMP threads when `parallel` (an `if` clause would still open
 // a one-thread parallel region, which costs as much as a small tile's work); true if every call
@@ -350,31 +364,47 @@ bool all_batches(int64_t count, bool parallel, Body body) {
 // (An AVX2 build of the same code is not offered: GCC 12 lowers each 64-byte select that AVX2
 // lacks one lane at a time, slower than the scalar path.) The kernels do the scalar code's
 // float operations in the same order, so the results are its results:
-//  - q8_0/q4_0: one lane per value; per batch of 16 blocks the scales are computed in lanes.
+//  - q8_0/q4_0: one lane per value; per batch of 16 blocks the block maxima are reduced 16
+//    vectors at a time (reduce_each) and the scales computed in lanes.
 //  - uniform groups: 16 groups per batch, their extremes, f16 zero and f16 scale computed in
 //    lanes (the scale by a 15-step bitwise search for the smallest f16 that reaches the max,
-//    which is what smallest_f16's walk finds), then codes by counting the same exact float
-//    thresholds as group_codes_by_thresholds, packed in registers. Groups along a row
-//    ("rows": group_stride apart, values contiguous) are coded one group per vector; groups
-//    down the channels ("columns": 16 adjacent groups, values value_stride apart) one group
-//    per lane, so keys need no transposition.
+//    which is what smallest_f16's walk finds), then codes by a binary search over the same
+//    exact float thresholds as group_codes_by_thresholds (each one fused multiply-add rounded
+//    up), packed in registers; the extremes are pinned only in groups where that can change a
+//    code. Groups along a row ("rows": group_stride apart, values contiguous) are coded one
+//    group per vector; groups down the channels ("columns": 16 adjacent groups, values
+//    value_stride apart) one group per lane, so keys need no transposition.
+//  - the encoders read floats or f16 bits (widened exactly in registers, so kv-compress's f16
+//    layers need no float copy), and test for NaN/Inf on the way; f16 conversions are the
+//    AVX-512 instructions, whose values are kvk's.
 // A batch holding NaN/Inf, or a group f16 cannot describe, is left to the scalar path, which
 // throws its usual error.
 
+// The encoding kernels for one input type (float, or f16 bits), as plain functions.
+template <class In>
+struct EncodeKernels {
+  bool (*encode_q8_0)(const In* x, int64_t blocks, uint8_t* out);  // <= 16 blocks
+  bool (*encode_q4_0)(const In* x, int64_t blocks, uint8_t* out);
+  bool (*quantize_rows)(const In* x, int64_t groups, int64_t stride, int bits, bool symmetric,
+                        uint16_t* scales, uint16_t* zeros, uint8_t* codes);  // <= 16 groups
+  bool (*quantize_columns)(const In* x, int64_t stride, int bits, bool symmetric, uint16_t* scales,
+                           uint16_t* zeros, uint8_t* codes);  // 16 groups
+};
+
 // The kernels, as plain functions (no vectors in their signatures).
 struct Kernels {
-  bool (*encode_q8_0)(const float* x, int64_t blocks, uint8_t* out);  // <= 16 blocks
-  bool (*encode_q4_0)(const float* x, int64_t blocks, uint8_t* out);
+  EncodeKernels<float> from_f32;
+  EncodeKernels<uint16_t> from_f16;
   void (*decode_q8_0)(const uint8_t* in, int64_t blocks, float* out);
   void (*decode_q4_0)(const uint8_t* in, int64_t blocks, float* out);
-  bool (*quantize_rows)(const float* x, int64_t groups, int64_t stride, int bits, bool symmetric,
-                        uint16_t* scales, uint16_t* zeros, uint8_t* codes);  // <= 16 groups
-  bool (*quantize_columns)(const float* x, int64_t stride, int bits, bool symmetric,
-                           uint16_t* scales, uint16_t* zeros, uint8_t* codes);  // 16 groups
   void (*dequantize_rows)(const uint8_t* codes, const uint16_t* scales, const uint16_t* zeros,
                           int64_t groups, int64_t stride, int bits, bool symmetric, float* out);
   void (*dequantize_columns)(const uint8_t* codes, const uint16_t* scales, const uint16_t* zeros,
-                             int64_t stride, int bits, bool symmetric, float* out);
+                             int64_t batches, int64_t stride, int bits, bool symmetric,
+                             float* out);  // <= kColumnBatches batches of 16 groups
+
+  const EncodeKernels<float>& encoders(const float*) const { return from_f32; }
+  const EncodeKernels<uint16_t>& encoders(const uint16_t*) const { return from_f16; }
 };
 
 // GCC only: the kernels rely on __builtin_assoc_barrier (GCC 12) and on GCC's target pragmas;
@@ -399,19 +429,16 @@ namespace vec {
 
 constexpr int W = int(kBatch);  // lanes: values, blocks or groups per batch
 typedef float f32x16 __attribute__((vector_size(64)));
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
-typedef double f64x8 __attribute__((vector_size(64)));
-typedef int64_t i64x8 __attribute__((vector_size(64)));
 typedef uint64_t u64x8 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
 typedef uint32_t u32x4 __attribute__((vector_size(16)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
 typedef int8_t i8x16 __attribute__((vector_size(16)));
 typedef uint8_t u8x16 __attribute__((vector_size(16)));
+typedef uint8_t u8x8 __attribute__((vector_size(8)));
 
 template <class V, class T>
 KV_INLINE V load(const T* p) {
@@ -431,44 +458,14 @@ KV_INLINE To as(const From& v) {
   return t;
 }
 
-KV_INLINE f32x8 low(const f32x16& v) {
-  return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
-}
-KV_INLINE f32x8 high(const f32x16& v) {
-  return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-}
 KV_INLINE u32x8 low(const u32x16& v) {
   return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
 }
 KV_INLINE u32x8 high(const u32x16& v) {
   return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
 }
-KV_INLINE f32x16 join(const f32x8& a, const f32x8& b) {
-  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-}
 
-// Horizontal reductions (lane order does not matter: the results are exact, and the sign of a
-// zero minimum is settled separately, see first_zero_of).
-KV_INLINE float hmin(const f32x16& v) {
-  f32x8 a = low(v), b = high(v);
-  a = b < a ? b : a;
-  f32x4 c = __builtin_shufflevector(a, a, 0, 1, 2, 3),
-        d = __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  c = d < c ? d : c;
-  float r = c[0];
-  for (int k = 1; k < 4; ++k) r = c[k] < r ? c[k] : r;
-  return r;
-}
-KV_INLINE float hmax(const f32x16& v) {
-  f32x8 a = low(v), b = high(v);
-  a = b > a ? b : a;
-  f32x4 c = __builtin_shufflevector(a, a, 0, 1, 2, 3),
-        d = __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  c = d > c ? d : c;
-  float r = c[0];
-  for (int k = 1; k < 4; ++k) r = c[k] > r ? c[k] : r;
-  return r;
-}
+// Horizontal reductions.
 KV_INLINE uint32_t hmax(const u32x8& v) {
   u32x4 c = __builtin_shufflevector(v, v, 0, 1, 2, 3),
         d = __builtin_shufflevector(v, v, 4, 5, 6, 7);
@@ -489,6 +486,54 @@ KV_INLINE uint32_t hor(const u32x16& v) {
   return hor(low(v) | high(v));
 }
 
+// Reductions of 16 vectors at once: lane g of the result is v[g]'s lanes reduced by `pick` (a
+// min or max, whose results do not depend on the order). Four rounds pair up the halves, the
+// quarters, ... of the vectors: 15 picks and 30 shuffles, instead of a horizontal reduction
+// (a dozen dependent instructions) per vector.
+template <class V, class Pick>
+KV_INLINE V reduce_each(const V (&v)[W], Pick pick) {
+  V a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)
+    a[i] = pick(__builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18,
+                                        19, 20, 21, 22, 23),
+                __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24,
+                                        25, 26, 27, 28, 29, 30, 31));
+  for (int i = 0; i < 4; ++i)
+    b[i] = pick(__builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17,
+                                        18, 19, 24, 25, 26, 27),
+                __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21,
+                                        22, 23, 28, 29, 30, 31));
+  for (int i = 0; i < 2; ++i)
+    c[i] = pick(__builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17,
+                                        20, 21, 24, 25, 28, 29),
+                __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19,
+                                        22, 23, 26, 27, 30, 31));
+  return pick(__builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                      28, 30),
+              __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27,
+                                      29, 31));
+}
+template <class V>
+KV_INLINE V min_of(const V& a, const V& b) {
+  return b < a ? b : a;
+}
+template <class V>
+KV_INLINE V max_of(const V& a, const V& b) {
+  return b > a ? b : a;
+}
+struct Min {
+  template <class V>
+  KV_INLINE V operator()(const V& a, const V& b) const {
+    return min_of(a, b);
+  }
+};
+struct Max {
+  template <class V>
+  KV_INLINE V operator()(const V& a, const V& b) const {
+    return max_of(a, b);
+  }
+};
+
 KV_INLINE u32x16 magnitude_bits(const f32x16& v) {
   return as<u32x16>(v) & 0x7fffffffu;
 }
@@ -503,7 +548,7 @@ KV_INLINE u32x16 lane_index() {
   return u32x16{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 }
 
-// kvk::f16_to_f32 on 16 lanes of f16 bits (zeros, subnormals, Inf and NaN included).
+// kvk::f16_to_f32 on 16 lanes of f16 bits, NaN payloads included (decoders meet any bits).
 KV_INLINE f32x16 f16_to_f32(const u32x16& h) {
   const u32x16 sign = (h & 0x8000u) << 16, mag = h & 0x7fffu, mant = h & 0x3ffu;
   const u32x16 normal = (mag << 13) + (112u << 23);
@@ -514,61 +559,111 @@ KV_INLINE f32x16 f16_to_f32(const u32x16& h) {
   return as<f32x16>(bits | sign);
 }
 
-// kvk::f32_to_f16 (nearest, ties to even) on 16 lanes of finite floats.
-KV_INLINE u32x16 f32_to_f16(const f32x16& f) {
-  const u32x16 u = as<u32x16>(f), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
-  // Subnormal results: a * 2^24 < 2^10 is exact, and adding 2^23 rounds it to an integer, ties
-  // to even, which the low mantissa bits then hold.
-  const u32x16 subnormal = as<u32x16>(as<f32x16>(a) * 0x1p24f + 0x1p23f) - 0x4b000000u;
-  const u32x16 normal = (a + 0xfffu + ((a >> 13) & 1u) - 0x38000000u) >> 13;
-  u32x16 h = a < 0x38800000u ? subnormal : normal;
-  h = a >= 0x477ff000u ? splat<u32x16>(0x7c00u) : h;
-  return sign | h;
+// The encoders' conversions, by AVX-512's vcvtph2ps / vcvtps2ph: the values of kvk::f16_to_f32
+// and kvk::f32_to_f16 (nearest, ties to even, Inf from 65520 up) for every non-NaN input. (NaN
+// comes out quiet, which only the decoders could tell; the encoders only compare it.)
+// (The zero-masked forms: the plain intrinsics start from an "undefined" register, which GCC 12
+// reports as maybe uninitialized.)
+KV_INLINE f32x16 widen(const u16x16& h) {
+  return as<f32x16>(_mm512_maskz_cvtph_ps(0xffff, as<__m256i>(h)));
+}
+KV_INLINE u16x16 round_to_f16(const f32x16& f) {
+  return as<u16x16>(
+      _mm512_maskz_cvtps_ph(0xffff, as<__m512>(f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// 16 input values as floats: floats as they are, f16 bits widened (exactly).
+KV_INLINE f32x16 load_values(const float* p) {
+  return load<f32x16>(p);
+}
+KV_INLINE f32x16 load_values(const uint16_t* p) {
+  return widen(load<u16x16>(p));
+}
+KV_INLINE float value_at(const float* p) {
+  return *p;
+}
+KV_INLINE float value_at(const uint16_t* p) {
+  return widen(u16x16{*p})[0];
 }
 
 KV_INLINE u32x16 load_f16_bits(const uint16_t* p) {
   return __builtin_convertvector(load<u16x16>(p), u32x16);
 }
-KV_INLINE void store_f16_bits(uint16_t* p, const u32x16& h, int64_t n) {
-  const u16x16 v = __builtin_convertvector(h, u16x16);
+KV_INLINE void store_f16_bits(uint16_t* p, const u16x16& h, int64_t n) {
   if (n == W)
-    store(p, v);
+    store(p, h);
   else
-    std::memcpy(p, &v, size_t(n) * 2);
+    std::memcpy(p, &h, size_t(n) * 2);
+}
+
+// Mask-register forms, where the vector extension's ?: cannot mix lane widths (a float
+// comparison choosing between 16-bit lanes).
+KV_INLINE __mmask16 less(const f32x16& a, const f32x16& b) {
+  return _mm512_cmp_ps_mask(as<__m512>(a), as<__m512>(b), _CMP_LT_OQ);
+}
+KV_INLINE u16x16 select(__mmask16 take, const u16x16& yes, const u16x16& no) {
+  return as<u16x16>(_mm256_mask_mov_epi16(as<__m256i>(no), take, as<__m256i>(yes)));
+}
+template <class V>
+KV_INLINE bool any_of(const V& lanes) {  // lanes of 16 bits: any not 0
+  return hor(as<u32x8>(lanes)) != 0;
 }
 
 // ---- q8_0 / q4_0: up to 16 blocks per call ----
 
 // False if a block holds NaN/Inf (nothing is promised about `out` then).
-template <bool Q4>
-KV_INLINE bool encode_blocks16(const float* x, int64_t nb, uint8_t* out) {
+template <bool Q4, class In>
+KV_INLINE bool encode_blocks16(const In* x, int64_t nb, uint8_t* out) {
   constexpr size_t step = Q4 ? 18 : 34;
-  alignas(64) float extreme[W] = {};  // q8_0: max|x|; q4_0: the first value of largest magnitude
-  for (int64_t b = 0; b < nb; ++b) {
-    const f32x16 a0 = load<f32x16>(x + b * QK), a1 = load<f32x16>(x + b * QK + 16);
-    const u32x16 m0 = magnitude_bits(a0), m1 = magnitude_bits(a1);
-    const uint32_t top = hmax(m1 > m0 ? m1 : m0);  // non-negative floats order like their bits
-    if (top >= 0x7f800000u) return false;
-    if constexpr (Q4) {
-      // ggml keeps the first value of largest magnitude (and +0 for a block of zeros).
-      const u32x16 none = splat<u32x16>(99u);
-      const u32x16 i0 = m0 == top ? lane_index() : none, i1 = m1 == top ? lane_index() + 16u : none;
-      const uint32_t first = ~hmax(~(i1 < i0 ? i1 : i0));
-      extreme[b] = top ? x[b * QK + first] : 0.0f;
-    } else {
-      extreme[b] = as<float>(top);
+  // Each block's max|x|, as bits (non-negative floats order like their bits), in lanes.
+  u32x16 block_top[W];
+  for (int b = 0; b < W; ++b) {
+    if (b >= nb) {
+      block_top[b] = u32x16{};
+      continue;
     }
+    const u32x16 m0 = magnitude_bits(load_values(x + b * QK));
+    const u32x16 m1 = magnitude_bits(load_values(x + b * QK + 16));
+    block_top[b] = max_of(m0, m1);
   }
-  const f32x16 d = load<f32x16>(extreme) / (Q4 ? -8.0f : 127.0f);
+  const u32x16 top = reduce_each(block_top, Max{});
+  if (hmax(top) >= 0x7f800000u) return false;
+  f32x16 extreme;  // q8_0: max|x|; q4_0: the first value of largest magnitude
+  if constexpr (Q4) {
+    // ggml keeps the first value of largest magnitude (and +0 for a block of zeros).
+    alignas(64) uint32_t tops[W];
+    alignas(64) float first_largest[W] = {};
+    store(tops, top);
+    for (int64_t b = 0; b < nb; ++b) {
+      if (!tops[b]) continue;
+      const In* xb = x + b * QK;
+      const __m512i t = as<__m512i>(splat<u32x16>(tops[b]));
+      const uint32_t at_top =
+          _mm512_cmpeq_epi32_mask(as<__m512i>(magnitude_bits(load_values(xb))), t) |
+          uint32_t(_mm512_cmpeq_epi32_mask(as<__m512i>(magnitude_bits(load_values(xb + 16))), t))
+              << 16;
+      first_largest[b] = value_at(xb + __builtin_ctz(at_top));
+    }
+    extreme = load<f32x16>(first_largest);
+  } else {
+    extreme = as<f32x16>(top);
+  }
+  const f32x16 d = extreme / (Q4 ? -8.0f : 127.0f);
   alignas(64) float id[W];
   store(id, d != 0.0f ? 1.0f / d : f32x16{});
-  alignas(64) uint32_t scale[W];
-  store(scale, f32_to_f16(d));
+  alignas(64) uint16_t scale[W];
+  store(scale, round_to_f16(d));
   for (int64_t b = 0; b < nb; ++b) {
-    const float* xb = x + b * QK;
+    const In* xb = x + b * QK;
     uint8_t* ob = out + size_t(b) * step;
-    store_u16(ob, uint16_t(scale[b]));
-    const f32x16 a0 = load<f32x16>(xb), a1 = load<f32x16>(xb + 16);
+    store_u16(ob, scale[b]);
+    // id overflows to Inf only for blocks of tiny values (see encode_q8_0_block); then the
+    // products are Inf or NaN (or beyond 127.5), which both codes map to 0.
+    if (std::isinf(id[b])) {  // (q4_0's d, and so id, may be negative)
+      std::memset(ob + 2, 0, Q4 ? 16 : 32);
+      continue;
+    }
+    const f32x16 a0 = load_values(xb), a1 = load_values(xb + 16);
     if constexpr (Q4) {
       i32x16 c[2];
       for (int k = 0; k < 2; ++k) {
@@ -576,20 +671,18 @@ KV_INLINE bool encode_blocks16(const float* x, int64_t nb, uint8_t* out) {
         const f32x16 t = __builtin_assoc_barrier((k ? a1 : a0) * id[b]) + 8.5f;
         f32x16 clamped = t < 0.0f ? f32x16{} : t;
         clamped = clamped > 15.0f ? splat<f32x16>(15.0f) : clamped;
-        const i32x16 q = __builtin_convertvector(clamped, i32x16);
-        c[k] = magnitude_bits(t) < 0x7f800000u ? q : i32x16{};
+        c[k] = __builtin_convertvector(clamped, i32x16);
       }
       store(ob + 2, __builtin_convertvector(c[0] | (c[1] << 4), u8x16));
     } else {
       for (int k = 0; k < 2; ++k) {
         const f32x16 v = (k ? a1 : a0) * id[b];
-        // roundf: v - trunc(v) is exact; out-of-range v (id overflowed) gives 0, see above.
+        // roundf: v - trunc(v) is exact.
         const i32x16 t = __builtin_convertvector(v, i32x16);
         const f32x16 frac = abs(v - __builtin_convertvector(t, f32x16));
         const i32x16 away = v < 0.0f ? splat<i32x16>(-1) : splat<i32x16>(1);
-        i32x16 q = t + (frac >= 0.5f ? away : i32x16{});
-        q = abs(v) <= 127.5f ? q : i32x16{};
-        store(ob + 2 + 16 * k, __builtin_convertvector(q, i8x16));
+        store(ob + 2 + 16 * k,
+              __builtin_convertvector(t + (frac >= 0.5f ? away : i32x16{}), i8x16));
       }
     }
   }
@@ -606,15 +699,17 @@ KV_INLINE void decode_blocks16(const uint8_t* in, int64_t nb, float* out) {
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = in + b * step + 2;
     float* y = out + b * QK;
+    // (Bytes widened by vpmovzxbd / vpmovsxbd: GCC 12 lowers __builtin_convertvector from 8 to
+    // 32 bits one byte at a time.)
     if constexpr (Q4) {
-      const i32x16 q = __builtin_convertvector(load<u8x16>(blk), i32x16);
+      const i32x16 q = as<i32x16>(_mm512_maskz_cvtepu8_epi32(0xffff, load<__m128i>(blk)));
       store(y, __builtin_convertvector((q & 15) - 8, f32x16) * d[b]);
       store(y + 16, __builtin_convertvector((q >> 4) - 8, f32x16) * d[b]);
     } else {
-      for (int k = 0; k < 2; ++k)
-        store(y + 16 * k, __builtin_convertvector(
-                              __builtin_convertvector(load<i8x16>(blk + 16 * k), i32x16), f32x16) *
-                              d[b]);
+      for (int k = 0; k < 2; ++k) {
+        const __m512i q = _mm512_maskz_cvtepi8_epi32(0xffff, load<__m128i>(blk + 16 * k));
+        store(y + 16 * k, __builtin_convertvector(as<i32x16>(q), f32x16) * d[b]);
+      }
     }
   }
 }
@@ -623,39 +718,33 @@ KV_INLINE void decode_blocks16(const uint8_t* in, int64_t nb, float* out) {
 
 constexpr int64_t kGroup = 32;
 
-// One batch's grids, lane l for group l: group_params' S and Z (bits and values), the pinned
-// extremes, and group_codes_by_thresholds' thresholds T[j] (the smallest float at or above
-// Z + (j + 0.5) S).
 // Levels of a group: above the zero (asymmetric) or on each side of 0 (symmetric).
 template <int bits, bool Symmetric>
 constexpr int kLevels = Symmetric ? (1 << (bits - 1)) - 1 : (1 << bits) - 1;
 
-template <int L>
+// One batch's grids, lane l for group l: group_params' S and Z (bits and values) and the
+// extremes the codes pin.
 struct Grids {
   f32x16 scale, zero, lo, hi;
-  u32x16 scale_bits, zero_bits;
-  f32x16 threshold[L];
+  u16x16 scale_bits, zero_bits;
 };
 
 // group_params for 16 groups with extremes mn, mx; false if one cannot be stored (range).
 template <int L, bool Symmetric>
-KV_INLINE bool make_grids(const f32x16& mn, const f32x16& mx, Grids<L>& g) {
-  // (Comparisons only ever feed a ?: here: GCC lowers those for AVX2 two halves at a time, but
-  // scalarizes a comparison used as a value.)
-  const u32x16 one = splat<u32x16>(1u);
+KV_INLINE bool make_grids(const f32x16& mn, const f32x16& mx, Grids& g) {
   f32x16 top, zero;
-  u32x16 bad = {};
+  bool bad = false;
   if constexpr (Symmetric) {
     const f32x16 neg = -mn;
     top = neg < mx ? mx : neg;  // std::max(-mn, mx)
     zero = f32x16{};
-    g.zero_bits = u32x16{};
+    g.zero_bits = u16x16{};
     g.lo = -top;
     g.hi = top;
   } else {
-    g.zero_bits = f32_to_f16(mn);
-    bad = (g.zero_bits & 0x7c00u) == 0x7c00u ? one : bad;
-    zero = f16_to_f32(g.zero_bits);
+    g.zero_bits = round_to_f16(mn);
+    bad = any_of((g.zero_bits & 0x7c00) == 0x7c00);
+    zero = widen(g.zero_bits);
     top = mx;
     g.lo = mn;
     g.hi = mx;
@@ -664,156 +753,259 @@ KV_INLINE bool make_grids(const f32x16& mn, const f32x16& mx, Grids<L>& g) {
   // a bitwise search finds in 15 steps (non-negative f16 bits order like their values, and
   // L * S is exact, so the test is monotone and is the scalar code's). Candidates from 0x7c00
   // up are Inf and NaN, whose levels never fall short.
-  u32x16 short_of = {};
-  for (uint32_t bit = 1u << 14; bit; bit >>= 1) {
-    const u32x16 candidate = short_of | bit;
-    const f32x16 level = float(L) * f16_to_f32(candidate) + zero;
-    short_of = level < top ? candidate : short_of;
+  u16x16 short_of = {};
+  for (unsigned bit = 1u << 14; bit; bit >>= 1) {
+    const u16x16 candidate = short_of | uint16_t(bit);
+    short_of = select(less(float(L) * widen(candidate) + zero, top), candidate, short_of);
   }
   // A scale is needed when the top level must rise above Z (max > min and Z < max), or, for
   // symmetric groups, when max|x| > 0.
-  g.scale_bits = short_of + 1u;
-  if constexpr (Symmetric) {
-    g.scale_bits = top > 0.0f ? g.scale_bits : u32x16{};
-  } else {
-    g.scale_bits = mn < mx ? g.scale_bits : u32x16{};
-    g.scale_bits = zero < mx ? g.scale_bits : u32x16{};
-  }
-  bad = g.scale_bits == 0x7c00u ? one : bad;
-  g.scale = f16_to_f32(g.scale_bits);
+  const __mmask16 needs_scale = Symmetric ? less(f32x16{}, top) : less(mn, mx) & less(zero, mx);
+  g.scale_bits = select(needs_scale, short_of + 1, u16x16{});
+  bad = bad || any_of(g.scale_bits == 0x7c00);
+  g.scale = widen(g.scale_bits);
   g.zero = zero;
-  // Thresholds in double (exact: at most 41 significant bits), rounded up to a float.
-  const f64x8 S[2] = {__builtin_convertvector(low(g.scale), f64x8),
-                      __builtin_convertvector(high(g.scale), f64x8)};
-  const f64x8 Z[2] = {__builtin_convertvector(low(zero), f64x8),
-                      __builtin_convertvector(high(zero), f64x8)};
-  for (int j = 0; j < L; ++j) {
-    f32x8 half[2];
-    for (int k = 0; k < 2; ++k) {
-      const f64x8 t = Z[k] + (j + 0.5) * S[k];
-      const f32x8 f = __builtin_convertvector(t, f32x8);
-      // nextafter(f, +Inf) where f < t: one more ulp away from 0 if f >= +0, one less if f < 0.
-      // f < t exactly when t - f (exact) is above +0, i.e. its bits as an integer are positive.
-      const i64x8 residual = as<i64x8>(t - __builtin_convertvector(f, f64x8));
-      const i32x8 below = __builtin_convertvector(as<u64x8>(-residual) >> 63, i32x8);  // 0 or 1
-      const i32x8 b = as<i32x8>(f);
-      half[k] = as<f32x8>(b + below * (1 - 2 * as<i32x8>(as<u32x8>(b) >> 31)));
-    }
-    g.threshold[j] = join(half[0], half[1]);
-  }
-  return !hor(as<u32x16>(bad));
+  return !bad;
 }
 
-// Codes of 16 values v: the thresholds reached, pinned at the extremes; `flat` marks S = 0.
-// Threshold, Lo, Hi, Flat are vectors (one group per lane) or scalars (one group per vector).
-template <int L, bool Symmetric, class Threshold, class Bound>
-KV_INLINE u32x16 codes16(const f32x16& v, const Threshold* T, const Bound& lo, const Bound& hi,
-                         const Bound& scale) {
-  const f32x16 a = Symmetric ? abs(v) : v;
-  const i32x16 one = splat<i32x16>(1), top = splat<i32x16>(L);
+// group_codes_by_thresholds' thresholds: T[j] is the smallest float at or above the exact
+// Z + (j + 0.5) S, which is one fused multiply-add rounded up (an f16 S times j + 0.5 is exact
+// in float, and sums of f16 values and such products are never float subnormals).
+KV_INLINE f32x16 thresholds_at(const f32x16& half_steps, const f32x16& scale, const f32x16& zero) {
+  return as<f32x16>(_mm512_fmadd_round_ps(as<__m512>(half_steps), as<__m512>(scale),
+                                          as<__m512>(zero),
+                                          _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC));
+}
+// Lane l for group l: T[j] holds threshold j of every group.
+template <int L>
+KV_INLINE void lane_thresholds(const Grids& g, f32x16 (&T)[L]) {
+  for (int j = 0; j < L; ++j) T[j] = thresholds_at(splat<f32x16>(float(j) + 0.5f), g.scale, g.zero);
+}
+// One group's thresholds in the lanes of one vector, T[j] in lane j (lanes from L up unused).
+KV_INLINE f32x16 group_thresholds(float scale, float zero) {
+  const f32x16 half_steps = {0.5f, 1.5f, 2.5f,  3.5f,  4.5f,  5.5f,  6.5f,  7.5f,
+                             8.5f, 9.5f, 10.5f, 11.5f, 12.5f, 13.5f, 14.5f, 15.5f};
+  return thresholds_at(half_steps, splat<f32x16>(scale), splat<f32x16>(zero));
+}
+
+// The number of thresholds at or below a (thresholds ascend; L + 1 is a power of two), by a
+// binary search: a probe T[c + step - 1] reached means T[c .. c + step - 1] all are.
+// One group per vector: the probes come from its thresholds in lanes by a permutation.
+template <int L>
+KV_INLINE i32x16 levels_reached(const f32x16& a, const f32x16& T) {
   i32x16 c = {};
-  for (int j = 0; j < L; ++j) c += a >= T[j] ? one : i32x16{};
-  c = v == hi ? top : c;
+  for (int step = (L + 1) / 2; step >= 1; step /= 2) {
+    const f32x16 probe =
+        as<f32x16>(_mm512_maskz_permutexvar_ps(0xffff, as<__m512i>(c + (step - 1)), as<__m512>(T)));
+    c = a >= probe ? c + step : c;
+  }
+  return c;
+}
+// One group per vector, few levels: the thresholds (broadcast from memory) counted.
+template <int L>
+KV_INLINE i32x16 levels_reached(const f32x16& a, const float (&T)[L]) {
+  i32x16 c = {};
+  for (int j = 0; j < L; ++j) c = a >= T[j] ? c + 1 : c;
+  return c;
+}
+// One group per lane (T[j] holds each lane's threshold j): the thresholds still in question
+// (R, halved every step) are chosen lane by lane with selects.
+template <int L>
+KV_INLINE i32x16 levels_reached(const f32x16& a, const f32x16 (&T)[L]) {
+  f32x16 R[L];
+  for (int j = 0; j < L; ++j) R[j] = T[j];
+  i32x16 c = {};
+  for (int size = L; size > 0; size /= 2) {
+    const int half = size / 2;  // R[half] is the probe; R[0 .. half) or R(half .. size) remain
+    const i32x16 reached = a >= R[half];
+    c = reached ? c + (half + 1) : c;
+    for (int k = 0; k < half; ++k) R[k] = reached ? R[half + 1 + k] : R[k];
+  }
+  return c;
+}
+
+// Codes of 16 values v reaching c levels (of |v|, symmetric). With `Pin`, the extremes are
+// pinned and S = 0 gives the flat code; without, the group(s) must need neither (see
+// pins_matter). Lo, Hi and Scale are vectors (one group per lane) or scalars (one group per
+// vector).
+template <int L, bool Symmetric, bool Pin, class Bound>
+KV_INLINE u32x16 pinned_codes(const f32x16& v, i32x16 c, const Bound& lo, const Bound& hi,
+                              const Bound& scale) {
+  if constexpr (Pin) c = v == hi ? splat<i32x16>(L) : c;
   if constexpr (Symmetric) {
-    c = v == lo ? top : c;
+    if constexpr (Pin) c = v == lo ? splat<i32x16>(L) : c;
     c = v < 0.0f ? -c : c;
-    c = scale == 0.0f ? i32x16{} : c;
+    if constexpr (Pin) c = scale == 0.0f ? i32x16{} : c;
     c += L + 1;
   } else {
-    c = v == lo ? i32x16{} : c;
-    c = scale == 0.0f ? i32x16{} : c;
+    if constexpr (Pin) c = v == lo ? i32x16{} : c;
+    if constexpr (Pin) c = scale == 0.0f ? i32x16{} : c;
   }
   return as<u32x16>(c);
 }
 
+// Whether pinned_codes needs its `Pin` work: for a flat group (S = 0), or where pinning can
+// change a code. It cannot when the max (max|x|, symmetric) already reaches the top level,
+// T[L - 1], and the min (asymmetric) no level, T[0]; that is the rule, as the smallest S puts
+// the max within an f16 ulp of S of the top level. Lanes or scalars.
+template <bool Symmetric, class Bound>
+KV_INLINE auto pins_matter(const Bound& lo, const Bound& hi, const Bound& scale,
+                           const Bound& first_threshold, const Bound& last_threshold) {
+  // (No NaN here: the values are finite, and so are their thresholds.)
+  if constexpr (Symmetric)
+    return (hi < last_threshold) | (scale == 0.0f);
+  else
+    return (hi < last_threshold) | (lo >= first_threshold) | (scale == 0.0f);
+}
+
 // The sign of a zero minimum: the scalar loop keeps the first value equal to the minimum.
+// at(l, i) is value i of group l.
 template <class At>
-KV_INLINE float first_zero_of(At at) {
-  for (int64_t i = 0;; ++i)
-    if (at(i) == 0.0f) return at(i);
+KV_INLINE void settle_zero_minima(f32x16& mn, At at) {
+  if (!hor(mn == 0.0f ? splat<u32x16>(1u) : u32x16{})) return;
+  for (int l = 0; l < W; ++l)
+    if (mn[l] == 0.0f)
+      for (int64_t i = 0;; ++i)
+        if (at(l, i) == 0.0f) {
+          mn[l] = at(l, i);
+          break;
+        }
+}
+
+// The codes of 16 groups down adjacent columns, as quantize_columns16 lays them out: group l's
+// codes are `bits` little-endian words, lane l of w[0 .. bits). Each word is built in a register
+// (an array of words indexed by i / per_word would make GCC update it in memory).
+template <int bits, bool Symmetric, bool Pin, class In, int L>
+KV_INLINE void column_codes(const In* x, int64_t stride, const Grids& g, const f32x16 (&T)[L],
+                            uint32_t (&w)[bits][W]) {
+  constexpr int per_word = 32 / bits;
+  for (int k = 0; k < bits; ++k) {
+    u32x16 word = {};
+    for (int j = 0; j < per_word; ++j) {
+      const f32x16 v = load_values(x + (k * per_word + j) * stride);
+      const i32x16 c = levels_reached<L>(Symmetric ? abs(v) : v, T);
+      word |= pinned_codes<L, Symmetric, Pin>(v, c, g.lo, g.hi, g.scale) << (bits * j);
+    }
+    store(w[k], word);
+  }
 }
 
 // 16 groups of 32 values down adjacent columns: group l's value i at x[i * stride + l].
-template <int bits, bool Symmetric>
-KV_INLINE bool quantize_columns16(const float* x, int64_t stride, uint16_t* scales, uint16_t* zeros,
+template <int bits, bool Symmetric, class In>
+KV_INLINE bool quantize_columns16(const In* x, int64_t stride, uint16_t* scales, uint16_t* zeros,
                                   uint8_t* codes) {
   constexpr int L = kLevels<bits, Symmetric>;
-  f32x16 mn = load<f32x16>(x), mx = mn;
+  f32x16 mn = load_values(x), mx = mn;
   u32x16 top = {};
   for (int64_t i = 0; i < kGroup; ++i) {
-    const f32x16 v = load<f32x16>(x + i * stride);
-    mn = v < mn ? v : mn;
-    mx = v > mx ? v : mx;
-    const u32x16 m = magnitude_bits(v);
-    top = m > top ? m : top;
+    const f32x16 v = load_values(x + i * stride);
+    mn = min_of(mn, v);
+    mx = max_of(mx, v);
+    top = max_of(top, magnitude_bits(v));
   }
   if (hmax(top) >= 0x7f800000u) return false;
-  if (hor(mn == 0.0f ? splat<u32x16>(1u) : u32x16{}))
-    for (int l = 0; l < W; ++l)
-      if (mn[l] == 0.0f) mn[l] = first_zero_of([&](int64_t i) { return x[i * stride + l]; });
-  Grids<L> g;
+  settle_zero_minima(mn, [&](int l, int64_t i) { return value_at(x + i * stride + l); });
+  Grids g;
   if (!make_grids<L, Symmetric>(mn, mx, g)) return false;
   store_f16_bits(scales, g.scale_bits, W);
   if (!Symmetric) store_f16_bits(zeros, g.zero_bits, W);
-  constexpr int per_word = 32 / bits;
-  u32x16 words[bits] = {};
-  for (int64_t i = 0; i < kGroup; ++i) {
-    const u32x16 c =
-        codes16<L, Symmetric>(load<f32x16>(x + i * stride), g.threshold, g.lo, g.hi, g.scale);
-    words[i / per_word] |= c << (bits * (i % per_word));
-  }
-  // Group l's codes are `bits` little-endian words, lane l of each.
+  f32x16 T[L];
+  lane_thresholds(g, T);
   alignas(64) uint32_t w[bits][W];
-  for (int k = 0; k < bits; ++k) store(w[k], words[k]);
+  if (hor(as<u32x16>(pins_matter<Symmetric>(g.lo, g.hi, g.scale, T[0], T[L - 1]))))
+    column_codes<bits, Symmetric, true>(x, stride, g, T, w);
+  else
+    column_codes<bits, Symmetric, false>(x, stride, g, T, w);
   for (int l = 0; l < W; ++l)
     for (int k = 0; k < bits; ++k) std::memcpy(codes + (l * bits + k) * 4, &w[k][l], 4);
   return true;
 }
 
+// The codes of 32 values (c0: values 0..15, c1: 16..31, each below 2^bits, bits 2 or 4)
+// packed LSB-first into bits * 4 bytes: each 64-bit lane holds codes 2k and 2k + 1, which one
+// shift and OR put side by side in its low byte; 2-bit pairs are then paired once more.
+template <int bits>
+KV_INLINE void pack_codes32(const u32x16& c0, const u32x16& c1, uint8_t* out) {
+  const u64x8 p0 = as<u64x8>(c0), p1 = as<u64x8>(c1);
+  const u8x8 b0 = __builtin_convertvector(p0 | (p0 >> (32 - bits)), u8x8);
+  const u8x8 b1 = __builtin_convertvector(p1 | (p1 >> (32 - bits)), u8x8);
+  if constexpr (bits == 4) {
+    std::memcpy(out, &b0, 8);
+    std::memcpy(out + 8, &b1, 8);
+  } else {
+    const u16x8 nibbles = as<u16x8>(
+        __builtin_shufflevector(b0, b1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    const u8x8 bytes = __builtin_convertvector(nibbles | (nibbles >> 4), u8x8);
+    std::memcpy(out, &bytes, 8);
+  }
+}
+
 // Up to 16 groups of 32 contiguous values, group g at x + g * stride.
-template <int bits, bool Symmetric>
-KV_INLINE bool quantize_rows16(const float* x, int64_t n, int64_t stride, uint16_t* scales,
+template <int bits, bool Symmetric, class In>
+KV_INLINE bool quantize_rows16(const In* x, int64_t n, int64_t stride, uint16_t* scales,
                                uint16_t* zeros, uint8_t* codes) {
   constexpr int L = kLevels<bits, Symmetric>;
-  alignas(64) float mn[W] = {}, mx[W] = {};
-  for (int64_t l = 0; l < n; ++l) {
-    const float* xg = x + l * stride;
-    const f32x16 a0 = load<f32x16>(xg), a1 = load<f32x16>(xg + 16);
-    const u32x16 m0 = magnitude_bits(a0), m1 = magnitude_bits(a1);
-    if (hmax(m1 > m0 ? m1 : m0) >= 0x7f800000u) return false;
-    mn[l] = hmin(a1 < a0 ? a1 : a0);
-    mx[l] = hmax(a1 > a0 ? a1 : a0);
-    if (mn[l] == 0.0f) mn[l] = first_zero_of([&](int64_t i) { return xg[i]; });
+  f32x16 lo[W], hi[W];
+  u32x16 top = {};
+  for (int l = 0; l < W; ++l) {
+    if (l >= n) {
+      lo[l] = hi[l] = splat<f32x16>(1.0f);  // a constant group: no zero minimum to settle
+      continue;
+    }
+    const In* xg = x + l * stride;
+    const f32x16 a0 = load_values(xg), a1 = load_values(xg + 16);
+    lo[l] = min_of(a0, a1);
+    hi[l] = max_of(a0, a1);
+    top = max_of(top, max_of(magnitude_bits(a0), magnitude_bits(a1)));
   }
-  Grids<L> g;
-  if (!make_grids<L, Symmetric>(load<f32x16>(mn), load<f32x16>(mx), g)) return false;
+  if (hmax(top) >= 0x7f800000u) return false;
+  f32x16 mn = reduce_each(lo, Min{});
+  const f32x16 mx = reduce_each(hi, Max{});
+  settle_zero_minima(mn, [&](int l, int64_t i) { return value_at(x + l * stride + i); });
+  Grids g;
+  if (!make_grids<L, Symmetric>(mn, mx, g)) return false;
   store_f16_bits(scales, g.scale_bits, n);
   if (!Symmetric) store_f16_bits(zeros, g.zero_bits, n);
-  alignas(64) float T[L][W], lo[W], hi[W], scale[W];
-  for (int j = 0; j < L; ++j) store(T[j], g.threshold[j]);
-  store(lo, g.lo);
-  store(hi, g.hi);
-  store(scale, g.scale);
-  // Code i of a group sits at bit bits * i of its words: lane shifts within each word.
-  const u32x16 shift = bits * (lane_index() % (32 / bits));
+  alignas(64) float lo_of[W], hi_of[W], scale_of[W], zero_of[W];
+  store(lo_of, g.lo);
+  store(hi_of, g.hi);
+  store(scale_of, g.scale);
+  store(zero_of, g.zero);
+  // Few levels: the thresholds computed in lanes for the batch, then counted from memory; more:
+  // each group's thresholds in the lanes of one vector, for a binary search.
+  constexpr bool few = L <= 3;
+  alignas(64) float lane_T[few ? L : 1][W];
+  if constexpr (few) {
+    f32x16 T[L];
+    lane_thresholds(g, T);
+    for (int j = 0; j < L; ++j) store(lane_T[j], T[j]);
+  }
   for (int64_t l = 0; l < n; ++l) {
-    const float* xg = x + l * stride;
-    float t[L];
-    for (int j = 0; j < L; ++j) t[j] = T[j][l];
-    u32x16 c[2];
-    for (int k = 0; k < 2; ++k)
-      c[k] = codes16<L, Symmetric>(load<f32x16>(xg + 16 * k), t, lo[l], hi[l], scale[l]) << shift;
-    uint32_t w[bits];
-    if constexpr (bits == 2) {
-      w[0] = hor(c[0]);
-      w[1] = hor(c[1]);
+    const In* xg = x + l * stride;
+    float group_T[L];
+    f32x16 T = {};
+    if constexpr (few) {
+      for (int j = 0; j < L; ++j) group_T[j] = lane_T[j][l];
     } else {
-      w[0] = hor(low(c[0]));
-      w[1] = hor(high(c[0]));
-      w[2] = hor(low(c[1]));
-      w[3] = hor(high(c[1]));
+      T = group_thresholds(scale_of[l], zero_of[l]);
+      group_T[0] = T[0];
+      group_T[L - 1] = T[L - 1];
     }
-    std::memcpy(codes + l * bits * 4, w, sizeof w);
+    auto codes_of = [&](auto pin) {
+      u32x16 c[2];
+      for (int k = 0; k < 2; ++k) {
+        const f32x16 v = load_values(xg + 16 * k);
+        const f32x16 a = Symmetric ? abs(v) : v;
+        const i32x16 reached = few ? levels_reached<L>(a, group_T) : levels_reached<L>(a, T);
+        c[k] = pinned_codes<L, Symmetric, decltype(pin)::value>(v, reached, lo_of[l], hi_of[l],
+                                                                scale_of[l]);
+      }
+      pack_codes32<bits>(c[0], c[1], codes + l * bits * 4);
+    };
+    if (pins_matter<Symmetric>(lo_of[l], hi_of[l], scale_of[l], group_T[0], group_T[L - 1]))
+      codes_of(std::true_type{});
+    else
+      codes_of(std::false_type{});
   }
   return true;
 }
@@ -829,21 +1021,30 @@ KV_INLINE f32x16 dequantize16(const u32x16& q, const Value& scale, const Value& 
   }
 }
 
+// Up to kColumnBatches batches of 16 groups down adjacent columns (group g's value i at
+// out[i * stride + g]), written row by row: a batch at a time, the stores would go down 32 rows
+// with a stride, which the hardware does not stream (kv-compress's keys decoded at a quarter of
+// the speed of values).
 template <int bits, bool Symmetric>
 KV_INLINE void dequantize_columns16(const uint8_t* codes, const uint16_t* scales,
-                                    const uint16_t* zeros, int64_t stride, float* out) {
-  const f32x16 S = f16_to_f32(load_f16_bits(scales));
-  const f32x16 Z = Symmetric ? f32x16{} : f16_to_f32(load_f16_bits(zeros));
-  alignas(64) uint32_t w[bits][W];
-  for (int l = 0; l < W; ++l)
-    for (int k = 0; k < bits; ++k) std::memcpy(&w[k][l], codes + (l * bits + k) * 4, 4);
-  u32x16 words[bits];
-  for (int k = 0; k < bits; ++k) words[k] = load<u32x16>(w[k]);
-  constexpr int per_word = 32 / bits;
-  for (int64_t i = 0; i < kGroup; ++i) {
-    const u32x16 q = (words[i / per_word] >> (bits * (i % per_word))) & ((1u << bits) - 1);
-    store(out + i * stride, dequantize16<Symmetric, bits>(q, S, Z));
+                                    const uint16_t* zeros, int64_t batches, int64_t stride,
+                                    float* out) {
+  f32x16 S[kColumnBatches], Z[kColumnBatches];
+  alignas(64) uint32_t w[kColumnBatches][bits][W];  // batch b: word k of group l at w[b][k][l]
+  for (int64_t b = 0; b < batches; ++b) {
+    S[b] = f16_to_f32(load_f16_bits(scales + b * W));
+    Z[b] = Symmetric ? f32x16{} : f16_to_f32(load_f16_bits(zeros + b * W));
+    const uint8_t* c = codes + b * W * bits * 4;
+    for (int l = 0; l < W; ++l)
+      for (int k = 0; k < bits; ++k) std::memcpy(&w[b][k][l], c + (l * bits + k) * 4, 4);
   }
+  constexpr int per_word = 32 / bits;
+  for (int64_t i = 0; i < kGroup; ++i)
+    for (int64_t b = 0; b < batches; ++b) {
+      const u32x16 q =
+          (load<u32x16>(w[b][i / per_word]) >> (bits * (i % per_word))) & ((1u << bits) - 1);
+      store(out + i * stride + b * W, dequantize16<Symmetric, bits>(q, S[b], Z[b]));
+    }
 }
 
 template <int bits, bool Symmetric>
@@ -879,36 +1080,44 @@ KV_INLINE void dequantize_rows16(const uint8_t* codes, const uint16_t* scales,
                : ((symmetric) ? kernel<4, true> args : kernel<4, false> args))
 
 namespace avx512 {
-bool encode_q8_0(const float* x, int64_t nb, uint8_t* out) {
-  return vec::encode_blocks16<false>(x, nb, out);
-}
-bool encode_q4_0(const float* x, int64_t nb, uint8_t* out) {
-  return vec::encode_blocks16<true>(x, nb, out);
-}
+// The encoders for float and for f16 input (plain functions, so that the target applies).
+#define KV_ENCODERS(In)                                                                            \
+  bool encode_q8_0(const In* x, int64_t nb, uint8_t* out) {                                        \
+    return vec::encode_blocks16<false>(x, nb, out);                                                \
+  }                                                                                                \
+  bool encode_q4_0(const In* x, int64_t nb, uint8_t* out) {                                        \
+    return vec::encode_blocks16<true>(x, nb, out);                                                 \
+  }                                                                                                \
+  bool quantize_rows(const In* x, int64_t n, int64_t stride, int bits, bool sym, uint16_t* s,      \
+                     uint16_t* z, uint8_t* c) {                                                    \
+    return KV_BY_WIDTH(vec::quantize_rows16, bits, sym, (x, n, stride, s, z, c));                  \
+  }                                                                                                \
+  bool quantize_columns(const In* x, int64_t stride, int bits, bool sym, uint16_t* s, uint16_t* z, \
+                        uint8_t* c) {                                                              \
+    return KV_BY_WIDTH(vec::quantize_columns16, bits, sym, (x, stride, s, z, c));                  \
+  }
+KV_ENCODERS(float)
+KV_ENCODERS(uint16_t)
+#undef KV_ENCODERS
+
 void decode_q8_0(const uint8_t* in, int64_t nb, float* out) {
   vec::decode_blocks16<false>(in, nb, out);
 }
 void decode_q4_0(const uint8_t* in, int64_t nb, float* out) {
   vec::decode_blocks16<true>(in, nb, out);
 }
-bool quantize_rows(const float* x, int64_t n, int64_t stride, int bits, bool sym, uint16_t* s,
-                   uint16_t* z, uint8_t* c) {
-  return KV_BY_WIDTH(vec::quantize_rows16, bits, sym, (x, n, stride, s, z, c));
-}
-bool quantize_columns(const float* x, int64_t stride, int bits, bool sym, uint16_t* s, uint16_t* z,
-                      uint8_t* c) {
-  return KV_BY_WIDTH(vec::quantize_columns16, bits, sym, (x, stride, s, z, c));
-}
 void dequantize_rows(const uint8_t* c, const uint16_t* s, const uint16_t* z, int64_t n,
                      int64_t stride, int bits, bool sym, float* out) {
   KV_BY_WIDTH(vec::dequantize_rows16, bits, sym, (c, s, z, n, stride, out));
 }
-void dequantize_columns(const uint8_t* c, const uint16_t* s, const uint16_t* z, int64_t stride,
-                        int bits, bool sym, float* out) {
-  KV_BY_WIDTH(vec::dequantize_columns16, bits, sym, (c, s, z, stride, out));
+void dequantize_columns(const uint8_t* c, const uint16_t* s, const uint16_t* z, int64_t batches,
+                        int64_t stride, int bits, bool sym, float* out) {
+  KV_BY_WIDTH(vec::dequantize_columns16, bits, sym, (c, s, z, batches, stride, out));
 }
-const Kernels kernels{encode_q8_0,   encode_q4_0,      decode_q8_0,     decode_q4_0,
-                      quantize_rows, quantize_columns, dequantize_rows, dequantize_columns};
+template <class In>
+constexpr EncodeKernels<In> encoders{encode_q8_0, encode_q4_0, quantize_rows, quantize_columns};
+const Kernels kernels{encoders<float>, encoders<uint16_t>, decode_q8_0,
+                      decode_q4_0,     dequantize_rows,    dequantize_columns};
 }  // namespace avx512
 
 #pragma GCC pop_options
@@ -940,15 +1149,15 @@ const Kernels* vector_kernels() {
   return nullptr;
 }
 
-void encode_block_batches(const char* what, const float* x, int64_t n, uint8_t* out,
-                          size_t block_bytes, bool (*kernel)(const float*, int64_t, uint8_t*)) {
-  check_blocks(what, n);
+// The block encoder's kernel over all batches; false if one met NaN/Inf.
+template <class In>
+bool encode_block_batches(const In* x, int64_t n, uint8_t* out, size_t block_bytes,
+                          bool (*kernel)(const In*, int64_t, uint8_t*)) {
   const int64_t nb = n / QK;
-  const bool ok = all_batches((nb + kBatch - 1) / kBatch, n >= parallel_min, [&](int64_t i) {
+  return all_batches((nb + kBatch - 1) / kBatch, n >= parallel_min, [&](int64_t i) {
     const int64_t b = i * kBatch;
     return kernel(x + b * QK, std::min(kBatch, nb - b), out + size_t(b) * block_bytes);
   });
-  if (!ok) throw_nonfinite(what, x, n);
 }
 
 void decode_block_batches(const uint8_t* in, int64_t n, float* out, size_t block_bytes,
@@ -966,6 +1175,43 @@ bool vector_groups(const UniformParams& p) {
   return p.group == 32 && (p.bits == 2 || p.bits == 4);
 }
 
+// quantize_groups' vector part: the groups from the first up to the first batch a kernel left
+// (NaN/Inf, or out of f16's range), or up to the last whole batch of columns; returns how many
+// were coded. 0 without a kernel for these parameters.
+template <class In>
+int64_t quantize_vector_groups(const In* x, int64_t groups, int64_t group_stride,
+                               int64_t value_stride, const UniformParams& p, uint16_t* scales,
+                               uint16_t* zeros, uint8_t* codes) {
+  const Kernels* k = vector_kernels();
+  if (!k || !vector_groups(p)) return 0;
+  const EncodeKernels<In>& kernel = k->encoders(x);
+  const int64_t group_bytes = p.group * p.bits / 8;
+  auto at = [&](int64_t g) {
+    return std::tuple(scales + g, zeros ? zeros + g : nullptr, codes + g * group_bytes);
+  };
+  int64_t g = 0;
+  if (value_stride == 1) {
+    for (; g < groups; g += kBatch) {
+      const auto [s, z, c] = at(g);
+      if (!kernel.quantize_rows(x + g * group_stride, std::min(kBatch, groups - g), group_stride,
+                                p.bits, p.symmetric, s, z, c))
+        break;
+    }
+  } else if (group_stride == 1) {
+    // A batch reads down the rows 16 columns at a time, an order the hardware prefetchers do not
+    // follow from memory: every row's values are asked for up front.
+    const int64_t row_bytes = groups * int64_t(sizeof(In));
+    for (int64_t i = 0; i < p.group; ++i)
+      for (int64_t byte = 0; byte < row_bytes; byte += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(x + i * value_stride) + byte);
+    for (; g + kBatch <= groups; g += kBatch) {
+      const auto [s, z, c] = at(g);
+      if (!kernel.quantize_columns(x + g, value_stride, p.bits, p.symmetric, s, z, c)) break;
+    }
+  }
+  return std::min(g, groups);
+}
+
 }  // namespace
 
 // ---- q8_0 / q4_0 -----------------------------------------------------------------------------
@@ -981,15 +1227,35 @@ size_t q4_0_bytes(int64_t n) {
 }
 
 void encode_q8_0(const float* x, int64_t n, uint8_t* out) {
-  if (const Kernels* k = vector_kernels())
-    return encode_block_batches("q8_0", x, n, out, 34, k->encode_q8_0);
+  if (const Kernels* k = vector_kernels()) {
+    check_blocks("q8_0", n);
+    if (!encode_block_batches(x, n, out, 34, k->from_f32.encode_q8_0))
+      throw_nonfinite("q8_0", x, n);
+    return;
+  }
   encode_blocks("q8_0", x, n, out, 34, encode_q8_0_block);
 }
 
 void encode_q4_0(const float* x, int64_t n, uint8_t* out) {
-  if (const Kernels* k = vector_kernels())
-    return encode_block_batches("q4_0", x, n, out, 18, k->encode_q4_0);
+  if (const Kernels* k = vector_kernels()) {
+    check_blocks("q4_0", n);
+    if (!encode_block_batches(x, n, out, 18, k->from_f32.encode_q4_0))
+      throw_nonfinite("q4_0", x, n);
+    return;
+  }
   encode_blocks("q4_0", x, n, out, 18, encode_q4_0_block);
+}
+
+bool encode_q8_0_f16(const uint16_t* x, int64_t n, uint8_t* out) {
+  check_blocks("q8_0", n);
+  const Kernels* k = vector_kernels();
+  return k && encode_block_batches(x, n, out, 34, k->from_f16.encode_q8_0);
+}
+
+bool encode_q4_0_f16(const uint16_t* x, int64_t n, uint8_t* out) {
+  check_blocks("q4_0", n);
+  const Kernels* k = vector_kernels();
+  return k && encode_block_batches(x, n, out, 18, k->from_f16.encode_q4_0);
 }
 
 void decode_q8_0(const uint8_t* in, int64_t n, float* out) {
@@ -1127,31 +1393,11 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
 
 void quantize_groups(const float* x, int64_t groups, int64_t group_stride, int64_t value_stride,
                      const UniformParams& p, uint16_t* scales, uint16_t* zeros, uint8_t* codes) {
-  const char* what = "uniform quantization";
-  check_params(p);
-  check_count(what, groups);
-  check_uniform_call(what, groups * p.group, p, scales, zeros);
+  check_groups_call("uniform quantization", groups, p, scales, zeros);
   const int64_t len = p.group;
-  int64_t g = 0;  // groups before g are done
-  if (const Kernels* k = vector_kernels(); k && vector_groups(p)) {
-    const int64_t group_bytes = len * p.bits / 8;
-    auto at = [&](int64_t g) {
-      return std::tuple(scales + g, zeros ? zeros + g : nullptr, codes + g * group_bytes);
-    };
-    if (value_stride == 1) {
-      for (; g < groups; g += kBatch) {
-        const auto [s, z, c] = at(g);
-        if (!k->quantize_rows(x + g * group_stride, std::min(kBatch, groups - g), group_stride,
-                              p.bits, p.symmetric, s, z, c))
-          break;
-      }
-    } else if (group_stride == 1) {
-      for (; g + kBatch <= groups; g += kBatch) {
-        const auto [s, z, c] = at(g);
-        if (!k->quantize_columns(x + g, value_stride, p.bits, p.symmetric, s, z, c)) break;
-      }
-    }
-  }
+  // Groups before g are done.
+  const int64_t g =
+      quantize_vector_groups(x, groups, group_stride, value_stride, p, scales, zeros, codes);
   if (g >= groups) return;
   // The scalar path for the rest (and for a batch a kernel left: it throws the error there).
   // Groups whose codes fill whole bytes (all the kernels code) start on a byte of `codes`.
@@ -1168,12 +1414,18 @@ void quantize_groups(const float* x, int64_t groups, int64_t group_stride, int64
   pack_codes(q.data(), (groups - g) * len, p.bits, codes + g * len * p.bits / 8);
 }
 
+bool quantize_groups_f16(const uint16_t* x, int64_t groups, int64_t group_stride,
+                         int64_t value_stride, const UniformParams& p, uint16_t* scales,
+                         uint16_t* zeros, uint8_t* codes) {
+  check_groups_call("uniform quantization", groups, p, scales, zeros);
+  return quantize_vector_groups(x, groups, group_stride, value_stride, p, scales, zeros, codes) ==
+         groups;
+}
+
 void dequantize_groups(const uint8_t* codes, const uint16_t* scales, const uint16_t* zeros,
                        int64_t groups, int64_t group_stride, int64_t value_stride,
                        const UniformParams& p, float* out) {
-  check_params(p);
-  check_count("uniform dequantization", groups);
-  check_uniform_call("uniform dequantization", groups * p.group, p, scales, zeros);
+  check_groups_call("uniform dequantization", groups, p, scales, zeros);
   const int64_t len = p.group;
   int64_t g = 0;
   if (const Kernels* k = vector_kernels(); k && vector_groups(p)) {
@@ -1185,8 +1437,9 @@ void dequantize_groups(const uint8_t* codes, const uint16_t* scales, const uint1
                            std::min(kBatch, groups - g), group_stride, p.bits, p.symmetric,
                            out + g * group_stride);
     } else if (group_stride == 1) {
-      for (; g + kBatch <= groups; g += kBatch)
-        k->dequantize_columns(codes + g * group_bytes, scales + g, z ? z + g : nullptr,
+      for (int64_t batches; (batches = std::min(kColumnBatches, (groups - g) / kBatch)) > 0;
+           g += batches * kBatch)
+        k->dequantize_columns(codes + g * group_bytes, scales + g, z ? z + g : nullptr, batches,
                               value_stride, p.bits, p.symmetric, out + g);
     }
   }

@@ -201,6 +201,78 @@ TEST(Encoding, Fp8CodesAreTheFormatsOfTheScaledValues) {
   for (size_t i = 0; i < x.size(); ++i) EXPECT_NEAR(y[i], x[i], std::fabs(x[i]) * 0.125f + 1e-6f);
 }
 
+// f16 layers are coded straight from their bits when no rotation comes first (the vector
+// kernels take f16): the arrays must be those of an f32 layer holding the same values, at every
+// SIMD level, and NaN/Inf must give the same error. Heads of 300 rows (KIVI keys end on a
+// partial group of rows, left to the float path), 37 and 64.
+TEST(Encoding, F16LayersCodeLikeTheirFloatValues) {
+  const Layout l(128, {300, 37, 64});
+  const int64_t rows = l.offsets.back();
+  std::vector<float> x = gaussian(l.values(), 11);
+  for (int64_t i = 0; i < 128; ++i) {
+    x[size_t(128 * 7 + i)] = i % 3 ? 0.0f : -0.0f;                       // a row of zeros
+    x[size_t(128 * 40 + i)] = 5.0f + 0.001f * float(i % 7);              // offset values
+    x[size_t(128 * 41 + i)] = std::ldexp(x[size_t(128 * 41 + i)], -18);  // f16 subnormals
+  }
+  x[128 * 50 + 3] = 60000.0f;  // near f16's max
+  std::vector<Encoding> encodings;
+  for (const char* name : {"kivi", "uniform"})
+    for (char role : {'k', 'v'})
+      for (int bits : {2, 4})
+        for (bool symmetric : {false, true}) {
+          Encoding e = scheme(name, role);
+          e.bits = bits;
+          e.symmetric = symmetric;
+          encodings.push_back(e);
+        }
+  for (const char* name : {"q8_0", "q4_0", "fp8"}) encodings.push_back(scheme(name));
+  encodings.push_back(scheme("fp8"));
+  encodings.back().fp8_format = "e5m2";
+  encodings.push_back(scheme("q4_0"));
+  encodings.back().hadamard = true;  // rotated first: the float path for both
+  const kv::quant::Simd widest = kv::quant::simd_supported();
+  for (kv::quant::Simd level : {kv::quant::Simd::scalar, widest}) {
+    kv::quant::set_simd_level(level);
+    for (const Encoding& e : encodings) {
+      SCOPED_TRACE(testing::Message()
+                   << e.scheme << " " << e.bits << " bits, axis " << e.axis
+                   << (e.symmetric ? ", symmetric" : "") << ", level " << int(level));
+      const kv::Tensor half = kv::Tensor::from_f32(kv::DType::f16, rows, 128, x.data());
+      const std::vector<float> values = half.to_f32();
+      const kv::Tensor full = kv::Tensor::from_f32(kv::DType::f32, rows, 128, values.data());
+      const kv::Encoded from_half = kv::encode(e, half, l.rows());
+      const kv::Encoded from_full = kv::encode(e, full, l.rows());
+      ASSERT_EQ(from_half.arrays.size(), from_full.arrays.size());
+      for (size_t a = 0; a < from_half.arrays.size(); ++a) {
+        EXPECT_EQ(from_half.arrays[a].name, from_full.arrays[a].name);
+        EXPECT_TRUE(from_half.arrays[a].bytes == from_full.arrays[a].bytes)
+            << from_half.arrays[a].name;
+      }
+      // NaN or Inf in the first head's coded rows: the same message (entry and channel named).
+      for (float bad : {NAN, INFINITY}) {
+        std::vector<float> y = values;
+        y[size_t(20 * 128 + 77)] = bad;
+        const kv::Tensor bad_half = kv::Tensor::from_f32(kv::DType::f16, rows, 128, y.data());
+        const kv::Tensor bad_full = kv::Tensor::from_f32(kv::DType::f32, rows, 128, y.data());
+        std::string half_error, full_error;
+        try {
+          kv::encode(e, bad_half, l.rows());
+        } catch (const kv::Error& err) {
+          half_error = err.what();
+        }
+        try {
+          kv::encode(e, bad_full, l.rows());
+        } catch (const kv::Error& err) {
+          full_error = err.what();
+        }
+        EXPECT_NE(half_error, "");
+        EXPECT_EQ(half_error, full_error);
+      }
+    }
+  }
+  kv::quant::set_simd_level(widest);
+}
+
 TEST(Encoding, FullRankSvdReconstructsAndRankTruncates) {
   Layout l(16, {50, 7});
   const auto x = gaussian(l.values(), 8);

@@ -15,6 +15,7 @@
 
 #include "kv/error.h"
 #include "kv/fp8.h"
+#include "kv/quant.h"
 
 namespace fp8 = kv::fp8;
 using fp8::Format;
@@ -411,3 +412,40 @@ TEST(Fp8, BadScaleOrCountThrows) {
 }
 
 }  // namespace
+
+// The vector paths against the scalar code, bit for bit: encode_array's loop (compiled for the
+// CPU's vector width) against encode() on every rounding input above and NaNs of both signs,
+// and decode_array at each kv::quant SIMD level against decode() * scale on all 256 codes (in
+// an order that is not the codes' own, with a tail shorter than a vector).
+TEST(Fp8, VectorPathsMatchTheScalarCode) {
+  std::mt19937 rng(99);
+  for (Format f : formats) {
+    SCOPED_TRACE(fp8::format_name(f));
+    std::vector<float> in = rounding_inputs(f, rng);
+    for (uint32_t nan : {0x7fc00000u, 0xffc00000u, 0x7f800001u, 0xff812345u})
+      in.insert(in.begin() + 100, std::bit_cast<float>(nan));
+    std::vector<uint8_t> codes(in.size());
+    fp8::encode_array(in.data(), int64_t(in.size()), 1.0f, f, codes.data());  // x * 1 is x
+    int failures = 0;
+    for (size_t i = 0; i < in.size(); ++i)
+      if (codes[i] != fp8::encode(in[i], f) && ++failures <= 10)
+        ADD_FAILURE() << std::hexfloat << in[i] << ": " << int(codes[i]) << " vs "
+                      << int(fp8::encode(in[i], f));
+    EXPECT_EQ(failures, 0);
+
+    std::vector<uint8_t> all(256 * 3 + 13);
+    for (size_t i = 0; i < all.size(); ++i) all[i] = uint8_t(i * 37 + i / 256);
+    for (float scale : {1.0f, 0.37f, 3e-5f, 1234.5f}) {
+      const kv::quant::Simd widest = kv::quant::simd_supported();
+      for (kv::quant::Simd level : {kv::quant::Simd::scalar, widest}) {
+        kv::quant::set_simd_level(level);
+        std::vector<float> out(all.size());
+        fp8::decode_array(all.data(), int64_t(all.size()), scale, f, out.data());
+        for (size_t i = 0; i < all.size(); ++i)
+          ASSERT_EQ(bits(out[i]), bits(fp8::decode(all[i], f) * scale))
+              << "code " << int(all[i]) << " scale " << scale << " level " << int(level);
+      }
+      kv::quant::set_simd_level(widest);
+    }
+  }
+}

@@ -867,8 +867,9 @@ TEST(QuantVector, BlocksMatchTheScalarPath) {
     if (blocks > 16) {
       std::fill(x.begin() + 16 * 32, x.begin() + 17 * 32, 8.4e6f);  // q8_0 scale overflows f16
       x[16 * 32 + 5] = -1e-38f;
-      std::fill(x.begin() + 18 * 32, x.begin() + 19 * 32, 1e-38f);  // 1/d overflows (q8_0)
     }
+    if (blocks > 18)                                                // (17 blocks have no block 18)
+      std::fill(x.begin() + 18 * 32, x.begin() + 19 * 32, 1e-38f);  // 1/d overflows (q8_0)
     const int64_t n = int64_t(x.size());
     Outcome ref8, ref4;
     Floats dec8, dec4;
@@ -926,8 +927,10 @@ TEST(QuantVector, GroupsMatchTheScalarPath) {
     int64_t groups, group_stride, value_stride;
   };
   // Rows (groups along a row, contiguous or with a gap) and columns (groups down D channels:
-  // D = 48 fills three batches, D = 20 leaves a tail of 4 to the scalar path).
-  const Layout layouts[] = {{37, 32, 1}, {16, 40, 1}, {1, 32, 1}, {48, 1, 48}, {20, 1, 20}};
+  // D = 48 fills three batches, D = 20 leaves a tail of 4 to the scalar path, D = 160 is more
+  // batches than the column decoder takes at once).
+  const Layout layouts[] = {{37, 32, 1}, {16, 40, 1}, {1, 32, 1},
+                            {48, 1, 48}, {20, 1, 20}, {160, 1, 160}};
   for (const Layout& l : layouts)
     for (int bits : {2, 3, 4, 8})
       for (bool symmetric : {false, true}) {
@@ -1010,4 +1013,93 @@ TEST(QuantVector, GroupErrorsMatchTheScalarPath) {
       }
     }
   }
+}
+
+TEST(QuantVector, F16InputMatchesFloatInput) {
+  // The f16 entry points must give the float functions' bytes for the same values, at the
+  // vector level; at the scalar level (or without a kernel for the parameters) they decline.
+  auto to_f16 = [](const Floats& x) {
+    std::vector<uint16_t> b(x.size());
+    for (size_t i = 0; i < x.size(); ++i) b[i] = h(std::clamp(x[i], -65504.0f, 65504.0f));
+    return b;
+  };
+  auto to_float = [](const std::vector<uint16_t>& b) {
+    Floats x(b.size());
+    for (size_t i = 0; i < b.size(); ++i) x[i] = f(b[i]);
+    return x;
+  };
+  // Blocks: edge groups as f16 (ties, zeros of both signs, subnormals, near 65504).
+  for (int64_t blocks : {1, 16, 17, 40}) {
+    const std::vector<uint16_t> half = to_f16(edge_groups(blocks, unsigned(blocks) + 100));
+    const Floats x = to_float(half);
+    const int64_t n = int64_t(x.size());
+    at_each_level([&](q::Simd level) {
+      Bytes b8(q::q8_0_bytes(n)), b4(q::q4_0_bytes(n));
+      const bool done8 = q::encode_q8_0_f16(half.data(), n, b8.data());
+      const bool done4 = q::encode_q4_0_f16(half.data(), n, b4.data());
+      EXPECT_EQ(done8, level != q::Simd::scalar);
+      EXPECT_EQ(done4, level != q::Simd::scalar);
+      if (done8) {
+        EXPECT_EQ(b8, enc_q8(x));
+      }
+      if (done4) {
+        EXPECT_EQ(b4, enc_q4(x));
+      }
+      // NaN and Inf: declined (the float functions then throw).
+      for (uint16_t bad : {uint16_t(0x7e00), uint16_t(0xfc00)}) {
+        std::vector<uint16_t> y = half;
+        y[size_t(n - 7)] = bad;
+        EXPECT_FALSE(q::encode_q8_0_f16(y.data(), n, b8.data()));
+        EXPECT_FALSE(q::encode_q4_0_f16(y.data(), n, b4.data()));
+      }
+    });
+  }
+  // Groups: rows and columns as in GroupsMatchTheScalarPath; 3 and 8 bits have no kernel.
+  struct Layout {
+    int64_t groups, group_stride, value_stride;
+  };
+  const Layout layouts[] = {{37, 32, 1}, {16, 40, 1}, {48, 1, 48}, {20, 1, 20}};
+  for (const Layout& l : layouts)
+    for (int bits : {2, 3, 4, 8})
+      for (bool symmetric : {false, true}) {
+        SCOPED_TRACE(testing::Message()
+                     << "groups " << l.groups << " stride " << l.group_stride << "/"
+                     << l.value_stride << " bits " << bits << (symmetric ? " symmetric" : ""));
+        const q::UniformParams p{bits, 32, symmetric};
+        const int64_t span = (l.groups - 1) * l.group_stride + 31 * l.value_stride + 1;
+        const Floats e = edge_groups(l.groups, unsigned(bits * 5 + l.groups));
+        Floats laid(static_cast<size_t>(span), 0.0f);
+        for (int64_t g = 0; g < l.groups; ++g)
+          for (int64_t i = 0; i < 32; ++i)
+            laid[size_t(g * l.group_stride + i * l.value_stride)] = e[size_t(g * 32 + i)];
+        const std::vector<uint16_t> half = to_f16(laid);
+        const Floats x = to_float(half);
+        auto run = [&](auto quantize, const auto* input) {
+          std::vector<uint16_t> scales(size_t(l.groups)), zeros(size_t(l.groups));
+          Bytes codes(q::uniform_code_bytes(l.groups * 32, bits));
+          const bool done = quantize(input, l.groups, l.group_stride, l.value_stride, p,
+                                     scales.data(), zeros.data(), codes.data());
+          for (auto* v : {&scales, &zeros})
+            for (uint16_t s : *v) codes.insert(codes.end(), {uint8_t(s), uint8_t(s >> 8)});
+          return std::pair(done, codes);
+        };
+        at_each_level([&](q::Simd level) {
+          const auto [done, bytes] = run(q::quantize_groups_f16, half.data());
+          const bool kernel = level != q::Simd::scalar && (bits == 2 || bits == 4) &&
+                              (l.value_stride == 1 || l.groups % 16 == 0);
+          EXPECT_EQ(done, kernel);
+          if (done) {
+            const auto [_, ref] = run(
+                [](auto... a) {
+                  q::quantize_groups(a...);
+                  return true;
+                },
+                x.data());
+            EXPECT_EQ(bytes, ref);
+          }
+          std::vector<uint16_t> y = half;
+          y[size_t((l.groups - 1) * l.group_stride + 9 * l.value_stride)] = 0x7c00;  // Inf
+          EXPECT_FALSE(run(q::quantize_groups_f16, y.data()).first);
+        });
+      }
 }

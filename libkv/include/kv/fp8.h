@@ -16,7 +16,10 @@
 // caches reject NaN before they get here.
 //
 // Errors: impossible sizes or scales throw kv::Error(Exit::usage). encode() and decode() never
-// throw. Everything runs on the calling thread.
+// throw. Everything runs on the calling thread. encode_array is also compiled for AVX-512 and
+// AVX2 (the CPU's widest is used), decode_array has an AVX-512 path (used at
+// kv::quant::simd_level() avx512, so tests can compare the two); their results are encode()'s
+// and decode()'s, bit for bit.
 #pragma once
 #include <cstdint>
 #include <string>

@@ -135,9 +135,9 @@ void decode_uniform(const uint8_t* codes, const uint16_t* scales, const uint16_t
 
 // ---- vector paths -------------------------------------------------------------------------------
 // q8_0/q4_0 encode and decode and quantize_groups/dequantize_groups have AVX-512 kernels (F, BW,
-// DQ, VL), used when the CPU has them; their output is the scalar code's, bit for bit. The
-// scalar code stays the reference, and the path everywhere else: tests force each level to
-// compare them.
+// DQ, VL), used when the CPU has them (and the compiler is GCC); their output is the scalar code's,
+// bit for bit. The scalar code stays the reference, and the path everywhere else: tests force each
+// level to compare them.
 enum class Simd { scalar, avx512 };
 // The widest level this CPU supports.
 Simd simd_supported();
@@ -146,6 +146,18 @@ Simd simd_level();
 // Uses `level`, or the widest supported level below it; returns the level now in use. Not
 // thread-safe against running encoders: for tests and benchmarks.
 Simd set_simd_level(Simd level);
+
+// f16 input (IEEE binary16 bits) straight into the vector kernels, with no float copy: for
+// callers that hold f16 values (kv-compress's layers). True when done, with exactly the bytes
+// encode_q8_0, encode_q4_0 or quantize_groups give for the same values as floats; false, the
+// output then unspecified, when there is no vector kernel for these parameters at the level in
+// use, or the input holds NaN/Inf: the caller then converts and calls the float function, which
+// throws its usual error. Throws Exit::usage like the float functions.
+bool encode_q8_0_f16(const uint16_t* x, int64_t n, uint8_t* out);
+bool encode_q4_0_f16(const uint16_t* x, int64_t n, uint8_t* out);
+bool quantize_groups_f16(const uint16_t* x, int64_t groups, int64_t group_stride,
+                         int64_t value_stride, const UniformParams& p, uint16_t* scales,
+                         uint16_t* zeros, uint8_t* codes);
 
 // ---- evaluation --------------------------------------------------------------------------------
 
