@@ -922,29 +922,41 @@ TEST(QuantVector, BlocksMatchTheScalarPath) {
   }
 }
 
+namespace {
+
+// Groups of 32 as the strided group kernels take them: `groups` groups, `group_stride` apart,
+// their values `value_stride` apart.
+struct GroupLayout {
+  int64_t groups, group_stride, value_stride;
+};
+
+// Groups `e` (32 values each, l.groups of them) laid out in `l`'s order, zeros between them.
+Floats laid_out(const GroupLayout& l, const Floats& e) {
+  Floats x(static_cast<size_t>((l.groups - 1) * l.group_stride + 31 * l.value_stride + 1), 0.0f);
+  for (int64_t g = 0; g < l.groups; ++g)
+    for (int64_t i = 0; i < 32; ++i)
+      x[size_t(g * l.group_stride + i * l.value_stride)] = e[size_t(g * 32 + i)];
+  return x;
+}
+
+}  // namespace
+
 TEST(QuantVector, GroupsMatchTheScalarPath) {
-  struct Layout {
-    int64_t groups, group_stride, value_stride;
-  };
   // Rows (groups along a row, contiguous or with a gap) and columns (groups down D channels:
   // D = 48 fills three batches, D = 20 leaves a tail of 4 to the scalar path, D = 160 is more
   // batches than the column decoder takes at once).
-  const Layout layouts[] = {{37, 32, 1}, {16, 40, 1}, {1, 32, 1},
-                            {48, 1, 48}, {20, 1, 20}, {160, 1, 160}};
-  for (const Layout& l : layouts)
+  const GroupLayout layouts[] = {{37, 32, 1}, {16, 40, 1}, {1, 32, 1},
+                                 {48, 1, 48}, {20, 1, 20}, {160, 1, 160}};
+  for (const GroupLayout& l : layouts)
     for (int bits : {2, 3, 4, 8})
       for (bool symmetric : {false, true}) {
         SCOPED_TRACE(testing::Message()
                      << "groups " << l.groups << " stride " << l.group_stride << "/"
                      << l.value_stride << " bits " << bits << (symmetric ? " symmetric" : ""));
         const q::UniformParams p{bits, 32, symmetric};
-        const int64_t span = (l.groups - 1) * l.group_stride + 31 * l.value_stride + 1;
-        // Edge groups laid out in this layout's order.
         const Floats e = edge_groups(l.groups, unsigned(bits * 7 + l.groups));
-        Floats x(static_cast<size_t>(span), 0.0f);
-        for (int64_t g = 0; g < l.groups; ++g)
-          for (int64_t i = 0; i < 32; ++i)
-            x[size_t(g * l.group_stride + i * l.value_stride)] = e[size_t(g * 32 + i)];
+        Floats x = laid_out(l, e);
+        const int64_t span = int64_t(x.size());
         Outcome ref;
         Bytes ref_decoded;
         at_each_level([&](q::Simd level) {
@@ -1055,23 +1067,15 @@ TEST(QuantVector, F16InputMatchesFloatInput) {
     });
   }
   // Groups: rows and columns as in GroupsMatchTheScalarPath; 3 and 8 bits have no kernel.
-  struct Layout {
-    int64_t groups, group_stride, value_stride;
-  };
-  const Layout layouts[] = {{37, 32, 1}, {16, 40, 1}, {48, 1, 48}, {20, 1, 20}};
-  for (const Layout& l : layouts)
+  const GroupLayout layouts[] = {{37, 32, 1}, {16, 40, 1}, {48, 1, 48}, {20, 1, 20}};
+  for (const GroupLayout& l : layouts)
     for (int bits : {2, 3, 4, 8})
       for (bool symmetric : {false, true}) {
         SCOPED_TRACE(testing::Message()
                      << "groups " << l.groups << " stride " << l.group_stride << "/"
                      << l.value_stride << " bits " << bits << (symmetric ? " symmetric" : ""));
         const q::UniformParams p{bits, 32, symmetric};
-        const int64_t span = (l.groups - 1) * l.group_stride + 31 * l.value_stride + 1;
-        const Floats e = edge_groups(l.groups, unsigned(bits * 5 + l.groups));
-        Floats laid(static_cast<size_t>(span), 0.0f);
-        for (int64_t g = 0; g < l.groups; ++g)
-          for (int64_t i = 0; i < 32; ++i)
-            laid[size_t(g * l.group_stride + i * l.value_stride)] = e[size_t(g * 32 + i)];
+        const Floats laid = laid_out(l, edge_groups(l.groups, unsigned(bits * 5 + l.groups)));
         const std::vector<uint16_t> half = to_f16(laid);
         const Floats x = to_float(half);
         auto run = [&](auto quantize, const auto* input) {
