@@ -24,17 +24,19 @@ __attribute__((always_inline)) inline void store8(float* p, const v8& v) {
 }
 
 // x <- exp(x) for x <= 0 (softmax arguments after the max is subtracted); below -87 it is 0.
-__attribute__((always_inline)) inline void exp8(v8& x) {
-  const vi8 under = x < -87.0f;
-  x = x < -87.0f ? v8{} - 87.0f : x;
+// Lanes of any width: V a float vector, VI the int32 vector of as many lanes.
+template <typename V, typename VI>
+__attribute__((always_inline)) inline void exp_lanes(V& x) {
+  const VI under = x < -87.0f;
+  x = x < -87.0f ? V{} - 87.0f : x;
   // x = n ln2 + r, |r| <= ln2 / 2, with ln2 split in two for an exact n ln2.
-  const v8 t = x * 1.44269504088896341f + 0.5f;
-  vi8 n = __builtin_convertvector(t, vi8);             // truncates toward zero
-  n = __builtin_convertvector(n, v8) > t ? n - 1 : n;  // floor, since t is negative
-  const v8 fn = __builtin_convertvector(n, v8);
-  v8 r = x - fn * 0.693359375f;
+  const V t = x * 1.44269504088896341f + 0.5f;
+  VI n = __builtin_convertvector(t, VI);              // truncates toward zero
+  n = __builtin_convertvector(n, V) > t ? n - 1 : n;  // floor, since t is negative
+  const V fn = __builtin_convertvector(n, V);
+  V r = x - fn * 0.693359375f;
   r = r - fn * -2.12194440e-4f;
-  v8 p = v8{} + 1.9875691500e-4f;
+  V p = V{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
@@ -42,11 +44,15 @@ __attribute__((always_inline)) inline void exp8(v8& x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   // Scale by 2^n through the exponent bits.
-  vi8 bits;
+  VI bits;
   std::memcpy(&bits, &p, sizeof bits);
   bits += n << 23;
   bits = under ? 0 : bits;
   std::memcpy(&x, &bits, sizeof x);
+}
+
+__attribute__((always_inline)) inline void exp8(v8& x) {
+  exp_lanes<v8, vi8>(x);
 }
 
 // Keys per online-softmax step of the decode attention kernels: a chunk's K and V stay in L1/L2.

@@ -33,6 +33,10 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
     x[j] = x[j] * scale + (bias ? bias[j] : 0.0f);
     mx = std::max(mx, x[j]);
   }
+  if (mx == -INFINITY) {  // every logit -inf (entries of zero mass): no weight anywhere, not NaN
+    std::fill(x, x + n, 0.0f);
+    return;
+  }
   // Pass 2: exponentials and their sum; the tail goes through a padded vector.
   v8 vsum = {};
   for (int64_t j = 0; j < body; j += 8) {

@@ -38,7 +38,6 @@ int sink_count(const EvictOptions& o) {
   return o.sink >= 0 ? o.sink : o.score == EvictScore::window ? 4 : 0;
 }
 
-
 // The budget of one head under a uniform allocation: --budget, or --ratio of its own entries
 // (rounded, at least one), never more than it holds.
 int64_t head_budget(const Layer& layer, int h, const EvictOptions& o) {
@@ -99,47 +98,41 @@ void snapkv_head(const Header& header, const Layer& layer, int h, const float* w
   const int D = m.head_dim, G = m.group_size();
   const int64_t W = int64_t(header.window_positions.size());
   const int64_t begin = layer.head_offsets[size_t(h)], n = layer.head_entries(h);
-  thread_local std::vector<float> k32, weights, vote, pooled, combined;
-  k32.resize(size_t(n * D));
-  kvk::cpu_ops().to_f32(layer.k.dtype(),
-                        static_cast<const std::byte*>(layer.k.data()) +
-                            begin * D * int64_t(kvk::dtype_size(layer.k.dtype())),
-                        k32.data(), size_t(n * D));
-  HeadView head;
-  head.k = k32.data();
-  head.positions = layer.positions.data() + begin;
-  head.mass = layer.mass.empty() ? nullptr : layer.mass.data() + begin;
-  head.n = n;
-  head.dim = D;
+  thread_local std::vector<float> log_mass, votes, vote, pooled, combined;
+  const int32_t* positions = layer.positions.data() + begin;
+  if (!layer.mass.empty()) {  // merged entries weigh in with their mass, as in attention_weights
+    log_mass.resize(size_t(n));
+    for (int64_t j = 0; j < n; ++j) log_mass[size_t(j)] = std::log(layer.mass[size_t(begin + j)]);
+  }
 
   std::vector<int64_t> outside;  // entries outside the window, in position order
   for (int64_t j = 0; j < n; ++j)
     if (!std::binary_search(header.window_positions.begin(), header.window_positions.end(),
-                            head.positions[j]))
+                            positions[j]))
       outside.push_back(j);
   // Usually the window is the last W entries, and the votes are a plain vectorizable sum.
   const bool window_at_end = outside.empty() || outside.back() == int64_t(outside.size()) - 1;
-  // The group's query heads are consecutive rows of window_q: one product for all of them.
-  thread_local std::vector<int32_t> q_positions;
-  q_positions.clear();
+  // Each window query sees the entries up to its position (positions increase along a head);
+  // the group's query heads are consecutive rows of window_q, each a group of W queries.
+  thread_local std::vector<int64_t> visible;
+  visible.clear();
   for (int g = 0; g < G; ++g)
-    q_positions.insert(q_positions.end(), header.window_positions.begin(),
-                       header.window_positions.end());
-  weights.resize(size_t(G * W * n));
-  attention_weights(head, window_q + int64_t(h) * G * W * D, q_positions.data(), G * W,
-                    weights.data());
+    for (const int32_t p : header.window_positions)
+      visible.push_back(std::upper_bound(positions, positions + n, p) - positions);
+  votes.resize(size_t(G * n));
+  kvk::attention_votes(window_q + int64_t(h) * G * W * D, G * W, visible.data(), W, layer.k.dtype(),
+                       static_cast<const std::byte*>(layer.k.data()) +
+                           begin * D * int64_t(kvk::dtype_size(layer.k.dtype())),
+                       n, D, 1.0f / std::sqrt(float(D)),
+                       layer.mass.empty() ? nullptr : log_mass.data(), votes.data());
   vote.resize(outside.size());
   combined.assign(outside.size(), o.group_agg == GroupAgg::mean ? 0.0f : -INFINITY);
   for (int g = 0; g < G; ++g) {
-    std::fill(vote.begin(), vote.end(), 0.0f);
-    for (int64_t w = 0; w < W; ++w) {
-      const float* row = weights.data() + (int64_t(g) * W + w) * n;
-      if (window_at_end) {
-        for (size_t t = 0; t < outside.size(); ++t) vote[t] += row[t];
-      } else {
-        for (size_t t = 0; t < outside.size(); ++t) vote[t] += row[outside[t]];
-      }
-    }
+    const float* row = votes.data() + int64_t(g) * n;
+    if (window_at_end)
+      std::copy(row, row + outside.size(), vote.begin());
+    else
+      for (size_t t = 0; t < outside.size(); ++t) vote[t] = row[outside[t]];
     pool_1d(vote, o.kernel, o.pool, pooled);
     for (size_t t = 0; t < outside.size(); ++t)
       combined[t] = o.group_agg == GroupAgg::mean ? combined[t] + pooled[t] / float(G)

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -103,6 +104,85 @@ TEST(Softmax, FarBelowTheMaximumIsZeroAndEqualLogitsAreUniform) {
   EXPECT_EQ(x[3], 0.0f);
   EXPECT_NEAR(x[0], std::exp(-5.0) / (7 + std::exp(-5.0)), 1e-7);
   for (int j : {2, 4, 5, 6, 7, 8, 9}) EXPECT_NEAR(x[size_t(j)], 1.0 / (7 + std::exp(-5.0)), 1e-7);
+}
+
+// Two keys on one channel, k = 0 and ln 3, so a query q = 1 that sees both weighs them 1/4 and
+// 3/4; a second query of the group sees only the first key (weight 1), a third sees nothing.
+TEST(AttentionVotes, ByHand) {
+  const float keys[2] = {0.0f, std::log(3.0f)};
+  const float q[3] = {1.0f, 1.0f, 1.0f};
+  const int64_t visible[3] = {2, 1, 0};
+  for (auto* votes_of : {&kvk::attention_votes, &kvk::attention_votes_reference}) {
+    float votes[2] = {-1, -1};
+    votes_of(q, 3, visible, 3, kvk::DType::f32, keys, 2, 1, 1.0f, nullptr, votes);
+    EXPECT_NEAR(votes[0], 1.25f, 1e-6);
+    EXPECT_NEAR(votes[1], 0.75f, 1e-6);
+  }
+  // A bias of ln 3 on the first key makes the two keys equal for the first query.
+  const float bias[2] = {std::log(3.0f), 0.0f};
+  float votes[2];
+  kvk::attention_votes(q, 3, visible, 3, kvk::DType::f32, keys, 2, 1, 1.0f, bias, votes);
+  EXPECT_NEAR(votes[0], 1.5f, 1e-6);
+  EXPECT_NEAR(votes[1], 0.5f, 1e-6);
+}
+
+// The AVX-512 path (on CPUs that have it) against the reference over shapes that hit its
+// remainders: key tiles of 12 and chunks of 240, query blocks of 32, groups that are and are not
+// multiples of 16, every key type, bias, and causal prefixes including none and all. Logits grow
+// along the keys so that the running maximum moves from chunk to chunk.
+TEST(AttentionVotes, MatchesTheReferenceOnAllRemainders) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  int cases = 0;
+  for (int64_t n : {1, 12, 13, 239, 240, 241, 1000})
+    for (int d : {1, 7, 64})
+      for (int64_t group : {1, 5, 16, 32})
+        for (int64_t groups : {1, 3}) {
+          const int64_t n_q = group * groups;
+          const auto type =
+              std::array{kvk::DType::f32, kvk::DType::f16, kvk::DType::bf16}[cases % 3];
+          const bool with_bias = cases % 2 == 1;
+          ++cases;
+          std::vector<float> q(static_cast<size_t>(n_q * d)), k32(static_cast<size_t>(n * d)),
+              bias(static_cast<size_t>(n));
+          for (auto& x : q) x = normal(rng);
+          for (int64_t j = 0; j < n; ++j)
+            for (int c = 0; c < d; ++c) k32[size_t(j * d + c)] = normal(rng) + 0.004f * float(j);
+          for (auto& b : bias) b = -std::abs(normal(rng));
+          // Merged-away entries (mass 0) have bias -inf: whole chunks where a query sees only
+          // those must add nothing (not 0 * inf) once later chunks set its maximum.
+          if (n == 1000)
+            for (int64_t j = 0; j < 300; ++j) bias[size_t(j)] = -INFINITY;
+          std::vector<uint16_t> k16(k32.size());
+          if (type != kvk::DType::f32)
+            kvk::cpu_ops().from_f32(type, k32.data(), k16.data(), k32.size());
+          const void* k =
+              type == kvk::DType::f32 ? static_cast<const void*>(k32.data()) : k16.data();
+          std::vector<int64_t> visible(static_cast<size_t>(n_q));
+          for (int64_t i = 0; i < n_q; ++i)
+            visible[size_t(i)] = i % 7 == 3   ? 0
+                                 : i % 7 == 4 ? n + 5
+                                              : int64_t(rng() % uint32_t(n + 1));
+          std::vector<float> got(size_t(groups * n), -1.0f), want(size_t(groups * n), -2.0f);
+          const float scale = 1.0f / std::sqrt(float(d));
+          const float* b = with_bias ? bias.data() : nullptr;
+          kvk::attention_votes(q.data(), n_q, visible.data(), group, type, k, n, d, scale, b,
+                               got.data());
+          kvk::attention_votes_reference(q.data(), n_q, visible.data(), group, type, k, n, d, scale,
+                                         b, want.data());
+          double total = 0;
+          for (size_t i = 0; i < got.size(); ++i) {
+            ASSERT_NEAR(got[i], want[i], 2e-6 * double(group) + 1e-5 * want[i])
+                << "n " << n << " d " << d << " group " << group << " groups " << groups << " i "
+                << i;
+            total += got[i];
+          }
+          // Each query that sees a key of finite bias spreads a weight of exactly 1 over the keys.
+          int64_t seeing = 0;
+          const int64_t first_weighed = with_bias && n == 1000 ? 300 : 0;
+          for (int64_t v : visible) seeing += v > first_weighed;
+          EXPECT_NEAR(total, double(seeing), 1e-4 * double(seeing) + 1e-6);
+        }
 }
 
 // d picks the kernel: multiples of 8 the AVX2 one (24, 48: a final 8-channel step in the value

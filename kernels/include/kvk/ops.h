@@ -55,8 +55,22 @@ void gemm_nt(const float* X, int64_t B, int64_t K, const float* W, int64_t N, fl
              int64_t ldy);
 
 // x[j] <- softmax_j(scale * x[j] + bias[j]) over j < n, in place (bias may be null): the
-// attention weights of one query over its visible keys. Multiversioned like gemm_nt.
+// attention weights of one query over its visible keys (all 0 when every logit is -inf).
+// Multiversioned like gemm_nt.
 void softmax_row(float* x, int64_t n, float scale, const float* bias);
+
+// Attention votes, SnapKV's score: votes[g * n + j] = sum over the queries i of group g (rows
+// g*group .. g*group + group - 1 of q, [n_q, d] f32) of softmax_j(scale * q_i . k_j + bias[j]),
+// where query i sees the keys j < visible[i] (a causal prefix: its weight on the others is 0,
+// and a query that sees nothing adds nothing). Keys [n, d] stored as `type`, bias [n] or null,
+// votes [n_q / group, n]. AVX-512 when the CPU has it (queries in lanes, keys in L2-sized chunks,
+// the [queries x keys] weights written once); otherwise the reference. Single-threaded.
+void attention_votes(const float* q, int64_t n_q, const int64_t* visible, int64_t group, DType type,
+                     const void* k, int64_t n, int d, float scale, const float* bias, float* votes);
+// The reference: gemm_nt, softmax_row on each query's visible keys, and the sums.
+void attention_votes_reference(const float* q, int64_t n_q, const int64_t* visible, int64_t group,
+                               DType type, const void* k, int64_t n, int d, float scale,
+                               const float* bias, float* votes);
 
 // Decode attention of one KV head for the G query heads that share it: out[g] = sum_j
 // softmax_j(scale * q[g] . k_j + bias[j]) v_j over n rows of K and V stored as `type`, row-major
