@@ -1140,7 +1140,7 @@ void decode_paged(const Encoded& enc, const RowLayout& rows, float* out) {
   for (const char* meta : {"page_key_min", "page_key_max", "page_key_mean"})  // optional
     for (const CodeArray& a : enc.arrays)
       if (a.name == meta) find_array(enc, meta, Type::f32, pages * D);
-  const PageStore store(e.store, false);
+  const std::shared_ptr<const PageStore> store = PageStore::open_for_reading(e.store);
   const uint8_t* next_local = local.bytes.data();
   int64_t next_id = 0;
   page = 0;
@@ -1150,7 +1150,7 @@ void decode_paged(const Encoded& enc, const RowLayout& rows, float* out) {
       const size_t bytes = size_t(n) * row_bytes;
       if (external.bytes[size_t(page)]) {
         const std::string id = PageStore::id_from_bytes(&ids.bytes[size_t(next_id++ * 32)]);
-        const std::vector<uint8_t> data = store.get(id);
+        const std::vector<uint8_t> data = store->get(id);
         if (data.size() != bytes)
           throw Error(Exit::data, str("page ", id, " holds ", data.size(), " bytes; head ", h,
                                       " needs ", bytes, " there"));

@@ -457,7 +457,7 @@ Encoded fetch_external(const Encoded& external) {
   if (!ids || ids->type != CodeArray::Type::u8 || ids->bytes.size() != 32)
     throw Error(Exit::data, "external tensor: 'ids' is not one 32-byte page id");
   const std::string id = PageStore::id_from_bytes(ids->bytes.data());
-  return parse_external_object(PageStore(external.encoding.store, false).get(id), id,
+  return parse_external_object(PageStore::open_for_reading(external.encoding.store)->get(id), id,
                                external.encoding.inner_encoding());
 }
 

@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <mutex>
 #include <sstream>
 
 #include "kv/error.h"
@@ -104,6 +105,29 @@ PageStore::PageStore(std::string dir, bool writable) : dir_(std::move(dir)) {
   } catch (const Error& e) {
     throw Error(Exit::data, str("'", manifest, "': ", e.what()));
   }
+}
+
+std::shared_ptr<const PageStore> PageStore::open_for_reading(const std::string& dir) {
+  struct Opened {
+    struct stat manifest;
+    std::shared_ptr<const PageStore> store;
+  };
+  static std::mutex mutex;
+  static std::map<std::string, Opened> opened;
+  struct stat st {};
+  const bool has_manifest = ::stat((dir + "/manifest.json").c_str(), &st) == 0;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (const auto it = opened.find(dir); it != opened.end()) {
+    const struct stat& was = it->second.manifest;
+    if (has_manifest && was.st_dev == st.st_dev && was.st_ino == st.st_ino &&
+        was.st_size == st.st_size && was.st_mtim.tv_sec == st.st_mtim.tv_sec &&
+        was.st_mtim.tv_nsec == st.st_mtim.tv_nsec)
+      return it->second.store;
+    opened.erase(it);
+  }
+  auto store = std::make_shared<const PageStore>(dir, false);  // throws as the constructor does
+  if (has_manifest) opened[dir] = Opened{st, store};
+  return store;
 }
 
 std::string PageStore::put(const void* data, size_t n, bool zstd) {

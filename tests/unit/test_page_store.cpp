@@ -73,6 +73,36 @@ TEST(PageStore, PagesAreContentAddressedCheckedAndListedByTheManifest) {
             73);
 }
 
+// Readers share one parsed store per directory until its manifest is replaced.
+TEST(PageStore, ReadersShareTheStoreUntilTheManifestChanges) {
+  const std::string dir = kvtest::temp_dir() + "/shared_store";
+  const std::string a = "first page", b = "second page";
+  std::string id_a, id_b;
+  {
+    kv::PageStore w(dir, true);
+    id_a = w.put(a.data(), a.size(), false);
+    w.commit();
+  }
+  const auto first = kv::PageStore::open_for_reading(dir);
+  EXPECT_EQ(kv::PageStore::open_for_reading(dir), first);  // not parsed again
+  EXPECT_EQ(first->entries().size(), 1u);
+  {
+    kv::PageStore w(dir, true);
+    id_b = w.put(b.data(), b.size(), false);
+    w.commit();  // a new manifest.json (renamed into place)
+  }
+  const auto second = kv::PageStore::open_for_reading(dir);
+  EXPECT_NE(second, first);
+  ASSERT_EQ(second->entries().size(), 2u);
+  const auto got = second->get(id_b);
+  EXPECT_EQ(std::string(got.begin(), got.end()), b);
+  EXPECT_EQ(first->entries().size(), 1u);  // a holder of the old one keeps what it had
+  // A store without a manifest is an error each time, never cached.
+  const std::string none = kvtest::temp_dir() + "/no_store";
+  for (int i = 0; i < 2; ++i)
+    EXPECT_EQ(kvtest::exit_code_of([&] { kv::PageStore::open_for_reading(none); }), 65);
+}
+
 TEST(PageStore, TiersParseAndPlacePagesByHeat) {
   EXPECT_EQ(kv::Tier::parse("gpu:2GiB").capacity, int64_t(2) << 30);
   EXPECT_EQ(kv::Tier::parse("host:512M").capacity, 512000000);

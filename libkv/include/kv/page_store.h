@@ -11,6 +11,7 @@
 #pragma once
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -28,6 +29,12 @@ class PageStore {
   // the directory if needed and checks it can be written: Error(Exit::cant_create) naming it
   // otherwise. A manifest that does not parse is Error(Exit::data).
   PageStore(std::string dir, bool writable);
+
+  // The store in `dir` opened read-only, shared: readers of a paged or external snapshot fetch
+  // from it once per tensor of every layer, and a tiered cache's manifest lists ~10^5 pages, so
+  // it is parsed once per process and again only when manifest.json is replaced (another inode,
+  // size or modification time). Errors as the constructor's; thread-safe.
+  static std::shared_ptr<const PageStore> open_for_reading(const std::string& dir);
 
   // Adds a page (zstd-compressed when asked) and returns its id; a page already stored is not
   // written again.
