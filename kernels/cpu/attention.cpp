@@ -10,13 +10,18 @@
 #include <vector>
 
 #include "kvk/ops.h"
-#include "simd.h"
+#include "simd512.h"
 
 namespace kvk {
 
 namespace {
 
-constexpr int64_t kAhead = 16;  // K rows prefetched ahead of the one being read
+// K rows prefetched ahead of the one being read. Prefetches go to L2 (locality 2, prefetcht1):
+// into L1 they held the core's few L1 miss buffers and capped a thread at about 11 GB/s from
+// memory; into L2, 32 rows ahead, the 2-thread step went from 16-18 to 21-23 GB/s
+// (bench/README.md).
+constexpr int64_t kAhead = 32;
+constexpr int kIntoL2 = 2;  // __builtin_prefetch locality
 
 float load_scalar(DType t, const void* p, int64_t i) {
   switch (t) {
@@ -77,6 +82,40 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) inline float hsum8(const
   return _mm_cvtss_f32(h);
 }
 
+// Values: out[g] += sum_jj s[g][jj] v_(c0 + jj) over the chunk's C rows, 16 channels at a
+// time, the group's accumulators in registers across the chunk, each broadcast weight serving
+// two vectors.
+template <DType type, int G>
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline void add_values(
+    const void* v, int64_t c0, int64_t C, int d, const float (&s)[G][kChunk], float* out) {
+  int i = 0;
+  for (; i + 16 <= d; i += 16) {
+    v8 a0[G], a1[G];
+    for (int g = 0; g < G; ++g) load8(a0[g], out + g * d + i), load8(a1[g], out + g * d + i + 8);
+    for (int64_t jj = 0; jj < C; ++jj) {
+      v8 v0, v1;
+      load_row8<type>(v, (c0 + jj) * d + i, v0);
+      load_row8<type>(v, (c0 + jj) * d + i + 8, v1);
+      for (int g = 0; g < G; ++g) {
+        const float p = s[g][jj];
+        a0[g] += p * v0;
+        a1[g] += p * v1;
+      }
+    }
+    for (int g = 0; g < G; ++g) store8(out + g * d + i, a0[g]), store8(out + g * d + i + 8, a1[g]);
+  }
+  for (; i < d; i += 8) {
+    v8 acc[G];
+    for (int g = 0; g < G; ++g) load8(acc[g], out + g * d + i);
+    for (int64_t jj = 0; jj < C; ++jj) {
+      v8 vv;
+      load_row8<type>(v, (c0 + jj) * d + i, vv);
+      for (int g = 0; g < G; ++g) acc[g] += s[g][jj] * vv;
+    }
+    for (int g = 0; g < G; ++g) store8(out + g * d + i, acc[g]);
+  }
+}
+
 // G queries, d a multiple of 8. Type and group size are template parameters, so the group's
 // accumulators stay in registers and the row loads carry no type test.
 template <DType type, int G>
@@ -100,8 +139,8 @@ __attribute__((target("avx2,fma,f16c"))) void attend_avx2(const void* k, const v
         const char* vrow = static_cast<const char*>(v) + size_t(c0 + j + r) * row_bytes;
         const char* kahead = static_cast<const char*>(k) + size_t(c0 + j + r + kAhead) * row_bytes;
         for (size_t b = 0; b < row_bytes; b += 64) {
-          __builtin_prefetch(vrow + b);
-          if (c0 + j + r + kAhead < n) __builtin_prefetch(kahead + b);
+          __builtin_prefetch(vrow + b, 0, kIntoL2);
+          if (c0 + j + r + kAhead < n) __builtin_prefetch(kahead + b, 0, kIntoL2);
         }
       }
       v8 a0[G] = {}, a1[G] = {};
@@ -122,7 +161,7 @@ __attribute__((target("avx2,fma,f16c"))) void attend_avx2(const void* k, const v
     }
     for (; j < C; ++j) {
       const char* vrow = static_cast<const char*>(v) + size_t(c0 + j) * row_bytes;
-      for (size_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(vrow + b);
+      for (size_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(vrow + b, 0, kIntoL2);
       v8 acc[G] = {};
       for (int i = 0; i < d; i += 8) {
         v8 kv, qv;
@@ -135,35 +174,84 @@ __attribute__((target("avx2,fma,f16c"))) void attend_avx2(const void* k, const v
       for (int g = 0; g < G; ++g) s[g][j] = hsum8(acc[g]) * scale + (bias ? bias[c0 + j] : 0.0f);
     }
     for (int g = 0; g < G; ++g) online_softmax_step(s[g], C, m[g], l[g], out + g * d, d);
-    // Values: 16 channels at a time, the group's accumulators in registers across the chunk,
-    // each broadcast weight serving two vectors.
-    int i = 0;
-    for (; i + 16 <= d; i += 16) {
-      v8 a0[G], a1[G];
-      for (int g = 0; g < G; ++g) load8(a0[g], out + g * d + i), load8(a1[g], out + g * d + i + 8);
-      for (int64_t jj = 0; jj < C; ++jj) {
-        v8 v0, v1;
-        load_row8<type>(v, (c0 + jj) * d + i, v0);
-        load_row8<type>(v, (c0 + jj) * d + i + 8, v1);
+    add_values<type, G>(v, c0, C, d, s, out);
+  }
+  for (int g = 0; g < G; ++g) {
+    const float inv = l[g] > 0 ? 1.0f / l[g] : 0.0f;
+    for (int i = 0; i < d; ++i) out[g * d + i] *= inv;
+  }
+}
+
+// 16 values of a row at element `at`, as floats.
+template <DType type>
+__attribute__((target(KVK_AVX512), always_inline)) inline v16 load_row16(const void* p,
+                                                                         int64_t at) {
+  if constexpr (type == DType::f32) {
+    return load16(static_cast<const float*>(p) + at);
+  } else {
+    const __m256i h =
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + at));
+    if constexpr (type == DType::f16) return v16(_mm512_cvtph_ps(h));
+    return v16(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+  }
+}
+
+// As attend_avx2, with the scores on AVX-512 (d a multiple of 16): R = 16 / G keys at a time,
+// 16 accumulators (one per key and query) of 16 channels, so every converted K vector serves
+// all G queries and no accumulator waits on another; sum_lanes_16 then yields the block's 16
+// scores at once where attend_avx2 reduces each one alone. The prefetches of the block's V rows
+// and of the K rows kAhead further are spread over the channel steps. About 20% faster than
+// attend_avx2 on one core with K and V in L2 (bench/README.md); values as there.
+template <DType type, int G>
+__attribute__((target(KVK_AVX512))) void attend_avx512(const void* k, const void* v, int64_t n,
+                                                       int d, const float* q, float scale,
+                                                       const float* bias, float* out) {
+  constexpr int R = kLanes / G;  // keys per block
+  static_assert(R * G == kLanes && kChunk % R == 0);
+  alignas(64) float s[G][kChunk];
+  float m[G], l[G];
+  std::fill(m, m + G, -INFINITY);
+  std::fill(l, l + G, 0.0f);
+  std::fill(out, out + G * d, 0.0f);
+  const size_t row_bytes = size_t(d) * dtype_size(type);
+  const size_t steps = size_t(d / kLanes);
+  const size_t lines_per_step = ((R * row_bytes + 63) / 64 + steps - 1) / steps;
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t C = std::min(kChunk, n - c0);
+    for (int64_t j = 0; j < C; j += R) {
+      const int rows = int(std::min<int64_t>(R, C - j));
+      const char* vblock = static_cast<const char*>(v) + size_t(c0 + j) * row_bytes;
+      const int64_t ahead = c0 + j + kAhead;
+      const char* kblock = static_cast<const char*>(k) + size_t(ahead) * row_bytes;
+      const size_t vbytes = size_t(rows) * row_bytes;
+      const size_t kbytes = ahead < n ? size_t(std::min<int64_t>(R, n - ahead)) * row_bytes : 0;
+      size_t line = 0;
+      v16 acc[kLanes];  // acc[g * R + r]: query g against key j + r
+      for (v16& a : acc) a = v16{};
+      for (int i = 0; i < d; i += kLanes) {
+        for (const size_t end = line + lines_per_step * 64; line < end; line += 64) {
+          if (line < vbytes) __builtin_prefetch(vblock + line, 0, kIntoL2);
+          if (line < kbytes) __builtin_prefetch(kblock + line, 0, kIntoL2);
+        }
+        v16 kr[R];
+        for (int r = 0; r < R; ++r)
+          kr[r] = r < rows ? load_row16<type>(k, (c0 + j + r) * d + i) : v16{};
         for (int g = 0; g < G; ++g) {
-          const float p = s[g][jj];
-          a0[g] += p * v0;
-          a1[g] += p * v1;
+          const v16 qv = load16(q + g * d + i);
+          for (int r = 0; r < R; ++r) acc[g * R + r] += qv * kr[r];
         }
       }
-      for (int g = 0; g < G; ++g)
-        store8(out + g * d + i, a0[g]), store8(out + g * d + i + 8, a1[g]);
+      // Lanes g * R .. g * R + R - 1 are query g's scores of keys j .. j + R - 1 (those past C
+      // land in s beyond the chunk's C entries, which nothing reads).
+      alignas(64) float t[kLanes];
+      store16(t, sum_lanes_16(acc) * scale);
+      for (int g = 0; g < G; ++g) std::memcpy(&s[g][j], t + g * R, sizeof(float) * R);
+      if (bias)
+        for (int g = 0; g < G; ++g)
+          for (int r = 0; r < rows; ++r) s[g][j + r] += bias[c0 + j + r];
     }
-    for (; i < d; i += 8) {
-      v8 acc[G];
-      for (int g = 0; g < G; ++g) load8(acc[g], out + g * d + i);
-      for (int64_t jj = 0; jj < C; ++jj) {
-        v8 vv;
-        load_row8<type>(v, (c0 + jj) * d + i, vv);
-        for (int g = 0; g < G; ++g) acc[g] += s[g][jj] * vv;
-      }
-      for (int g = 0; g < G; ++g) store8(out + g * d + i, acc[g]);
-    }
+    for (int g = 0; g < G; ++g) online_softmax_step(s[g], C, m[g], l[g], out + g * d, d);
+    add_values<type, G>(v, c0, C, d, s, out);
   }
   for (int g = 0; g < G; ++g) {
     const float inv = l[g] > 0 ? 1.0f / l[g] : 0.0f;
@@ -179,18 +267,23 @@ void attend_group(const void* k, const void* v, int64_t n, int d, const float* q
     const int left = G - g0, g = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
     const float* qg = q + int64_t(g0) * d;
     float* og = out + int64_t(g0) * d;
+    const bool wide = have_avx512() && d % kLanes == 0;
     switch (g) {
       case 8:
-        attend_avx2<type, 8>(k, v, n, d, qg, scale, bias, og);
+        wide ? attend_avx512<type, 8>(k, v, n, d, qg, scale, bias, og)
+             : attend_avx2<type, 8>(k, v, n, d, qg, scale, bias, og);
         break;
       case 4:
-        attend_avx2<type, 4>(k, v, n, d, qg, scale, bias, og);
+        wide ? attend_avx512<type, 4>(k, v, n, d, qg, scale, bias, og)
+             : attend_avx2<type, 4>(k, v, n, d, qg, scale, bias, og);
         break;
       case 2:
-        attend_avx2<type, 2>(k, v, n, d, qg, scale, bias, og);
+        wide ? attend_avx512<type, 2>(k, v, n, d, qg, scale, bias, og)
+             : attend_avx2<type, 2>(k, v, n, d, qg, scale, bias, og);
         break;
       default:
-        attend_avx2<type, 1>(k, v, n, d, qg, scale, bias, og);
+        wide ? attend_avx512<type, 1>(k, v, n, d, qg, scale, bias, og)
+             : attend_avx2<type, 1>(k, v, n, d, qg, scale, bias, og);
         break;
     }
     g0 += g;

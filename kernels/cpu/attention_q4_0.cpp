@@ -149,8 +149,8 @@ __attribute__((target(KVK_Q4_TARGET))) void attend_q4_0(const uint8_t* k, const 
     const uint8_t* vc = v + size_t(c0) * rb;
     for (size_t b = 0; b < size_t(C) * rb; b += 64) {  // the next chunk, from memory meanwhile
       if (c0 + kChunk < n) {
-        __builtin_prefetch(kc + size_t(kChunk) * rb + b);
-        __builtin_prefetch(vc + size_t(kChunk) * rb + b);
+        __builtin_prefetch(kc + size_t(kChunk) * rb + b, 0, 2);
+        __builtin_prefetch(vc + size_t(kChunk) * rb + b, 0, 2);
       }
     }
     // Scores, 16 keys at a time.

@@ -11,15 +11,13 @@
 // exponentials against the running maximum of each query while they are still in cache, with the
 // maximum each chunk used kept aside. A last pass rescales every chunk to the final maximum and
 // sum of its query and adds up each group: the big matrix is written once and read once.
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "kvk/ops.h"
-#include "simd.h"
+#include "simd512.h"
 
 namespace kvk {
 
@@ -44,12 +42,6 @@ void attention_votes_reference(const float* q, int64_t n_q, const int64_t* visib
 
 namespace {
 
-#define KVK_VOTES_TARGET "avx512f,avx512dq,avx512vl,avx512bw,fma,f16c"
-
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t vi16 __attribute__((vector_size(64)));
-
-constexpr int kLanes = 16;
 // A register tile is 12 keys x 32 queries: 24 accumulators of the 32 registers, one broadcast
 // key value feeding two FMAs. It runs at the FMA peak measured on Zen 4 (about 116 of 117
 // GFLOP/s on one core); 24 keys x 16 queries and 6 x 64 were slower.
@@ -58,52 +50,17 @@ constexpr int kQueries = kVecs * kLanes;    // queries per register tile
 constexpr int kKeys = 12;                   // keys per register tile
 constexpr int64_t kChunkKeys = 20 * kKeys;  // 240 keys: their f32 values and logits stay in L2
 
-bool have_avx512() {
-  static const bool ok = have_avx2_f16c() && __builtin_cpu_supports("avx512f") &&
-                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-                         __builtin_cpu_supports("avx512bw");
-  return ok;
-}
-
-__attribute__((target(KVK_VOTES_TARGET), always_inline)) inline v16 load16(const float* p) {
-  v16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-__attribute__((target(KVK_VOTES_TARGET), always_inline)) inline void store16(float* p, v16 v) {
-  std::memcpy(p, &v, sizeof v);
-}
-
 // x <- exp(x - m) lane by lane, x <= m.
-__attribute__((target(KVK_VOTES_TARGET), always_inline)) inline v16 exp_below(v16 x, v16 m) {
+__attribute__((target(KVK_AVX512), always_inline)) inline v16 exp_below(v16 x, v16 m) {
   x -= m;
   exp_lanes<v16, vi16>(x);
   return x;
 }
 
-// One round of the 16-vector transpose-and-add: pairs a (lanes whose block of `b` is even) with
-// c (odd blocks), adding the two halves of each 2b-lane block.
-template <int b>
-__attribute__((target(KVK_VOTES_TARGET), always_inline)) inline v16 fold(v16 a, v16 c) {
-  const vi16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const vi16 even = (lane / b) % 2 == 0;  // constants after folding
-  const vi16 lo = even ? lane : lane + (kLanes - b), hi = even ? lane + b : lane + kLanes;
-  return v16(_mm512_permutex2var_ps(__m512(a), __m512i(lo), __m512(c))) +
-         v16(_mm512_permutex2var_ps(__m512(a), __m512i(hi), __m512(c)));
-}
-
-// Lane l of the result is the sum of the lanes of x[l] (sixteen horizontal sums at once).
-__attribute__((target(KVK_VOTES_TARGET), always_inline)) inline v16 sum_lanes_16(v16 x[kLanes]) {
-  for (int i = 0; i < 8; ++i) x[i] = fold<8>(x[i], x[i + 8]);
-  for (int i = 0; i < 4; ++i) x[i] = fold<4>(x[i], x[i + 4]);
-  for (int i = 0; i < 2; ++i) x[i] = fold<2>(x[i], x[i + 2]);
-  return fold<1>(x[0], x[1]);
-}
-
 // logits[r][0..32) = q-block . key r for kKeys keys: the queries of the block packed [d][32].
-__attribute__((target(KVK_VOTES_TARGET), always_inline)) inline void tile(const float* packed_q,
-                                                                          const float* keys, int d,
-                                                                          v16 acc[kKeys][kVecs]) {
+__attribute__((target(KVK_AVX512), always_inline)) inline void tile(const float* packed_q,
+                                                                    const float* keys, int d,
+                                                                    v16 acc[kKeys][kVecs]) {
   for (int r = 0; r < kKeys; ++r)
     for (int h = 0; h < kVecs; ++h) acc[r][h] = v16{};
   for (int c = 0; c < d; ++c) {
@@ -116,11 +73,11 @@ __attribute__((target(KVK_VOTES_TARGET), always_inline)) inline void tile(const 
   }
 }
 
-__attribute__((target(KVK_VOTES_TARGET))) void votes_avx512(const float* q, int64_t n_q,
-                                                            const int64_t* visible, int64_t group,
-                                                            DType type, const void* k, int64_t n,
-                                                            int d, float scale, const float* bias,
-                                                            float* votes) {
+__attribute__((target(KVK_AVX512))) void votes_avx512(const float* q, int64_t n_q,
+                                                      const int64_t* visible, int64_t group,
+                                                      DType type, const void* k, int64_t n, int d,
+                                                      float scale, const float* bias,
+                                                      float* votes) {
   const int64_t groups = n_q / group, rows = groups * group;
   const int64_t blocks = (rows + kQueries - 1) / kQueries, width = blocks * kQueries;
   const int64_t chunks = (n + kChunkKeys - 1) / kChunkKeys;

@@ -13,9 +13,12 @@ namespace kvk {
 
 const char* dtype_name(DType t) {
   switch (t) {
-    case DType::f32: return "f32";
-    case DType::f16: return "f16";
-    case DType::bf16: return "bf16";
+    case DType::f32:
+      return "f32";
+    case DType::f16:
+      return "f16";
+    case DType::bf16:
+      return "bf16";
   }
   return "?";
 }
@@ -46,7 +49,7 @@ uint16_t f32_to_f16(float f) {
   uint32_t absu = u & 0x7fffffff;
   if (absu > 0x7f800000) return uint16_t(sign | 0x7e00 | ((absu >> 13) & 0x3ff));  // NaN
   if (absu >= 0x477ff000) return uint16_t(sign | 0x7c00);  // rounds to >= 65520: Inf
-  if (absu < 0x38800000) {  // result is subnormal or zero: scale so the ulp is 2^-24
+  if (absu < 0x38800000) {               // result is subnormal or zero: scale so the ulp is 2^-24
     float a = float_of(absu) * 0x1p24f;  // exact; nearbyint rounds half to even
     return uint16_t(sign | uint32_t(std::nearbyint(a)));
   }
@@ -54,7 +57,9 @@ uint16_t f32_to_f16(float f) {
   return uint16_t(sign | ((rounded - 0x38000000) >> 13));
 }
 
-float bf16_to_f32(uint16_t h) { return float_of(uint32_t(h) << 16); }
+float bf16_to_f32(uint16_t h) {
+  return float_of(uint32_t(h) << 16);
+}
 
 uint16_t f32_to_bf16(float f) {
   uint32_t u = bits_of(f);
@@ -106,7 +111,6 @@ __attribute__((target("avx2"))) size_t nonfinite16_avx2(const uint16_t* s, size_
   for (; i < n; ++i) count += (s[i] & exp_mask) == exp_mask;
   return count;
 }
-
 
 // Large arrays are split across OpenMP threads; a block is big enough to amortize the fork.
 constexpr size_t kBlock = size_t(1) << 16;
@@ -163,6 +167,13 @@ bool have_avx2_f16c() {
     unsigned a, b, c, d;  // F16C is CPUID.1:ECX bit 29 (clang's builtin does not name it)
     return __builtin_cpu_supports("avx2") && __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
   }();
+  return ok;
+}
+
+bool have_avx512() {
+  static const bool ok = have_avx2_f16c() && __builtin_cpu_supports("avx512f") &&
+                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                         __builtin_cpu_supports("avx512bw");
   return ok;
 }
 

@@ -10,6 +10,8 @@ namespace kvk {
 
 // True when the CPU has AVX2, FMA and F16C (checked once).
 bool have_avx2_f16c();
+// True when it also has AVX-512 F/DQ/VL/BW: the kernels of simd512.h (checked once).
+bool have_avx512();
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t vi8 __attribute__((vector_size(32)));

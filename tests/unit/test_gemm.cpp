@@ -185,15 +185,17 @@ TEST(AttentionVotes, MatchesTheReferenceOnAllRemainders) {
         }
 }
 
-// d picks the kernel: multiples of 8 the AVX2 one (24, 48: a final 8-channel step in the value
-// pass, which walks 16 channels at a time), the rest the scalar reference.
+// d picks the kernel: multiples of 16 the AVX-512 one where the CPU has it (scores in blocks of
+// 16 / G keys: G of 1, 2, 4 and 8 + 1 for 9), other multiples of 8 the AVX2 one (24: a final
+// 8-channel step in the value pass, which walks 16 channels at a time), the rest the scalar
+// reference.
 TEST(DecodeAttention, MatchesTheDoubleReferenceForEveryTypeAndShape) {
   std::mt19937 rng(5);
   std::normal_distribution<float> nd;
   for (kvk::DType type : {kvk::DType::f32, kvk::DType::f16, kvk::DType::bf16})
-    for (int d : {8, 24, 48, 64, 128, 12})
+    for (int d : {8, 16, 24, 48, 64, 128, 12})
       for (int64_t n : {1, 7, 64, 65, 300})
-        for (int G : {1, 4, 9})
+        for (int G : {1, 2, 4, 9})
           for (bool with_bias : {false, true}) {
             const size_t kvn = size_t(n) * size_t(d);
             std::vector<float> k32(kvn), v32(kvn), q(size_t(G) * size_t(d)),
