@@ -63,19 +63,22 @@ constexpr int64_t kChunk = 64;
 // One step of the online softmax (the flash-decoding recurrence) for one query: s[0..C) are this
 // chunk's logits; m and l the running maximum and sum of exponentials, out[0..d) the running
 // (unnormalized) output. Rescales what came before to the new maximum and turns s into the
-// chunk's weights exp(s - m), which the caller then applies to the chunk's values.
-__attribute__((always_inline)) inline void online_softmax_step(float* s, int64_t C, float& m,
-                                                               float& l, float* out, int d) {
+// chunk's weights exp(s - m), which the caller then applies to the chunk's values. V is the float
+// vector the caller's target has (8 lanes for AVX2, 16 for AVX-512), VI its int32 twin.
+template <typename V, typename VI>
+__attribute__((always_inline)) inline void online_softmax_lanes(float* s, int64_t C, float& m,
+                                                                float& l, float* out, int d) {
+  constexpr int W = sizeof(V) / sizeof(float);
   // Vector max and sum: a scalar loop's dependency chain (a compare or an add per key, each
   // waiting for the last) cost about as much as a q4_0 chunk's integer dot products.
-  v8 mv = v8{} + m, x;
+  V mv = V{} + m, x;
   int64_t j = 0;
-  for (; j + 8 <= C; j += 8) {
-    load8(x, s + j);
+  for (; j + W <= C; j += W) {
+    std::memcpy(&x, s + j, sizeof x);
     mv = x > mv ? x : mv;
   }
   float mx = m;
-  for (int e = 0; e < 8; ++e) mx = mv[e] > mx ? mv[e] : mx;
+  for (int e = 0; e < W; ++e) mx = mv[e] > mx ? mv[e] : mx;
   for (; j < C; ++j) mx = s[j] > mx ? s[j] : mx;
   if (mx == -INFINITY) {  // every key masked so far: this chunk adds nothing (not NaN)
     for (j = 0; j < C; ++j) s[j] = 0;
@@ -87,24 +90,29 @@ __attribute__((always_inline)) inline void online_softmax_step(float* s, int64_t
     l *= alpha;
     for (int i = 0; i < d; ++i) out[i] *= alpha;
   }
-  v8 sum{};
-  for (j = 0; j < C; j += 8) {
-    if (j + 8 <= C) {
-      load8(x, s + j);
+  V sum{};
+  for (j = 0; j < C; j += W) {
+    if (j + W <= C) {
+      std::memcpy(&x, s + j, sizeof x);
     } else {
-      float tail[8];
-      for (int e = 0; e < 8; ++e) tail[e] = j + e < C ? s[j + e] : -INFINITY;
-      load8(x, tail);
+      float tail[W];
+      for (int e = 0; e < W; ++e) tail[e] = j + e < C ? s[j + e] : -INFINITY;
+      std::memcpy(&x, tail, sizeof x);
     }
     x -= mx;
-    exp8(x);
+    exp_lanes<V, VI>(x);
     sum += x;
-    if (j + 8 <= C)
-      store8(s + j, x);
+    if (j + W <= C)
+      std::memcpy(s + j, &x, sizeof x);
     else
       for (int e = 0; j + e < C; ++e) s[j + e] = x[e];
   }
-  for (int e = 0; e < 8; ++e) l += sum[e];
+  for (int e = 0; e < W; ++e) l += sum[e];
+}
+
+__attribute__((always_inline)) inline void online_softmax_step(float* s, int64_t C, float& m,
+                                                               float& l, float* out, int d) {
+  online_softmax_lanes<v8, vi8>(s, C, m, l, out, d);
 }
 
 }  // namespace kvk
