@@ -33,9 +33,11 @@ __attribute__((always_inline)) inline void exp_lanes(V& x) {
   x = x < -87.0f ? V{} - 87.0f : x;
   // x = n ln2 + r, |r| <= ln2 / 2, with ln2 split in two for an exact n ln2.
   const V t = x * 1.44269504088896341f + 0.5f;
-  VI n = __builtin_convertvector(t, VI);              // truncates toward zero
-  n = __builtin_convertvector(n, V) > t ? n - 1 : n;  // floor, since t is negative
-  const V fn = __builtin_convertvector(n, V);
+  // floor(t) from the truncation toward zero (t is negative), stepped in float: a NaN or
+  // out-of-range argument truncates to INT_MIN, and n - 1 there would overflow.
+  V fn = __builtin_convertvector(__builtin_convertvector(t, VI), V);
+  fn = fn > t ? fn - 1.0f : fn;
+  const VI n = __builtin_convertvector(fn, VI);
   V r = x - fn * 0.693359375f;
   r = r - fn * -2.12194440e-4f;
   V p = V{} + 1.9875691500e-4f;
