@@ -367,16 +367,19 @@ bool all_batches(int64_t count, bool parallel, Body body) {
 //  - q8_0/q4_0: one lane per value; per batch of 16 blocks the block maxima are reduced 16
 //    vectors at a time (reduce_each) and the scales computed in lanes.
 //  - uniform groups: 16 groups per batch, their extremes, f16 zero and f16 scale computed in
-//    lanes (the scale by a 15-step bitwise search for the smallest f16 that reaches the max,
-//    which is what smallest_f16's walk finds), then codes by a binary search over the same
-//    exact float thresholds as group_codes_by_thresholds (each one fused multiply-add rounded
-//    up), packed in registers; the extremes are pinned only in groups where that can change a
+//    lanes (the scale is the smallest f16 that reaches the max, which is what smallest_f16's
+//    walk finds: the f16 nearest an estimate or the one above, checked against its neighbours,
+//    or else a 15-step bitwise search), then codes from the same exact float thresholds as
+//    group_codes_by_thresholds (each one fused multiply-add rounded up): counted or found by a
+//    binary search for 2 bits, for 4 bits an arithmetic guess checked against one threshold;
+//    packed in registers; the extremes are pinned only in groups where that can change a
 //    code. Groups along a row ("rows": group_stride apart, values contiguous) are coded one
 //    group per vector; groups down the channels ("columns": 16 adjacent groups, values
 //    value_stride apart) one group per lane, so keys need no transposition.
 //  - the encoders read floats or f16 bits (widened exactly in registers, so kv-compress's f16
 //    layers need no float copy), and test for NaN/Inf on the way; f16 conversions are the
 //    AVX-512 instructions, whose values are kvk's.
+//  - the decoders write with streaming stores where their output is 64-byte aligned.
 // A batch holding NaN/Inf, or a group f16 cannot describe, is left to the scalar path, which
 // throws its usual error.
 
@@ -395,13 +398,13 @@ struct EncodeKernels {
 struct Kernels {
   EncodeKernels<float> from_f32;
   EncodeKernels<uint16_t> from_f16;
+  // The decoders take any number of blocks or groups (columns: a multiple of 16 groups).
   void (*decode_q8_0)(const uint8_t* in, int64_t blocks, float* out);
   void (*decode_q4_0)(const uint8_t* in, int64_t blocks, float* out);
   void (*dequantize_rows)(const uint8_t* codes, const uint16_t* scales, const uint16_t* zeros,
                           int64_t groups, int64_t stride, int bits, bool symmetric, float* out);
   void (*dequantize_columns)(const uint8_t* codes, const uint16_t* scales, const uint16_t* zeros,
-                             int64_t batches, int64_t stride, int bits, bool symmetric,
-                             float* out);  // <= kColumnBatches batches of 16 groups
+                             int64_t groups, int64_t stride, int bits, bool symmetric, float* out);
 
   const EncodeKernels<float>& encoders(const float*) const { return from_f32; }
   const EncodeKernels<uint16_t>& encoders(const uint16_t*) const { return from_f16; }
@@ -609,44 +612,80 @@ KV_INLINE bool any_of(const V& lanes) {  // lanes of 16 bits: any not 0
   return hor(as<u32x8>(lanes)) != 0;
 }
 
+// Decoded values go out with plain stores, or, where the output is 64-byte aligned, with
+// streaming stores: a decoded layer (an 8B-shaped layer is 128 MiB of f32) is far larger than
+// the caches, and streaming stores skip reading each line before it is written over (decoders
+// are bound by memory writes: 2 bytes of f16 input are 4 of output). The caller fences.
+template <bool Stream>
+KV_INLINE void put(float* p, const f32x16& v) {
+  if constexpr (Stream)
+    _mm512_stream_ps(p, as<__m512>(v));
+  else
+    store(p, v);
+}
+
 // ---- q8_0 / q4_0: up to 16 blocks per call ----
 
 // False if a block holds NaN/Inf (nothing is promised about `out` then).
 template <bool Q4, class In>
 KV_INLINE bool encode_blocks16(const In* x, int64_t nb, uint8_t* out) {
   constexpr size_t step = Q4 ? 18 : 34;
-  // Each block's max|x|, as bits (non-negative floats order like their bits), in lanes.
-  u32x16 block_top[W];
-  for (int b = 0; b < W; ++b) {
-    if (b >= nb) {
-      block_top[b] = u32x16{};
-      continue;
-    }
-    const u32x16 m0 = magnitude_bits(load_values(x + b * QK));
-    const u32x16 m1 = magnitude_bits(load_values(x + b * QK + 16));
-    block_top[b] = max_of(m0, m1);
-  }
-  const u32x16 top = reduce_each(block_top, Max{});
-  if (hmax(top) >= 0x7f800000u) return false;
   f32x16 extreme;  // q8_0: max|x|; q4_0: the first value of largest magnitude
-  if constexpr (Q4) {
-    // ggml keeps the first value of largest magnitude (and +0 for a block of zeros).
-    alignas(64) uint32_t tops[W];
-    alignas(64) float first_largest[W] = {};
-    store(tops, top);
-    for (int64_t b = 0; b < nb; ++b) {
-      if (!tops[b]) continue;
-      const In* xb = x + b * QK;
-      const __m512i t = as<__m512i>(splat<u32x16>(tops[b]));
-      const uint32_t at_top =
-          _mm512_cmpeq_epi32_mask(as<__m512i>(magnitude_bits(load_values(xb))), t) |
-          uint32_t(_mm512_cmpeq_epi32_mask(as<__m512i>(magnitude_bits(load_values(xb + 16))), t))
-              << 16;
-      first_largest[b] = value_at(xb + __builtin_ctz(at_top));
+  if constexpr (Q4 && std::is_same_v<In, uint16_t>) {
+    // From f16 bits, in one pass: per value a key of its magnitude (bits 16-30), its place
+    // counted from the end of the block (bits 8-12, so that of equal magnitudes the first has
+    // the largest key) and its sign (bit 0); the largest key of a block names its value.
+    const u32x16 place0 = (31u - lane_index()) << 8, place1 = (15u - lane_index()) << 8;
+    u32x16 block_key[W];
+    for (int b = 0; b < W; ++b) {
+      if (b >= nb) {
+        block_key[b] = u32x16{};
+        continue;
+      }
+      const u32x16 h0 = load_f16_bits(x + b * QK), h1 = load_f16_bits(x + b * QK + 16);
+      const u32x16 k0 = ((h0 & 0x7fffu) << 16) | (h0 >> 15) | place0;
+      const u32x16 k1 = ((h1 & 0x7fffu) << 16) | (h1 >> 15) | place1;
+      block_key[b] = max_of(k0, k1);
     }
-    extreme = load<f32x16>(first_largest);
+    const u32x16 key = reduce_each(block_key, Max{});
+    const u32x16 magnitude = key >> 16;
+    if (hmax(magnitude) >= 0x7c00u) return false;
+    // ggml starts from +0 and keeps a larger magnitude only: a block of zeros gives +0.
+    const u32x16 sign = magnitude != 0u ? (key & 1u) << 15 : u32x16{};
+    extreme = widen(__builtin_convertvector(magnitude | sign, u16x16));
   } else {
-    extreme = as<f32x16>(top);
+    // Each block's max|x|, as bits (non-negative floats order like their bits), in lanes.
+    u32x16 block_top[W];
+    for (int b = 0; b < W; ++b) {
+      if (b >= nb) {
+        block_top[b] = u32x16{};
+        continue;
+      }
+      const u32x16 m0 = magnitude_bits(load_values(x + b * QK));
+      const u32x16 m1 = magnitude_bits(load_values(x + b * QK + 16));
+      block_top[b] = max_of(m0, m1);
+    }
+    const u32x16 top = reduce_each(block_top, Max{});
+    if (hmax(top) >= 0x7f800000u) return false;
+    if constexpr (Q4) {
+      // ggml keeps the first value of largest magnitude (and +0 for a block of zeros).
+      alignas(64) uint32_t tops[W];
+      alignas(64) float first_largest[W] = {};
+      store(tops, top);
+      for (int64_t b = 0; b < nb; ++b) {
+        if (!tops[b]) continue;
+        const In* xb = x + b * QK;
+        const __m512i t = as<__m512i>(splat<u32x16>(tops[b]));
+        const uint32_t at_top =
+            _mm512_cmpeq_epi32_mask(as<__m512i>(magnitude_bits(load_values(xb))), t) |
+            uint32_t(_mm512_cmpeq_epi32_mask(as<__m512i>(magnitude_bits(load_values(xb + 16))), t))
+                << 16;
+        first_largest[b] = value_at(xb + __builtin_ctz(at_top));
+      }
+      extreme = load<f32x16>(first_largest);
+    } else {
+      extreme = as<f32x16>(top);
+    }
   }
   const f32x16 d = extreme / (Q4 ? -8.0f : 127.0f);
   alignas(64) float id[W];
@@ -667,8 +706,12 @@ KV_INLINE bool encode_blocks16(const In* x, int64_t nb, uint8_t* out) {
     if constexpr (Q4) {
       i32x16 c[2];
       for (int k = 0; k < 2; ++k) {
-        // x * id rounded before 8.5 is added, as rounded_product() keeps it.
-        const f32x16 t = __builtin_assoc_barrier((k ? a1 : a0) * id[b]) + 8.5f;
+        // x * id rounded before 8.5 is added, as rounded_product() keeps it: the multiply is
+        // a builtin GCC does not fuse (__builtin_assoc_barrier on a vector is lowered a lane at
+        // a time).
+        const f32x16 t = as<f32x16>(_mm512_maskz_mul_ps(0xffff, as<__m512>(k ? a1 : a0),
+                                                        _mm512_set1_ps(id[b]))) +
+                         8.5f;
         f32x16 clamped = t < 0.0f ? f32x16{} : t;
         clamped = clamped > 15.0f ? splat<f32x16>(15.0f) : clamped;
         c[k] = __builtin_convertvector(clamped, i32x16);
@@ -689,7 +732,7 @@ KV_INLINE bool encode_blocks16(const In* x, int64_t nb, uint8_t* out) {
   return true;
 }
 
-template <bool Q4>
+template <bool Q4, bool Stream>
 KV_INLINE void decode_blocks16(const uint8_t* in, int64_t nb, float* out) {
   constexpr size_t step = Q4 ? 18 : 34;
   alignas(64) uint32_t bits[W] = {};
@@ -703,12 +746,12 @@ KV_INLINE void decode_blocks16(const uint8_t* in, int64_t nb, float* out) {
     // 32 bits one byte at a time.)
     if constexpr (Q4) {
       const i32x16 q = as<i32x16>(_mm512_maskz_cvtepu8_epi32(0xffff, load<__m128i>(blk)));
-      store(y, __builtin_convertvector((q & 15) - 8, f32x16) * d[b]);
-      store(y + 16, __builtin_convertvector((q >> 4) - 8, f32x16) * d[b]);
+      put<Stream>(y, __builtin_convertvector((q & 15) - 8, f32x16) * d[b]);
+      put<Stream>(y + 16, __builtin_convertvector((q >> 4) - 8, f32x16) * d[b]);
     } else {
       for (int k = 0; k < 2; ++k) {
         const __m512i q = _mm512_maskz_cvtepi8_epi32(0xffff, load<__m128i>(blk + 16 * k));
-        store(y + 16 * k, __builtin_convertvector(as<i32x16>(q), f32x16) * d[b]);
+        put<Stream>(y + 16 * k, __builtin_convertvector(as<i32x16>(q), f32x16) * d[b]);
       }
     }
   }
@@ -728,6 +771,12 @@ struct Grids {
   f32x16 scale, zero, lo, hi;
   u16x16 scale_bits, zero_bits;
 };
+
+// Lanes where the top level L * S + Z with S = `candidate` (f16 bits) falls short of `top`.
+template <int L>
+KV_INLINE __mmask16 falls_short(const u16x16& candidate, const f32x16& zero, const f32x16& top) {
+  return less(float(L) * widen(candidate) + zero, top);
+}
 
 // group_params for 16 groups with extremes mn, mx; false if one cannot be stored (range).
 template <int L, bool Symmetric>
@@ -749,19 +798,30 @@ KV_INLINE bool make_grids(const f32x16& mn, const f32x16& mx, Grids& g) {
     g.lo = mn;
     g.hi = mx;
   }
-  // The smallest f16 S with L * S + Z >= top is one above the largest that falls short, which
-  // a bitwise search finds in 15 steps (non-negative f16 bits order like their values, and
-  // L * S is exact, so the test is monotone and is the scalar code's). Candidates from 0x7c00
-  // up are Inf and NaN, whose levels never fall short.
-  u16x16 short_of = {};
-  for (unsigned bit = 1u << 14; bit; bit >>= 1) {
-    const u16x16 candidate = short_of | uint16_t(bit);
-    short_of = select(less(float(L) * widen(candidate) + zero, top), candidate, short_of);
-  }
-  // A scale is needed when the top level must rise above Z (max > min and Z < max), or, for
-  // symmetric groups, when max|x| > 0.
+  // The smallest f16 S with L * S + Z >= top: non-negative f16 bits order like their values,
+  // and L * S is exact, so whether a candidate falls short is monotone in its bits (and is the
+  // scalar code's test). A scale is needed when the top level must rise above Z (max > min and
+  // Z < max), or, for symmetric groups, when max|x| > 0.
   const __mmask16 needs_scale = Symmetric ? less(f32x16{}, top) : less(mn, mx) & less(zero, mx);
-  g.scale_bits = select(needs_scale, short_of + 1, u16x16{});
+  // It is nearly always the f16 nearest (top - Z) / L or the one above: it is when the one below
+  // that falls short and one of the two does not. (A candidate 0 - 1 is a NaN, which never falls
+  // short, and so is 0x7c00 + 1; the guess is then not taken.)
+  const u16x16 guess = round_to_f16((top - zero) * (1.0f / float(L)));
+  const __mmask16 short_at_guess = falls_short<L>(guess, zero, top);
+  const __mmask16 taken = falls_short<L>(guess - 1, zero, top) &
+                          (~short_at_guess | ~falls_short<L>(guess + 1, zero, top)) & needs_scale;
+  u16x16 scale_bits = select(short_at_guess, guess + 1, guess);
+  if (taken != needs_scale) {
+    // Otherwise it is one above the largest that falls short, which a bitwise search finds in
+    // 15 steps (candidates from 0x7c00 up are Inf and NaN, whose levels never fall short).
+    u16x16 short_of = {};
+    for (unsigned bit = 1u << 14; bit; bit >>= 1) {
+      const u16x16 candidate = short_of | uint16_t(bit);
+      short_of = select(falls_short<L>(candidate, zero, top), candidate, short_of);
+    }
+    scale_bits = short_of + 1;
+  }
+  g.scale_bits = select(needs_scale, scale_bits, u16x16{});
   bad = bad || any_of(g.scale_bits == 0x7c00);
   g.scale = widen(g.scale_bits);
   g.zero = zero;
@@ -824,6 +884,42 @@ KV_INLINE i32x16 levels_reached(const f32x16& a, const f32x16 (&T)[L]) {
   return c;
 }
 
+// Many levels (4 bits), one group per lane: the count of thresholds at or below a from an
+// arithmetic guess checked against one threshold. With t = (a - Z) / S, exactly T[j] <= a when
+// t >= j + 0.5, so the count is u = floor(t + 0.5) limited to [0, L]. g = floor(t + 0.5 - 1/16),
+// with t computed in float (a - Z, 1/S and the fused product each rounded once: within
+// 2^-20 of t where t is below 16, and of the same sign and a little magnitude elsewhere), is u or
+// u - 1; limited below by 0 it is the count or one less, and T[g], the fused multiply-add rounded
+// up that gives the thresholds, tells which. (a never exceeds the top level, so t <= L and g
+// needs no upper limit.) `inverse` is 1 / S; lanes with S = 0 give anything (they are pinned).
+template <bool Symmetric>
+KV_INLINE i32x16 levels_guessed(const f32x16& a, const Grids& g, const f32x16& inverse) {
+  const __m512 d = as<__m512>(Symmetric ? a : a - g.zero);
+  const __m512 t = _mm512_fmadd_ps(d, as<__m512>(inverse), _mm512_set1_ps(0.5f - 0x1p-4f));
+  // (max_ps returns its second operand, 0, for NaN.)
+  const __m512 floor_t = _mm512_maskz_roundscale_ps(
+      0xffff, _mm512_maskz_max_ps(0xffff, t, _mm512_setzero_ps()), _MM_FROUND_TO_NEG_INF);
+  const f32x16 threshold = thresholds_at(as<f32x16>(floor_t) + 0.5f, g.scale, g.zero);
+  const i32x16 c = __builtin_convertvector(as<f32x16>(floor_t), i32x16);
+  return a >= threshold ? c + 1 : c;
+}
+
+// The same for one group per vector (4 bits), its thresholds T[j] in lane j (T[15] is the
+// exact threshold above the top level, which no value reaches): g is at most L, so T[g] is a
+// permutation of T.
+template <bool Symmetric>
+KV_INLINE i32x16 levels_guessed(const f32x16& a, float zero, float inverse, const f32x16& T) {
+  const __m512 d = as<__m512>(Symmetric ? a : a - zero);
+  const __m512 t = _mm512_fmadd_ps(d, _mm512_set1_ps(inverse), _mm512_set1_ps(0.5f - 0x1p-4f));
+  // (max_ps returns its second operand, 0, for NaN; truncation is the floor from 0 up, and the
+  // permutation takes the index's low four bits.)
+  const i32x16 c = as<i32x16>(
+      _mm512_maskz_cvttps_epi32(0xffff, _mm512_maskz_max_ps(0xffff, t, _mm512_setzero_ps())));
+  const f32x16 threshold =
+      as<f32x16>(_mm512_maskz_permutexvar_ps(0xffff, as<__m512i>(c), as<__m512>(T)));
+  return a >= threshold ? c + 1 : c;
+}
+
 // Codes of 16 values v reaching c levels (of |v|, symmetric). With `Pin`, the extremes are
 // pinned and S = 0 gives the flat code; without, the group(s) must need neither (see
 // pins_matter). Lo, Hi and Scale are vectors (one group per lane) or scalars (one group per
@@ -877,16 +973,51 @@ KV_INLINE void settle_zero_minima(f32x16& mn, At at) {
 // (an array of words indexed by i / per_word would make GCC update it in memory).
 template <int bits, bool Symmetric, bool Pin, class In, int L>
 KV_INLINE void column_codes(const In* x, int64_t stride, const Grids& g, const f32x16 (&T)[L],
-                            uint32_t (&w)[bits][W]) {
+                            u32x16 (&w)[bits]) {
   constexpr int per_word = 32 / bits;
+  const f32x16 inverse = 1.0f / g.scale;
   for (int k = 0; k < bits; ++k) {
     u32x16 word = {};
     for (int j = 0; j < per_word; ++j) {
       const f32x16 v = load_values(x + (k * per_word + j) * stride);
-      const i32x16 c = levels_reached<L>(Symmetric ? abs(v) : v, T);
+      const f32x16 a = Symmetric ? abs(v) : v;
+      // (Few levels: a binary search over the thresholds is as quick as the guess.)
+      i32x16 c;
+      if constexpr (L > 3)
+        c = levels_guessed<Symmetric>(a, g, inverse);
+      else
+        c = levels_reached<L>(a, T);
       word |= pinned_codes<L, Symmetric, Pin>(v, c, g.lo, g.hi, g.scale) << (bits * j);
     }
-    store(w[k], word);
+    w[k] = word;
+  }
+}
+
+// Group l's `bits` code words (lane l of w[0 .. bits)) stored one group after the other, as
+// quantize_columns16 lays them out: a transposition by permutations (word k of group l goes to
+// 32-bit word l * bits + k).
+template <int bits>
+KV_INLINE void store_column_words(const u32x16 (&w)[bits], uint8_t* codes) {
+  const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i second =
+      _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  // Words 0 and 1 interleaved: groups 0-7, then 8-15.
+  const __m512i p0 = _mm512_permutex2var_epi32(as<__m512i>(w[0]), first, as<__m512i>(w[1]));
+  const __m512i p1 = _mm512_permutex2var_epi32(as<__m512i>(w[0]), second, as<__m512i>(w[1]));
+  if constexpr (bits == 2) {
+    store(codes, p0);
+    store(codes + 64, p1);
+  } else {
+    static_assert(bits == 4);
+    const __m512i q0 = _mm512_permutex2var_epi32(as<__m512i>(w[2]), first, as<__m512i>(w[3]));
+    const __m512i q1 = _mm512_permutex2var_epi32(as<__m512i>(w[2]), second, as<__m512i>(w[3]));
+    // Pairs of words (64 bits) interleaved again: 4 groups a vector.
+    const __m512i lo = _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0);
+    const __m512i hi = _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4);
+    store(codes, _mm512_permutex2var_epi64(p0, lo, q0));
+    store(codes + 64, _mm512_permutex2var_epi64(p0, hi, q0));
+    store(codes + 128, _mm512_permutex2var_epi64(p1, lo, q1));
+    store(codes + 192, _mm512_permutex2var_epi64(p1, hi, q1));
   }
 }
 
@@ -911,13 +1042,12 @@ KV_INLINE bool quantize_columns16(const In* x, int64_t stride, uint16_t* scales,
   if (!Symmetric) store_f16_bits(zeros, g.zero_bits, W);
   f32x16 T[L];
   lane_thresholds(g, T);
-  alignas(64) uint32_t w[bits][W];
+  u32x16 w[bits];
   if (hor(as<u32x16>(pins_matter<Symmetric>(g.lo, g.hi, g.scale, T[0], T[L - 1]))))
     column_codes<bits, Symmetric, true>(x, stride, g, T, w);
   else
     column_codes<bits, Symmetric, false>(x, stride, g, T, w);
-  for (int l = 0; l < W; ++l)
-    for (int k = 0; k < bits; ++k) std::memcpy(codes + (l * bits + k) * 4, &w[k][l], 4);
+  store_column_words<bits>(w, codes);
   return true;
 }
 
@@ -966,7 +1096,8 @@ KV_INLINE bool quantize_rows16(const In* x, int64_t n, int64_t stride, uint16_t*
   if (!make_grids<L, Symmetric>(mn, mx, g)) return false;
   store_f16_bits(scales, g.scale_bits, n);
   if (!Symmetric) store_f16_bits(zeros, g.zero_bits, n);
-  alignas(64) float lo_of[W], hi_of[W], scale_of[W], zero_of[W];
+  alignas(64) float lo_of[W], hi_of[W], scale_of[W], zero_of[W], inverse_of[W];
+  store(inverse_of, 1.0f / g.scale);
   store(lo_of, g.lo);
   store(hi_of, g.hi);
   store(scale_of, g.scale);
@@ -996,7 +1127,13 @@ KV_INLINE bool quantize_rows16(const In* x, int64_t n, int64_t stride, uint16_t*
       for (int k = 0; k < 2; ++k) {
         const f32x16 v = load_values(xg + 16 * k);
         const f32x16 a = Symmetric ? abs(v) : v;
-        const i32x16 reached = few ? levels_reached<L>(a, group_T) : levels_reached<L>(a, T);
+        i32x16 reached;
+        if constexpr (few)
+          reached = levels_reached<L>(a, group_T);
+        else if constexpr (L == 15)
+          reached = levels_guessed<Symmetric>(a, zero_of[l], inverse_of[l], T);
+        else
+          reached = levels_reached<L>(a, T);
         c[k] = pinned_codes<L, Symmetric, decltype(pin)::value>(v, reached, lo_of[l], hi_of[l],
                                                                 scale_of[l]);
       }
@@ -1010,14 +1147,44 @@ KV_INLINE bool quantize_rows16(const In* x, int64_t n, int64_t stride, uint16_t*
   return true;
 }
 
-// Decoded values of 16 codes: q * S + Z (Z when S = 0), or (q - 2^(bits-1)) * S.
-template <bool Symmetric, int bits, class Value>
-KV_INLINE f32x16 dequantize16(const u32x16& q, const Value& scale, const Value& zero) {
+// Decoded values of 16 codes: q * S + Z, or Z itself (its bits) where S = 0 (lanes `flat`;
+// q * S is exact, so fused or not it is the scalar code's value); symmetric: (q - 2^(bits-1)) * S.
+template <bool Symmetric, int bits>
+KV_INLINE f32x16 dequantize16(const u32x16& q, const f32x16& scale, const f32x16& zero,
+                              __mmask16 flat) {
   if constexpr (Symmetric) {
     return __builtin_convertvector(as<i32x16>(q) - (1 << (bits - 1)), f32x16) * scale;
   } else {
-    const f32x16 v = __builtin_convertvector(as<i32x16>(q), f32x16) * scale + zero;
-    return scale == 0.0f ? f32x16{} + zero : v;
+    const f32x16 qf = __builtin_convertvector(as<i32x16>(q), f32x16);
+    return as<f32x16>(
+        _mm512_mask3_fmadd_ps(as<__m512>(qf), as<__m512>(scale), as<__m512>(zero), ~flat));
+  }
+}
+
+// quantize_columns16's code layout undone: lane l of w[k] is word k of group l.
+template <int bits>
+KV_INLINE void load_column_words(const uint8_t* codes, u32x16 (&w)[bits]) {
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  if constexpr (bits == 2) {
+    const __m512i c0 = load<__m512i>(codes), c1 = load<__m512i>(codes + 64);
+    w[0] = as<u32x16>(_mm512_permutex2var_epi32(c0, even, c1));
+    w[1] = as<u32x16>(_mm512_permutex2var_epi32(c0, odd, c1));
+  } else {
+    static_assert(bits == 4);
+    // Words 0-1 and 2-3 of groups 0-7 (p0, q0) and 8-15 (p1, q1), as 64-bit pairs.
+    const __m512i even64 = _mm512_set_epi64(14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd64 = _mm512_set_epi64(15, 13, 11, 9, 7, 5, 3, 1);
+    const __m512i c0 = load<__m512i>(codes), c1 = load<__m512i>(codes + 64);
+    const __m512i c2 = load<__m512i>(codes + 128), c3 = load<__m512i>(codes + 192);
+    const __m512i p0 = _mm512_permutex2var_epi64(c0, even64, c1);
+    const __m512i q0 = _mm512_permutex2var_epi64(c0, odd64, c1);
+    const __m512i p1 = _mm512_permutex2var_epi64(c2, even64, c3);
+    const __m512i q1 = _mm512_permutex2var_epi64(c2, odd64, c3);
+    w[0] = as<u32x16>(_mm512_permutex2var_epi32(p0, even, p1));
+    w[1] = as<u32x16>(_mm512_permutex2var_epi32(p0, odd, p1));
+    w[2] = as<u32x16>(_mm512_permutex2var_epi32(q0, even, q1));
+    w[3] = as<u32x16>(_mm512_permutex2var_epi32(q0, odd, q1));
   }
 }
 
@@ -1025,29 +1192,28 @@ KV_INLINE f32x16 dequantize16(const u32x16& q, const Value& scale, const Value& 
 // out[i * stride + g]), written row by row: a batch at a time, the stores would go down 32 rows
 // with a stride, which the hardware does not stream (kv-compress's keys decoded at a quarter of
 // the speed of values).
-template <int bits, bool Symmetric>
+template <int bits, bool Symmetric, bool Stream>
 KV_INLINE void dequantize_columns16(const uint8_t* codes, const uint16_t* scales,
                                     const uint16_t* zeros, int64_t batches, int64_t stride,
                                     float* out) {
   f32x16 S[kColumnBatches], Z[kColumnBatches];
-  alignas(64) uint32_t w[kColumnBatches][bits][W];  // batch b: word k of group l at w[b][k][l]
+  __mmask16 flat[kColumnBatches];
+  u32x16 w[kColumnBatches][bits];  // batch b: word k of group l in lane l of w[b][k]
   for (int64_t b = 0; b < batches; ++b) {
     S[b] = f16_to_f32(load_f16_bits(scales + b * W));
     Z[b] = Symmetric ? f32x16{} : f16_to_f32(load_f16_bits(zeros + b * W));
-    const uint8_t* c = codes + b * W * bits * 4;
-    for (int l = 0; l < W; ++l)
-      for (int k = 0; k < bits; ++k) std::memcpy(&w[b][k][l], c + (l * bits + k) * 4, 4);
+    flat[b] = _mm512_cmp_ps_mask(as<__m512>(S[b]), _mm512_setzero_ps(), _CMP_EQ_OQ);
+    load_column_words<bits>(codes + b * W * bits * 4, w[b]);
   }
   constexpr int per_word = 32 / bits;
   for (int64_t i = 0; i < kGroup; ++i)
     for (int64_t b = 0; b < batches; ++b) {
-      const u32x16 q =
-          (load<u32x16>(w[b][i / per_word]) >> (bits * (i % per_word))) & ((1u << bits) - 1);
-      store(out + i * stride + b * W, dequantize16<Symmetric, bits>(q, S[b], Z[b]));
+      const u32x16 q = (w[b][i / per_word] >> (bits * (i % per_word))) & ((1u << bits) - 1);
+      put<Stream>(out + i * stride + b * W, dequantize16<Symmetric, bits>(q, S[b], Z[b], flat[b]));
     }
 }
 
-template <int bits, bool Symmetric>
+template <int bits, bool Symmetric, bool Stream>
 KV_INLINE void dequantize_rows16(const uint8_t* codes, const uint16_t* scales,
                                  const uint16_t* zeros, int64_t n, int64_t stride, float* out) {
   alignas(64) uint16_t sb[W] = {}, zb[W] = {};
@@ -1060,6 +1226,9 @@ KV_INLINE void dequantize_rows16(const uint8_t* codes, const uint16_t* scales,
   for (int64_t l = 0; l < n; ++l) {
     uint32_t w[bits];
     std::memcpy(w, codes + l * bits * 4, sizeof w);
+    // (Broadcasts, not splat: 0 + Z would turn a zero of -0 into +0.)
+    const f32x16 scale = as<f32x16>(_mm512_set1_ps(S[l])), zero = as<f32x16>(_mm512_set1_ps(Z[l]));
+    const __mmask16 flat = S[l] == 0.0f ? 0xffff : 0;
     for (int k = 0; k < 2; ++k) {
       u32x16 word;
       if constexpr (bits == 2)
@@ -1067,7 +1236,7 @@ KV_INLINE void dequantize_rows16(const uint8_t* codes, const uint16_t* scales,
       else
         word = lane_index() < 8u ? splat<u32x16>(w[2 * k]) : splat<u32x16>(w[2 * k + 1]);
       const u32x16 q = (word >> shift) & ((1u << bits) - 1);
-      store(out + l * stride + 16 * k, dequantize16<Symmetric, bits>(q, S[l], Z[l]));
+      put<Stream>(out + l * stride + 16 * k, dequantize16<Symmetric, bits>(q, scale, zero, flat));
     }
   }
 }
@@ -1100,19 +1269,72 @@ KV_ENCODERS(float)
 KV_ENCODERS(uint16_t)
 #undef KV_ENCODERS
 
+// Whether a decoder's vector stores (16 floats at out + a multiple of `stride` + a multiple of
+// 16) can stream: all 64-byte aligned.
+bool streams(const float* out, int64_t stride) {
+  return reinterpret_cast<uintptr_t>(out) % 64 == 0 && stride % 16 == 0;
+}
+// A decoder over all its blocks or groups, streaming where `out` allows (then fenced once, at
+// the end), otherwise with plain stores: plain and streaming are its two forms, out its last
+// argument.
+template <auto plain, auto streaming, class... Args>
+void streamed(int64_t stride, float* out, Args... args) {
+  if (streams(out, stride)) {
+    streaming(args..., out);
+    _mm_sfence();
+  } else {
+    plain(args..., out);
+  }
+}
+
+template <bool Q4, bool Stream>
+void decode_blocks_in(const uint8_t* in, int64_t nb, float* out) {
+  constexpr size_t step = Q4 ? 18 : 34;
+  for (int64_t b = 0; b < nb; b += kBatch)
+    vec::decode_blocks16<Q4, Stream>(in + size_t(b) * step, std::min(kBatch, nb - b), out + b * QK);
+}
+template <int bits, bool Symmetric, bool Stream>
+void dequantize_rows_in(const uint8_t* c, const uint16_t* s, const uint16_t* z, int64_t groups,
+                        int64_t stride, float* out) {
+  for (int64_t g = 0; g < groups; g += kBatch)
+    vec::dequantize_rows16<bits, Symmetric, Stream>(c + g * bits * 4, s + g, z ? z + g : nullptr,
+                                                    std::min(kBatch, groups - g), stride,
+                                                    out + g * stride);
+}
+template <int bits, bool Symmetric, bool Stream>
+void dequantize_columns_in(const uint8_t* c, const uint16_t* s, const uint16_t* z, int64_t groups,
+                           int64_t stride, float* out) {
+  for (int64_t g = 0; g < groups; g += kColumnBatches * kBatch)
+    vec::dequantize_columns16<bits, Symmetric, Stream>(
+        c + g * bits * 4, s + g, z ? z + g : nullptr,
+        std::min(kColumnBatches, (groups - g) / kBatch), stride, out + g);
+}
+
 void decode_q8_0(const uint8_t* in, int64_t nb, float* out) {
-  vec::decode_blocks16<false>(in, nb, out);
+  streamed<decode_blocks_in<false, false>, decode_blocks_in<false, true>>(0, out, in, nb);
 }
 void decode_q4_0(const uint8_t* in, int64_t nb, float* out) {
-  vec::decode_blocks16<true>(in, nb, out);
+  streamed<decode_blocks_in<true, false>, decode_blocks_in<true, true>>(0, out, in, nb);
+}
+template <int bits, bool Symmetric>
+void dequantize_rows_at(const uint8_t* c, const uint16_t* s, const uint16_t* z, int64_t groups,
+                        int64_t stride, float* out) {
+  streamed<dequantize_rows_in<bits, Symmetric, false>, dequantize_rows_in<bits, Symmetric, true>>(
+      stride, out, c, s, z, groups, stride);
+}
+template <int bits, bool Symmetric>
+void dequantize_columns_at(const uint8_t* c, const uint16_t* s, const uint16_t* z, int64_t groups,
+                           int64_t stride, float* out) {
+  streamed<dequantize_columns_in<bits, Symmetric, false>,
+           dequantize_columns_in<bits, Symmetric, true>>(stride, out, c, s, z, groups, stride);
 }
 void dequantize_rows(const uint8_t* c, const uint16_t* s, const uint16_t* z, int64_t n,
                      int64_t stride, int bits, bool sym, float* out) {
-  KV_BY_WIDTH(vec::dequantize_rows16, bits, sym, (c, s, z, n, stride, out));
+  KV_BY_WIDTH(dequantize_rows_at, bits, sym, (c, s, z, n, stride, out));
 }
-void dequantize_columns(const uint8_t* c, const uint16_t* s, const uint16_t* z, int64_t batches,
+void dequantize_columns(const uint8_t* c, const uint16_t* s, const uint16_t* z, int64_t groups,
                         int64_t stride, int bits, bool sym, float* out) {
-  KV_BY_WIDTH(vec::dequantize_columns16, bits, sym, (c, s, z, batches, stride, out));
+  KV_BY_WIDTH(dequantize_columns_at, bits, sym, (c, s, z, groups, stride, out));
 }
 template <class In>
 constexpr EncodeKernels<In> encoders{encode_q8_0, encode_q4_0, quantize_rows, quantize_columns};
@@ -1162,10 +1384,12 @@ bool encode_block_batches(const In* x, int64_t n, uint8_t* out, size_t block_byt
 
 void decode_block_batches(const uint8_t* in, int64_t n, float* out, size_t block_bytes,
                           void (*kernel)(const uint8_t*, int64_t, float*)) {
+  // Chunks of 64 batches (128 KiB of output) per call.
+  constexpr int64_t chunk = 64 * kBatch;
   const int64_t nb = n / QK;
-  all_batches((nb + kBatch - 1) / kBatch, n >= parallel_min, [&](int64_t i) {
-    const int64_t b = i * kBatch;
-    kernel(in + size_t(b) * block_bytes, std::min(kBatch, nb - b), out + b * QK);
+  all_batches((nb + chunk - 1) / chunk, n >= parallel_min, [&](int64_t i) {
+    const int64_t b = i * chunk;
+    kernel(in + size_t(b) * block_bytes, std::min(chunk, nb - b), out + b * QK);
     return true;
   });
 }
@@ -1429,18 +1653,13 @@ void dequantize_groups(const uint8_t* codes, const uint16_t* scales, const uint1
   const int64_t len = p.group;
   int64_t g = 0;
   if (const Kernels* k = vector_kernels(); k && vector_groups(p)) {
-    const int64_t group_bytes = len * p.bits / 8;
     const uint16_t* z = zeros;
     if (value_stride == 1) {
-      for (; g < groups; g += kBatch)
-        k->dequantize_rows(codes + g * group_bytes, scales + g, z ? z + g : nullptr,
-                           std::min(kBatch, groups - g), group_stride, p.bits, p.symmetric,
-                           out + g * group_stride);
+      k->dequantize_rows(codes, scales, z, groups, group_stride, p.bits, p.symmetric, out);
+      g = groups;
     } else if (group_stride == 1) {
-      for (int64_t batches; (batches = std::min(kColumnBatches, (groups - g) / kBatch)) > 0;
-           g += batches * kBatch)
-        k->dequantize_columns(codes + g * group_bytes, scales + g, z ? z + g : nullptr, batches,
-                              value_stride, p.bits, p.symmetric, out + g);
+      g = groups / kBatch * kBatch;
+      k->dequantize_columns(codes, scales, z, g, value_stride, p.bits, p.symmetric, out);
     }
   }
   if (g >= groups) return;

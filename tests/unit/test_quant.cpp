@@ -11,6 +11,7 @@
 #include <cstring>
 #include <fstream>
 #include <limits>
+#include <new>
 #include <random>
 #include <string>
 #include <vector>
@@ -1106,4 +1107,194 @@ TEST(QuantVector, F16InputMatchesFloatInput) {
           EXPECT_FALSE(run(q::quantize_groups_f16, y.data()).first);
         });
       }
+}
+
+namespace {
+
+// Floats in 64-byte aligned storage.
+struct AlignedFloats {
+  explicit AlignedFloats(size_t n)
+      : p(static_cast<float*>(::operator new[](n * sizeof(float), std::align_val_t(64)))) {
+    std::fill(p, p + n, -1.0f);
+  }
+  ~AlignedFloats() { ::operator delete[](p, std::align_val_t(64)); }
+  AlignedFloats(const AlignedFloats&) = delete;
+  AlignedFloats& operator=(const AlignedFloats&) = delete;
+  float* data() { return p; }
+  float* p;
+};
+
+}  // namespace
+
+TEST(QuantVector, AdversarialGroupsMatchTheScalarPath) {
+  // Thousands of groups where a code or a scale computed rather than searched for could slip:
+  // ranges from f16-subnormal to near 65504, offsets large against the range (Z far from the
+  // min), and values on the thresholds between levels and one float either side of them.
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> unit(0.0f, 1.0f);
+  const int64_t groups = 16 * 96;
+  for (int bits : {2, 4})
+    for (bool symmetric : {false, true}) {
+      SCOPED_TRACE(testing::Message() << "bits " << bits << (symmetric ? " symmetric" : ""));
+      const q::UniformParams p{bits, 32, symmetric};
+      const int L = symmetric ? (1 << (bits - 1)) - 1 : (1 << bits) - 1;
+      Floats e(size_t(groups * 32));
+      for (int64_t g = 0; g < groups; ++g) {
+        float* v = e.data() + g * 32;
+        const float range = std::ldexp(0.5f + unit(rng), int(rng() % 40) - 28);
+        const float offset =
+            (g % 3 == 0) ? 0.0f : range * std::ldexp(unit(rng) - 0.5f, int(rng() % 16));
+        const float mn = std::clamp(offset - range / 2, -60000.0f, 60000.0f);
+        const float mx = std::clamp(offset + range / 2, -60000.0f, 60000.0f);
+        // The grid these extremes give, from the scalar code.
+        const float ends[2] = {mn, mx};
+        uint16_t s = 0, z = 0;
+        uint8_t c[2];
+        q::set_simd_level(q::Simd::scalar);
+        q::quantize_group(ends, 2, p, &s, &z, c);
+        q::set_simd_level(q::simd_supported());
+        const double S = f(s), Z = symmetric ? 0.0 : f(z);
+        v[0] = mn;
+        v[1] = mx;
+        for (int i = 2; i < 32; ++i) {
+          const int j = int(rng() % unsigned(L));
+          const double t = Z + (j + 0.5) * S * (symmetric && rng() % 2 ? -1 : 1);
+          float x = float(t);
+          if (double(x) < t) x = std::nextafter(x, 1e30f);
+          switch (rng() % 4) {
+            case 0:
+              x = std::nextafter(x, -1e30f);
+              break;
+            case 1:
+              x = std::nextafter(x, 1e30f);
+              break;
+            case 2:
+              x = mn + (mx - mn) * unit(rng);
+              break;
+          }
+          v[i] = std::clamp(x, symmetric ? -std::max(-mn, mx) : mn,
+                            symmetric ? std::max(-mn, mx) : mx);
+        }
+        std::shuffle(v, v + 32, rng);
+      }
+      for (const GroupLayout& l : {GroupLayout{groups, 32, 1}, GroupLayout{groups, 1, groups}}) {
+        const Floats x = laid_out(l, e);
+        const size_t span = x.size();
+        Bytes ref, ref_decoded;
+        at_each_level([&](q::Simd level) {
+          std::vector<uint16_t> scales(static_cast<size_t>(groups)),
+              zeros(static_cast<size_t>(groups));
+          Bytes codes(q::uniform_code_bytes(groups * 32, bits));
+          q::quantize_groups(x.data(), groups, l.group_stride, l.value_stride, p, scales.data(),
+                             zeros.data(), codes.data());
+          // Decoded into 64-byte aligned storage (the vector decoders stream there) and one
+          // float off it.
+          Bytes decoded;
+          for (size_t offset : {0, 1}) {
+            AlignedFloats y(span + 1);
+            q::dequantize_groups(codes.data(), scales.data(), zeros.data(), groups, l.group_stride,
+                                 l.value_stride, p, y.data() + offset);
+            const Bytes b = float_bytes(Floats(y.data() + offset, y.data() + offset + span));
+            decoded.insert(decoded.end(), b.begin(), b.end());
+          }
+          for (auto* v : {&scales, &zeros})
+            for (uint16_t s : *v) codes.insert(codes.end(), {uint8_t(s), uint8_t(s >> 8)});
+          if (level == q::Simd::scalar) {
+            ref = codes;
+            ref_decoded = decoded;
+            return;
+          }
+          EXPECT_EQ(codes, ref);
+          EXPECT_EQ(decoded, ref_decoded);
+        });
+      }
+    }
+}
+
+TEST(QuantVector, Q4_0RoundsTheProductBeforeAddingAsGgml) {
+  // Values whose code changes when x * id + 8.5 is fused into one rounding: the exact product
+  // lies between 1 and 1.5 ulps below a code's boundary m - 8.5 (m = 13..15, where the product's
+  // ulp is half the sum's): rounded, it is one ulp below, and adding 8.5 gives a tie that rounds
+  // to even, up to m; fused, the sum stays below the tie and rounds down.
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> unit(1.0f, 2.0f);
+  Floats x;
+  int found = 0;
+  while (found < 64) {
+    const float top = -4.0f * unit(rng);  // the first value of largest magnitude
+    const float d = top / -8, id = 1.0f / d;
+    float v[32];
+    v[0] = top;
+    int k = 1;
+    for (int m = 13; m <= 15 && k < 32; ++m) {
+      const double h = m - 8.5, ulp = std::ldexp(1.0, std::ilogb(h) - 23);
+      const float guess = float((h - 1.25 * ulp) / double(id));
+      for (float c = std::nextafter(guess, -1e30f), e = std::nextafter(guess, 1e30f); k < 32;
+           c = std::nextafter(c, 1e30f)) {
+        const double p = double(c) * double(id);  // exact
+        if (p < h - ulp && p > h - 1.5 * ulp && std::fabs(c) < std::fabs(top)) v[k++] = c;
+        if (c == e) break;
+      }
+    }
+    if (k == 1) continue;
+    for (int i = k; i < 32; ++i) v[i] = v[1 + (i % (k - 1))];
+    x.insert(x.end(), v, v + 32);
+    ++found;
+  }
+  Bytes ref, ref_decoded;
+  at_each_level([&](q::Simd level) {
+    const Bytes b = enc_q4(x), b8 = enc_q8(x);
+    // And both decoded, into aligned storage (streamed) and one float off it.
+    const int64_t n = int64_t(x.size());
+    Bytes decoded;
+    for (size_t offset : {0, 1}) {
+      AlignedFloats y(x.size() * 2 + 1);
+      q::decode_q4_0(b.data(), n, y.data() + offset);
+      q::decode_q8_0(b8.data(), n, y.data() + offset + n);
+      const Bytes d = float_bytes(Floats(y.data() + offset, y.data() + offset + 2 * n));
+      decoded.insert(decoded.end(), d.begin(), d.end());
+    }
+    if (level == q::Simd::scalar) {
+      ref = b;
+      ref_decoded = decoded;
+      return;
+    }
+    EXPECT_EQ(b, ref);
+    EXPECT_EQ(decoded, ref_decoded);
+  });
+  // The inputs are the cases meant: fused, their codes would differ.
+  int differ = 0;
+  for (size_t b = 0; b < x.size() / 32; ++b) {
+    const float d = x[b * 32] / -8, id = 1.0f / d;
+    for (int j = 1; j < 32; ++j) {
+      const float v = x[b * 32 + size_t(j)];
+      volatile float product = v * id;  // (volatile: rounded, whatever the compiler fuses)
+      differ += int(std::fma(v, id, 8.5f)) != int(product + 8.5f);
+    }
+  }
+  EXPECT_GT(differ, 0);
+}
+
+TEST(QuantVector, FlatGroupsDecodeToTheirStoredZero) {
+  // S = 0: every value is Z itself, bit for bit: -0 stays -0 (0 + Z would not), a signaling NaN
+  // stays signaling.
+  const int64_t groups = 32;
+  std::vector<uint16_t> scales(groups, 0), zeros(groups);
+  const uint16_t special[] = {0x8000, 0x0000, 0x7d01, 0xfd01, 0x7c00, 0x3c00, 0x8001, 0xbc00};
+  for (int64_t g = 0; g < groups; ++g) zeros[size_t(g)] = special[g % 8];
+  Bytes codes(q::uniform_code_bytes(groups * 32, 4));
+  for (size_t i = 0; i < codes.size(); ++i) codes[i] = uint8_t(i * 37);
+  for (bool columns : {false, true}) {
+    Bytes ref;
+    at_each_level([&](q::Simd level) {
+      AlignedFloats y(groups * 32);
+      q::dequantize_groups(codes.data(), scales.data(), zeros.data(), groups, columns ? 1 : 32,
+                           columns ? groups : 1, {4, 32, false}, y.data());
+      const Bytes b = float_bytes(Floats(y.data(), y.data() + groups * 32));
+      if (level == q::Simd::scalar)
+        ref = b;
+      else
+        EXPECT_EQ(b, ref) << (columns ? "columns" : "rows");
+    });
+  }
 }
