@@ -222,7 +222,8 @@ __attribute__((target(KVK_AVX512))) void attend_avx512(const void* k, const void
       const int rows = int(std::min<int64_t>(R, C - j));
       const char* vblock = static_cast<const char*>(v) + size_t(c0 + j) * row_bytes;
       const int64_t ahead = c0 + j + kAhead;
-      const char* kblock = static_cast<const char*>(k) + size_t(ahead) * row_bytes;
+      const char* kblock =
+          ahead < n ? static_cast<const char*>(k) + size_t(ahead) * row_bytes : nullptr;
       const size_t vbytes = size_t(rows) * row_bytes;
       const size_t kbytes = ahead < n ? size_t(std::min<int64_t>(R, n - ahead)) * row_bytes : 0;
       size_t line = 0;
@@ -268,7 +269,7 @@ void attend_group(const void* k, const void* v, int64_t n, int d, const float* q
     const int left = G - g0, g = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
     const float* qg = q + int64_t(g0) * d;
     float* og = out + int64_t(g0) * d;
-    const bool wide = have_avx512() && d % kLanes == 0;
+    const bool wide = have_avx512() && d > 0 && d % kLanes == 0;
     switch (g) {
       case 8:
         wide ? attend_avx512<type, 8>(k, v, n, d, qg, scale, bias, og)

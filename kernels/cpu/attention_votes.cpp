@@ -158,7 +158,8 @@ __attribute__((target(KVK_AVX512))) void votes_avx512(const float* q, int64_t n_
       // A chunk in which the query had seen nothing yet kept max -inf: its factor is exp(-inf) =
       // 0 (or NaN where the query never sees anything, and then its sum is 0).
       const v16 s = load16(&sum[size_t(o)]), m = load16(&chunk_max[size_t(ch * width + o)]);
-      const v16 f = exp_below(m, load16(&run_max[size_t(o)])) / s;
+      const v16 M = load16(&run_max[size_t(o)]);
+      const v16 f = exp_below(m, M == -INFINITY ? v16{} : M) / s;  // no NaN into the exp
       store16(&factor[size_t(o)], s > 0.0f ? f : v16{});
     }
     const float* ec = e + j0 * width;
@@ -192,7 +193,7 @@ __attribute__((target(KVK_AVX512))) void votes_avx512(const float* q, int64_t n_
 void attention_votes(const float* q, int64_t n_q, const int64_t* visible, int64_t group, DType type,
                      const void* k, int64_t n, int d, float scale, const float* bias,
                      float* votes) {
-  if (!have_avx512() || n == 0 || n_q < group)
+  if (!have_avx512() || n == 0 || d <= 0 || n_q < group)
     return attention_votes_reference(q, n_q, visible, group, type, k, n, d, scale, bias, votes);
   votes_avx512(q, n_q, visible, group, type, k, n, d, scale, bias, votes);
 }

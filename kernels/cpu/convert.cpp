@@ -127,7 +127,7 @@ void parallel_blocks(size_t n, Fn&& fn) {
 
 void cpu_to_f32(DType from, const void* src, float* dst, size_t n) {
   if (from == DType::f32) {
-    std::memcpy(dst, src, n * 4);
+    if (n) std::memcpy(dst, src, n * 4);  // (empty arrays may have null pointers)
     return;
   }
   const auto* s = static_cast<const uint16_t*>(src);
@@ -145,7 +145,7 @@ void cpu_to_f32(DType from, const void* src, float* dst, size_t n) {
 
 void cpu_from_f32(DType to, const float* src, void* dst, size_t n) {
   if (to == DType::f32) {
-    std::memcpy(dst, src, n * 4);
+    if (n) std::memcpy(dst, src, n * 4);  // (empty arrays may have null pointers)
     return;
   }
   auto* d = static_cast<uint16_t*>(dst);

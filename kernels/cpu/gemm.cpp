@@ -53,6 +53,10 @@ __attribute__((always_inline)) inline void micro(const float* X, int64_t K, cons
 
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void gemm_nt(
     const float* X, int64_t B, int64_t K, const float* W, int64_t N, float* Y, int64_t ldy) {
+  if (K == 0) {  // empty dot products
+    for (int64_t b = 0; b < B; ++b) std::fill(Y + b * ldy, Y + b * ldy + N, 0.0f);
+    return;
+  }
   thread_local std::vector<float> packed;
   const int64_t panels = (N + kNR - 1) / kNR;
   packed.resize(size_t(panels * kNR * K));

@@ -121,7 +121,8 @@ std::shared_ptr<const PageStore> PageStore::open_for_reading(const std::string& 
     const struct stat& was = it->second.manifest;
     if (has_manifest && was.st_dev == st.st_dev && was.st_ino == st.st_ino &&
         was.st_size == st.st_size && was.st_mtim.tv_sec == st.st_mtim.tv_sec &&
-        was.st_mtim.tv_nsec == st.st_mtim.tv_nsec)
+        was.st_mtim.tv_nsec == st.st_mtim.tv_nsec && was.st_ctim.tv_sec == st.st_ctim.tv_sec &&
+        was.st_ctim.tv_nsec == st.st_ctim.tv_nsec)
       return it->second.store;
     opened.erase(it);
   }

@@ -1,5 +1,5 @@
 // The GEMM micro-kernel against a double-precision reference, over shapes that hit every
-// remainder path (B % 6, N % 16, K of 1 and odd sizes), and kv::linear over every weight type
+// remainder path (B % 6, N % 16, K of 0, 1 and odd sizes), and kv::linear over every weight type
 // path (f32 pointer, dequantized f16 blocks) with and without threads.
 #include <gtest/gtest.h>
 
@@ -29,7 +29,7 @@ TEST(Gemm, MatchesReferenceOnAllRemainders) {
   std::uniform_real_distribution<float> u(-1, 1);
   for (int64_t B : {1, 5, 6, 7, 13}) {
     for (int64_t N : {1, 15, 16, 17, 40}) {
-      for (int64_t K : {1, 8, 67}) {
+      for (int64_t K : {0, 1, 8, 67}) {
         std::vector<float> X(size_t(B * K)), W(size_t(N * K)), Y(size_t(B * N), -7.0f);
         for (auto& x : X) x = u(rng);
         for (auto& w : W) w = u(rng);
@@ -124,6 +124,19 @@ TEST(AttentionVotes, ByHand) {
   kvk::attention_votes(q, 3, visible, 3, kvk::DType::f32, keys, 2, 1, 1.0f, bias, votes);
   EXPECT_NEAR(votes[0], 1.5f, 1e-6);
   EXPECT_NEAR(votes[1], 0.5f, 1e-6);
+}
+
+// Head dimension 0: every logit is 0, so attention is uniform over the visible keys and the
+// output (of no values) is empty; nothing is read or divided by zero.
+TEST(AttentionVotes, ZeroDimensionIsUniform) {
+  const float k[1] = {0}, q[2] = {0, 0};
+  const int64_t visible[2] = {4, 2};
+  float votes[4] = {-1, -1, -1, -1};
+  kvk::attention_votes(q, 2, visible, 2, kvk::DType::f32, k, 4, 0, 1.0f, nullptr, votes);
+  for (int j = 0; j < 4; ++j) EXPECT_NEAR(votes[j], j < 2 ? 0.75f : 0.25f, 1e-6) << j;
+  float out[1] = {7};
+  kvk::attend_head(kvk::DType::f16, k, k, 3, 0, q, 1, 1.0f, nullptr, out);
+  EXPECT_EQ(out[0], 7.0f);  // d = 0: no output values, none written
 }
 
 // The AVX-512 path (on CPUs that have it) against the reference over shapes that hit its

@@ -33,7 +33,8 @@ class PageStore {
   // The store in `dir` opened read-only, shared: readers of a paged or external snapshot fetch
   // from it once per tensor of every layer, and a tiered cache's manifest lists ~10^5 pages, so
   // it is parsed once per process and again only when manifest.json is replaced (another inode,
-  // size or modification time). Errors as the constructor's; thread-safe.
+  // size, modification or change time). Errors as the constructor's; thread-safe (one parse at a
+  // time: readers wait for a store being parsed).
   static std::shared_ptr<const PageStore> open_for_reading(const std::string& dir);
 
   // Adds a page (zstd-compressed when asked) and returns its id; a page already stored is not
