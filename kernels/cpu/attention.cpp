@@ -176,10 +176,7 @@ __attribute__((target("avx2,fma,f16c"))) void attend_avx2(const void* k, const v
     for (int g = 0; g < G; ++g) online_softmax_step(s[g], C, m[g], l[g], out + g * d, d);
     add_values<type, G>(v, c0, C, d, s, out);
   }
-  for (int g = 0; g < G; ++g) {
-    const float inv = l[g] > 0 ? 1.0f / l[g] : 0.0f;
-    for (int i = 0; i < d; ++i) out[g * d + i] *= inv;
-  }
+  normalize_outputs(out, l, G, d);
 }
 
 // 16 values of a row at element `at`, as floats.
@@ -255,37 +252,38 @@ __attribute__((target(KVK_AVX512))) void attend_avx512(const void* k, const void
       online_softmax_lanes<v16, vi16>(s[g], C, m[g], l[g], out + g * d, d);
     add_values<type, G>(v, c0, C, d, s, out);
   }
-  for (int g = 0; g < G; ++g) {
-    const float inv = l[g] > 0 ? 1.0f / l[g] : 0.0f;
-    for (int i = 0; i < d; ++i) out[g * d + i] *= inv;
-  }
+  normalize_outputs(out, l, G, d);
+}
+
+// One pass of G query heads: the AVX-512 scores where `wide`, else the AVX2 kernel.
+template <DType type, int G>
+void attend_pass(bool wide, const void* k, const void* v, int64_t n, int d, const float* q,
+                 float scale, const float* bias, float* out) {
+  if (wide) return attend_avx512<type, G>(k, v, n, d, q, scale, bias, out);
+  attend_avx2<type, G>(k, v, n, d, q, scale, bias, out);
 }
 
 template <DType type>
 void attend_group(const void* k, const void* v, int64_t n, int d, const float* q, int G,
                   float scale, const float* bias, float* out) {
   // Passes of 8, 4, 2 or 1 query heads: the common GQA groups run in one pass over K and V.
+  const bool wide = have_avx512() && d > 0 && d % kLanes == 0;
   for (int g0 = 0; g0 < G;) {
     const int left = G - g0, g = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
     const float* qg = q + int64_t(g0) * d;
     float* og = out + int64_t(g0) * d;
-    const bool wide = have_avx512() && d > 0 && d % kLanes == 0;
     switch (g) {
       case 8:
-        wide ? attend_avx512<type, 8>(k, v, n, d, qg, scale, bias, og)
-             : attend_avx2<type, 8>(k, v, n, d, qg, scale, bias, og);
+        attend_pass<type, 8>(wide, k, v, n, d, qg, scale, bias, og);
         break;
       case 4:
-        wide ? attend_avx512<type, 4>(k, v, n, d, qg, scale, bias, og)
-             : attend_avx2<type, 4>(k, v, n, d, qg, scale, bias, og);
+        attend_pass<type, 4>(wide, k, v, n, d, qg, scale, bias, og);
         break;
       case 2:
-        wide ? attend_avx512<type, 2>(k, v, n, d, qg, scale, bias, og)
-             : attend_avx2<type, 2>(k, v, n, d, qg, scale, bias, og);
+        attend_pass<type, 2>(wide, k, v, n, d, qg, scale, bias, og);
         break;
       default:
-        wide ? attend_avx512<type, 1>(k, v, n, d, qg, scale, bias, og)
-             : attend_avx2<type, 1>(k, v, n, d, qg, scale, bias, og);
+        attend_pass<type, 1>(wide, k, v, n, d, qg, scale, bias, og);
         break;
     }
     g0 += g;

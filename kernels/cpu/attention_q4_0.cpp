@@ -45,9 +45,7 @@ constexpr int kBlockValues = 32, kBlockBytes = 18;
 
 bool have_vnni_vbmi() {
   static const bool ok =
-      have_avx2_f16c() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi");
+      have_avx512() && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi");
   return ok;
 }
 
@@ -289,10 +287,7 @@ __attribute__((target(KVK_Q4_TARGET))) void attend_q4_0(const uint8_t* k, const 
         for (int i = 0; i < d; ++i) out[g * d + i] += s[g][jj] * row[size_t(i)];
     }
   }
-  for (int g = 0; g < G; ++g) {
-    const float inv = l[g] > 0 ? 1.0f / l[g] : 0.0f;
-    for (int i = 0; i < d; ++i) out[g * d + i] *= inv;
-  }
+  normalize_outputs(out, l, G, d);
 }
 
 }  // namespace

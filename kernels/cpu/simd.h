@@ -112,6 +112,15 @@ __attribute__((always_inline)) inline void online_softmax_lanes(float* s, int64_
   for (int e = 0; e < W; ++e) l += sum[e];
 }
 
+// The end of the online softmax: out[g] /= l[g] for the G queries (0 where a query saw nothing).
+__attribute__((always_inline)) inline void normalize_outputs(float* out, const float* l, int G,
+                                                             int d) {
+  for (int g = 0; g < G; ++g) {
+    const float inv = l[g] > 0 ? 1.0f / l[g] : 0.0f;
+    for (int i = 0; i < d; ++i) out[g * d + i] *= inv;
+  }
+}
+
 __attribute__((always_inline)) inline void online_softmax_step(float* s, int64_t C, float& m,
                                                                float& l, float* out, int d) {
   online_softmax_lanes<v8, vi8>(s, C, m, l, out, d);

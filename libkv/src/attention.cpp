@@ -21,16 +21,20 @@ HeadView head_view(const Layer& layer, int h, const std::vector<float>& k32,
   return view;
 }
 
+const float* mass_bias(const float* mass, int64_t n, std::vector<float>& bias) {
+  if (!mass) return nullptr;
+  bias.resize(size_t(n));
+  for (int64_t j = 0; j < n; ++j) bias[size_t(j)] = std::log(mass[j]);
+  return bias.data();
+}
+
 void attention_weights(const HeadView& head, const float* q, const int32_t* q_positions,
                        int64_t n_q, float* weights) {
   const int64_t n = head.n;
   if (n == 0 || n_q == 0) return;
   kvk::gemm_nt(q, n_q, head.dim, head.k, n, weights, n);
   thread_local std::vector<float> log_mass;
-  if (head.mass) {
-    log_mass.resize(size_t(n));
-    for (int64_t j = 0; j < n; ++j) log_mass[size_t(j)] = std::log(head.mass[j]);
-  }
+  const float* bias = mass_bias(head.mass, n, log_mass);
   const float scale = 1.0f / std::sqrt(float(head.dim));
   for (int64_t i = 0; i < n_q; ++i) {
     float* row = weights + i * n;
@@ -39,7 +43,7 @@ void attention_weights(const HeadView& head, const float* q, const int32_t* q_po
         q_positions
             ? std::upper_bound(head.positions, head.positions + n, q_positions[i]) - head.positions
             : n;
-    kvk::softmax_row(row, visible, scale, head.mass ? log_mass.data() : nullptr);
+    kvk::softmax_row(row, visible, scale, bias);
     std::fill(row + visible, row + n, 0.0f);
   }
 }

@@ -100,10 +100,8 @@ void snapkv_head(const Header& header, const Layer& layer, int h, const float* w
   const int64_t begin = layer.head_offsets[size_t(h)], n = layer.head_entries(h);
   thread_local std::vector<float> log_mass, votes, vote, pooled, combined;
   const int32_t* positions = layer.positions.data() + begin;
-  if (!layer.mass.empty()) {  // merged entries weigh in with their mass, as in attention_weights
-    log_mass.resize(size_t(n));
-    for (int64_t j = 0; j < n; ++j) log_mass[size_t(j)] = std::log(layer.mass[size_t(begin + j)]);
-  }
+  const float* bias =
+      mass_bias(layer.mass.empty() ? nullptr : layer.mass.data() + begin, n, log_mass);
 
   std::vector<int64_t> outside;  // entries outside the window, in position order
   for (int64_t j = 0; j < n; ++j)
@@ -123,8 +121,7 @@ void snapkv_head(const Header& header, const Layer& layer, int h, const float* w
   kvk::attention_votes(window_q + int64_t(h) * G * W * D, G * W, visible.data(), W, layer.k.dtype(),
                        static_cast<const std::byte*>(layer.k.data()) +
                            begin * D * int64_t(kvk::dtype_size(layer.k.dtype())),
-                       n, D, 1.0f / std::sqrt(float(D)),
-                       layer.mass.empty() ? nullptr : log_mass.data(), votes.data());
+                       n, D, 1.0f / std::sqrt(float(D)), bias, votes.data());
   vote.resize(outside.size());
   combined.assign(outside.size(), o.group_agg == GroupAgg::mean ? 0.0f : -INFINITY);
   for (int g = 0; g < G; ++g) {

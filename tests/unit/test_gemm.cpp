@@ -254,6 +254,20 @@ TEST(DecodeAttention, ReferenceByHand) {
 namespace {
 
 // q4_0 rows of random values, as kv::quant writes them (llama.cpp's blocks).
+// Keys and values [n, d] and G queries [G, d] drawn from N(0, 1) with the given seed.
+struct Head {
+  std::vector<float> k, v, q;
+};
+Head normal_head(unsigned seed, int64_t n, int d, int G) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd;
+  Head h{std::vector<float>(size_t(n) * size_t(d)), std::vector<float>(size_t(n) * size_t(d)),
+         std::vector<float>(size_t(G) * size_t(d))};
+  for (auto* a : {&h.k, &h.v, &h.q})
+    for (float& x : *a) x = nd(rng);
+  return h;
+}
+
 std::vector<uint8_t> q4_0_rows(const std::vector<float>& x) {
   std::vector<uint8_t> out(kv::quant::q4_0_bytes(int64_t(x.size())));
   kv::quant::encode_q4_0(x.data(), int64_t(x.size()), out.data());
@@ -361,13 +375,9 @@ std::vector<float> q4_0_emulation(const std::vector<uint8_t>& kq, const std::vec
 
 // The reference decodes q4_0 rows exactly as kv::quant does: its attention is the f32 one.
 TEST(DecodeAttentionQ4_0, ReferenceDecodesLikeLibkv) {
-  std::mt19937 rng(11);
-  std::normal_distribution<float> nd;
   const int d = 64, G = 4;
   const int64_t n = 37;
-  std::vector<float> k(size_t(n) * d), v(k.size()), q(size_t(G) * d);
-  for (auto* a : {&k, &v, &q})
-    for (float& x : *a) x = nd(rng);
+  const auto [k, v, q] = normal_head(11, n, d, G);
   const auto kq = q4_0_rows(k), vq = q4_0_rows(v);
   std::vector<float> k32(k.size()), v32(v.size()), got(q.size()), want(q.size());
   kv::quant::decode_q4_0(kq.data(), int64_t(k.size()), k32.data());
@@ -448,13 +458,9 @@ TEST(DecodeAttentionQ4_0, EqualWeightsAreExact) {
 // Keys masked with a bias of -inf, a whole first chunk of them and more: they get no weight, and
 // the output is the attention over the others (not NaN), in both kernels.
 TEST(DecodeAttention, FullyMaskedChunksAddNothing) {
-  std::mt19937 rng(13);
-  std::normal_distribution<float> nd;
   const int d = 64, G = 4;
   const int64_t n = 200;
-  std::vector<float> k(size_t(n) * d), v(k.size()), q(size_t(G) * d);
-  for (auto* a : {&k, &v, &q})
-    for (float& x : *a) x = nd(rng);
+  const auto [k, v, q] = normal_head(13, n, d, G);
   for (int64_t masked : {64, 100, 128}) {
     std::vector<float> bias(static_cast<size_t>(n), 0.0f);
     std::fill(bias.begin(), bias.begin() + masked, -INFINITY);
@@ -476,13 +482,9 @@ TEST(DecodeAttention, FullyMaskedChunksAddNothing) {
 // The reference reads the n*d values as one run of blocks, so any head_dim works there (here 48:
 // blocks straddle rows); a non-finite query gives a non-finite output, as in the reference.
 TEST(DecodeAttentionQ4_0, AnyHeadDimAndNonFiniteQueries) {
-  std::mt19937 rng(14);
-  std::normal_distribution<float> nd;
   const int d = 48, G = 2;
   const int64_t n = 22;  // 1056 values, 33 blocks
-  std::vector<float> k(size_t(n) * d), v(k.size()), q(size_t(G) * d);
-  for (auto* a : {&k, &v, &q})
-    for (float& x : *a) x = nd(rng);
+  const auto [k, v, q] = normal_head(14, n, d, G);
   const auto kq = q4_0_rows(k), vq = q4_0_rows(v);
   std::vector<float> k32(kq.size() / 18 * 32), v32(k32.size()), got(q.size()), want(q.size());
   kv::quant::decode_q4_0(kq.data(), int64_t(k32.size()), k32.data());

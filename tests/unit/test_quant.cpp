@@ -940,6 +940,20 @@ Floats laid_out(const GroupLayout& l, const Floats& e) {
   return x;
 }
 
+// Runs body(l, bits, symmetric) for every layout, 2, 3, 4 and 8 bits, asymmetric and symmetric,
+// with a trace naming the case.
+template <size_t N, typename Body>
+void for_each_group_case(const GroupLayout (&layouts)[N], Body body) {
+  for (const GroupLayout& l : layouts)
+    for (int bits : {2, 3, 4, 8})
+      for (bool symmetric : {false, true}) {
+        SCOPED_TRACE(testing::Message()
+                     << "groups " << l.groups << " stride " << l.group_stride << "/"
+                     << l.value_stride << " bits " << bits << (symmetric ? " symmetric" : ""));
+        body(l, bits, symmetric);
+      }
+}
+
 }  // namespace
 
 TEST(QuantVector, GroupsMatchTheScalarPath) {
@@ -948,52 +962,47 @@ TEST(QuantVector, GroupsMatchTheScalarPath) {
   // batches than the column decoder takes at once).
   const GroupLayout layouts[] = {{37, 32, 1}, {16, 40, 1}, {1, 32, 1},
                                  {48, 1, 48}, {20, 1, 20}, {160, 1, 160}};
-  for (const GroupLayout& l : layouts)
-    for (int bits : {2, 3, 4, 8})
-      for (bool symmetric : {false, true}) {
-        SCOPED_TRACE(testing::Message()
-                     << "groups " << l.groups << " stride " << l.group_stride << "/"
-                     << l.value_stride << " bits " << bits << (symmetric ? " symmetric" : ""));
-        const q::UniformParams p{bits, 32, symmetric};
-        const Floats e = edge_groups(l.groups, unsigned(bits * 7 + l.groups));
-        Floats x = laid_out(l, e);
-        const int64_t span = int64_t(x.size());
-        Outcome ref;
-        Bytes ref_decoded;
-        at_each_level([&](q::Simd level) {
-          std::vector<uint16_t> scales(size_t(l.groups)), zeros(size_t(l.groups));
-          Bytes codes(q::uniform_code_bytes(l.groups * 32, bits));
-          const Outcome o = outcome([&] {
-            q::quantize_groups(x.data(), l.groups, l.group_stride, l.value_stride, p, scales.data(),
-                               zeros.data(), codes.data());
-            Bytes all = codes;
-            for (auto* v : {&scales, &zeros})
-              for (uint16_t s : *v) all.insert(all.end(), {uint8_t(s), uint8_t(s >> 8)});
-            return all;
-          });
-          ASSERT_TRUE(o.error.empty()) << o.error;
-          Floats y(static_cast<size_t>(span), -1.0f);
-          q::dequantize_groups(codes.data(), scales.data(), zeros.data(), l.groups, l.group_stride,
-                               l.value_stride, p, y.data());
-          // And each group on its own, through the one-group functions.
-          if (level == q::Simd::scalar) {
-            ref = o;
-            ref_decoded = float_bytes(y);
-            for (int64_t g = 0; g < l.groups; ++g) {
-              uint16_t s, z = 0;
-              uint8_t c[32];
-              q::quantize_group(e.data() + g * 32, 32, p, &s, &z, c);
-              EXPECT_EQ(s, scales[size_t(g)]);
-              if (!symmetric) {
-                EXPECT_EQ(z, zeros[size_t(g)]);
-              }
-            }
-            return;
+  for_each_group_case(layouts, [&](const GroupLayout& l, int bits, bool symmetric) {
+    const q::UniformParams p{bits, 32, symmetric};
+    const Floats e = edge_groups(l.groups, unsigned(bits * 7 + l.groups));
+    Floats x = laid_out(l, e);
+    const int64_t span = int64_t(x.size());
+    Outcome ref;
+    Bytes ref_decoded;
+    at_each_level([&](q::Simd level) {
+      std::vector<uint16_t> scales(size_t(l.groups)), zeros(size_t(l.groups));
+      Bytes codes(q::uniform_code_bytes(l.groups * 32, bits));
+      const Outcome o = outcome([&] {
+        q::quantize_groups(x.data(), l.groups, l.group_stride, l.value_stride, p, scales.data(),
+                           zeros.data(), codes.data());
+        Bytes all = codes;
+        for (auto* v : {&scales, &zeros})
+          for (uint16_t s : *v) all.insert(all.end(), {uint8_t(s), uint8_t(s >> 8)});
+        return all;
+      });
+      ASSERT_TRUE(o.error.empty()) << o.error;
+      Floats y(static_cast<size_t>(span), -1.0f);
+      q::dequantize_groups(codes.data(), scales.data(), zeros.data(), l.groups, l.group_stride,
+                           l.value_stride, p, y.data());
+      // And each group on its own, through the one-group functions.
+      if (level == q::Simd::scalar) {
+        ref = o;
+        ref_decoded = float_bytes(y);
+        for (int64_t g = 0; g < l.groups; ++g) {
+          uint16_t s, z = 0;
+          uint8_t c[32];
+          q::quantize_group(e.data() + g * 32, 32, p, &s, &z, c);
+          EXPECT_EQ(s, scales[size_t(g)]);
+          if (!symmetric) {
+            EXPECT_EQ(z, zeros[size_t(g)]);
           }
-          EXPECT_EQ(o, ref);
-          EXPECT_EQ(float_bytes(y), ref_decoded);
-        });
+        }
+        return;
       }
+      EXPECT_EQ(o, ref);
+      EXPECT_EQ(float_bytes(y), ref_decoded);
+    });
+  });
 }
 
 TEST(QuantVector, GroupErrorsMatchTheScalarPath) {
@@ -1069,44 +1078,39 @@ TEST(QuantVector, F16InputMatchesFloatInput) {
   }
   // Groups: rows and columns as in GroupsMatchTheScalarPath; 3 and 8 bits have no kernel.
   const GroupLayout layouts[] = {{37, 32, 1}, {16, 40, 1}, {48, 1, 48}, {20, 1, 20}};
-  for (const GroupLayout& l : layouts)
-    for (int bits : {2, 3, 4, 8})
-      for (bool symmetric : {false, true}) {
-        SCOPED_TRACE(testing::Message()
-                     << "groups " << l.groups << " stride " << l.group_stride << "/"
-                     << l.value_stride << " bits " << bits << (symmetric ? " symmetric" : ""));
-        const q::UniformParams p{bits, 32, symmetric};
-        const Floats laid = laid_out(l, edge_groups(l.groups, unsigned(bits * 5 + l.groups)));
-        const std::vector<uint16_t> half = to_f16(laid);
-        const Floats x = to_float(half);
-        auto run = [&](auto quantize, const auto* input) {
-          std::vector<uint16_t> scales(size_t(l.groups)), zeros(size_t(l.groups));
-          Bytes codes(q::uniform_code_bytes(l.groups * 32, bits));
-          const bool done = quantize(input, l.groups, l.group_stride, l.value_stride, p,
-                                     scales.data(), zeros.data(), codes.data());
-          for (auto* v : {&scales, &zeros})
-            for (uint16_t s : *v) codes.insert(codes.end(), {uint8_t(s), uint8_t(s >> 8)});
-          return std::pair(done, codes);
-        };
-        at_each_level([&](q::Simd level) {
-          const auto [done, bytes] = run(q::quantize_groups_f16, half.data());
-          const bool kernel = level != q::Simd::scalar && (bits == 2 || bits == 4) &&
-                              (l.value_stride == 1 || l.groups % 16 == 0);
-          EXPECT_EQ(done, kernel);
-          if (done) {
-            const auto [_, ref] = run(
-                [](auto... a) {
-                  q::quantize_groups(a...);
-                  return true;
-                },
-                x.data());
-            EXPECT_EQ(bytes, ref);
-          }
-          std::vector<uint16_t> y = half;
-          y[size_t((l.groups - 1) * l.group_stride + 9 * l.value_stride)] = 0x7c00;  // Inf
-          EXPECT_FALSE(run(q::quantize_groups_f16, y.data()).first);
-        });
+  for_each_group_case(layouts, [&](const GroupLayout& l, int bits, bool symmetric) {
+    const q::UniformParams p{bits, 32, symmetric};
+    const Floats laid = laid_out(l, edge_groups(l.groups, unsigned(bits * 5 + l.groups)));
+    const std::vector<uint16_t> half = to_f16(laid);
+    const Floats x = to_float(half);
+    auto run = [&](auto quantize, const auto* input) {
+      std::vector<uint16_t> scales(size_t(l.groups)), zeros(size_t(l.groups));
+      Bytes codes(q::uniform_code_bytes(l.groups * 32, bits));
+      const bool done = quantize(input, l.groups, l.group_stride, l.value_stride, p, scales.data(),
+                                 zeros.data(), codes.data());
+      for (auto* v : {&scales, &zeros})
+        for (uint16_t s : *v) codes.insert(codes.end(), {uint8_t(s), uint8_t(s >> 8)});
+      return std::pair(done, codes);
+    };
+    at_each_level([&](q::Simd level) {
+      const auto [done, bytes] = run(q::quantize_groups_f16, half.data());
+      const bool kernel = level != q::Simd::scalar && (bits == 2 || bits == 4) &&
+                          (l.value_stride == 1 || l.groups % 16 == 0);
+      EXPECT_EQ(done, kernel);
+      if (done) {
+        const auto [_, ref] = run(
+            [](auto... a) {
+              q::quantize_groups(a...);
+              return true;
+            },
+            x.data());
+        EXPECT_EQ(bytes, ref);
       }
+      std::vector<uint16_t> y = half;
+      y[size_t((l.groups - 1) * l.group_stride + 9 * l.value_stride)] = 0x7c00;  // Inf
+      EXPECT_FALSE(run(q::quantize_groups_f16, y.data()).first);
+    });
+  });
 }
 
 namespace {

@@ -24,6 +24,10 @@ struct HeadView {
 HeadView head_view(const Layer& layer, int h, const std::vector<float>& k32,
                    const std::vector<float>& v32, int dim);
 
+// The softmax bias of a head's entries: log(mass_j) for the n masses (merged entries weigh in
+// with the tokens they stand for), or nothing (returns null) when the head has no masses.
+const float* mass_bias(const float* mass, int64_t n, std::vector<float>& bias);
+
 // weights[i, j] (row-major [n_q, head.n]): attention of query row i (q is [n_q, dim]) over the
 // entries; entries after q_positions[i] get 0. q_positions may be null (no mask). A query that
 // sees no entry gets an all-zero row.
