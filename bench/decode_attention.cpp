@@ -3,18 +3,22 @@
 // on the CPU with OpenMP over KV heads. A decode step must read every byte of K and V once, so
 // its limit is bytes / memory bandwidth: the figure is the achieved GB/s as a fraction of a
 // STREAM-like read measured in the same run (target >= 0.7, kv-eval issue). Then the same step
-// over the same cache quantized to q4_0, on its codes (kvk::attend_head_q4_0), as a speedup over
-// dense f16 (target >= 2.5x at 32k), with its error against attention over the decoded values.
+// over the same cache quantized to q4_0 and to KIVI-2, each on its codes (kvk::attend_head_q4_0,
+// kvk::attend_head_kivi2), as a speedup over dense f16 (target >= 2.5x at 32k), with its error
+// against attention over the decoded values.
 #include <omp.h>
 
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "common.h"
+#include "kv/encoding.h"
 #include "kv/quant.h"
+#include "kv/snapshot.h"
 #include "kvk/ops.h"
 
 namespace {
@@ -29,6 +33,21 @@ void fill_f16(std::vector<uint16_t>& a, uint64_t seed) {
     x ^= x >> 29;
     a[i] = kvk::f32_to_f16(float(int64_t(x % 4096) - 2048) / 1024.0f);
   }
+}
+
+// The mean relative L2 error of a KV head's kGroup output rows against the reference's.
+double mean_row_error(const float* got, const float* want) {
+  double sum = 0;
+  for (int g = 0; g < kGroup; ++g) {
+    double diff = 0, norm = 0;
+    for (int i = 0; i < kDim; ++i) {
+      const double a = got[g * kDim + i], b = want[g * kDim + i];
+      diff += (a - b) * (a - b);
+      norm += b * b;
+    }
+    sum += std::sqrt(diff / norm) / kGroup;
+  }
+  return sum;
 }
 
 }  // namespace
@@ -100,17 +119,38 @@ int main(int argc, char** argv) {
     std::printf("  %8lld %8.2f GiB %10.1f %10.1f %10.1f %7.0f%%   (checksum %.3f)\n", (long long)T,
                 bytes / double(1 << 30), best * 1e3, bytes / best / 1e9, bw,
                 100.0 * bytes / best / 1e9 / bw, check);
-    // The same cache as q4_0 blocks (the dense copy freed first: both would not fit everywhere).
+    // The same cache as q4_0 blocks and as KIVI-2 (libkv's kivi encoding: 2 bits, groups of
+    // 32, the last 128 rows dense), the dense copy freed layer by layer (all three would not fit
+    // everywhere).
     std::vector<std::vector<uint8_t>> Kq(K.size()), Vq(V.size());
+    kv::ModelInfo model;
+    model.n_layers = kLayers;
+    model.n_q_heads = kQHeads;
+    model.n_kv_heads = kKvHeads;
+    model.head_dim = model.rope_dims = kDim;
+    std::vector<int64_t> offsets;
+    for (int h = 0; h <= kKvHeads; ++h) offsets.push_back(h * T);
+    const std::vector<int32_t> positions(size_t(kKvHeads) * size_t(T), 0);
+    const kv::RowLayout rows{model, offsets, positions};
+    std::vector<kv::Encoded> kivi_k(kLayers), kivi_v(kLayers);
+    std::vector<std::vector<kvk::Kivi2Head>> kivi(kLayers);
     {
-      std::vector<float> row(per_head);
-      for (size_t i = 0; i < K.size(); ++i)
-        for (auto [from, to] : {std::pair{&K[i], &Kq[i]}, std::pair{&V[i], &Vq[i]}}) {
-          kvk::cpu_ops().to_f32(kvk::DType::f16, from->data(), row.data(), per_head);
-          to->resize(kv::quant::q4_0_bytes(int64_t(per_head)));
-          kv::quant::encode_q4_0(row.data(), int64_t(per_head), to->data());
-          std::vector<uint16_t>().swap(*from);
+      std::vector<float> layer_k(size_t(kKvHeads) * per_head), layer_v(layer_k.size());
+      for (int l = 0; l < kLayers; ++l) {
+        for (int h = 0; h < kKvHeads; ++h) {
+          const size_t i = size_t(l) * kKvHeads + size_t(h);
+          for (auto [from, to, f32] : {std::tuple{&K[i], &Kq[i], &layer_k[size_t(h) * per_head]},
+                                       std::tuple{&V[i], &Vq[i], &layer_v[size_t(h) * per_head]}}) {
+            kvk::cpu_ops().to_f32(kvk::DType::f16, from->data(), f32, per_head);
+            to->resize(kv::quant::q4_0_bytes(int64_t(per_head)));
+            kv::quant::encode_q4_0(f32, int64_t(per_head), to->data());
+            std::vector<uint16_t>().swap(*from);
+          }
         }
+        kivi_k[size_t(l)] = kv::encode(kv::default_encoding("kivi", 'k'), layer_k.data(), rows);
+        kivi_v[size_t(l)] = kv::encode(kv::default_encoding("kivi", 'v'), layer_v.data(), rows);
+        kivi[size_t(l)] = kv::kivi2_heads(kivi_k[size_t(l)], kivi_v[size_t(l)], rows);
+      }
     }
     std::vector<float> out_q(q.size());
     const double best_q = time_step([&](size_t head, size_t qrow) {
@@ -125,15 +165,7 @@ int main(int argc, char** argv) {
       const size_t qrow = size_t(h) * kGroup * kDim;
       kvk::attend_head_q4_0_reference(Kq[size_t(h)].data(), Vq[size_t(h)].data(), T, kDim, &q[qrow],
                                       kGroup, scale, nullptr, want.data());
-      for (int g = 0; g < kGroup; ++g) {
-        double diff = 0, norm = 0;
-        for (int i = 0; i < kDim; ++i) {
-          const double a = out_q[qrow + size_t(g * kDim + i)], b = want[size_t(g * kDim + i)];
-          diff += (a - b) * (a - b);
-          norm += b * b;
-        }
-        err += std::sqrt(diff / norm) / (kKvHeads * kGroup);
-      }
+      err += mean_row_error(&out_q[qrow], want.data()) / kKvHeads;
     }
     const double bytes_q = 2.0 * double(kLayers) * kKvHeads * double(Kq[0].size());
     std::printf(
@@ -141,6 +173,31 @@ int main(int argc, char** argv) {
         "error vs decoded %.1e\n",
         (long long)T, bytes_q / double(1 << 30), best_q * 1e3, bytes_q / best_q / 1e9, bw,
         100.0 * bytes_q / best_q / 1e9 / bw, best / best_q, err);
+    std::vector<std::vector<uint8_t>>().swap(Kq);
+    std::vector<std::vector<uint8_t>>().swap(Vq);
+
+    std::vector<float> out_k(q.size());
+    const double best_k = time_step([&](size_t head, size_t qrow) {
+      kvk::attend_head_kivi2(kivi[head / kKvHeads][head % kKvHeads], kDim, &q[qrow], kGroup, scale,
+                             nullptr, &out_k[qrow]);
+    });
+    double err_k = 0;
+#pragma omp parallel for schedule(static) reduction(+ : err_k)
+    for (int h = 0; h < kKvHeads; ++h) {
+      std::vector<float> want(size_t(kGroup) * kDim);
+      const size_t qrow = size_t(h) * kGroup * kDim;
+      kvk::attend_head_kivi2_reference(kivi[0][size_t(h)], kDim, &q[qrow], kGroup, scale, nullptr,
+                                       want.data());
+      err_k += mean_row_error(&out_k[qrow], want.data()) / kKvHeads;
+    }
+    double bytes_k = 0;
+    for (int l = 0; l < kLayers; ++l)
+      bytes_k += double(kivi_k[size_t(l)].bytes() + kivi_v[size_t(l)].bytes());
+    std::printf(
+        "  %8lld %8.2f GiB %10.1f %10.1f %10.1f %7.0f%%   KIVI-2 on its codes: %.2fx dense f16; "
+        "error vs decoded %.1e\n",
+        (long long)T, bytes_k / double(1 << 30), best_k * 1e3, bytes_k / best_k / 1e9, bw,
+        100.0 * bytes_k / best_k / 1e9 / bw, best / best_k, err_k);
   }
   return 0;
 }

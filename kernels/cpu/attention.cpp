@@ -248,8 +248,8 @@ __attribute__((target(KVK_AVX512))) void attend_avx512(const void* k, const void
         for (int g = 0; g < G; ++g)
           for (int r = 0; r < rows; ++r) s[g][j + r] += bias[c0 + j + r];
     }
-    for (int g = 0; g < G; ++g)
-      online_softmax_lanes<v16, vi16>(s[g], C, m[g], l[g], out + g * d, d);
+    float unused[G];
+    softmax_chunk<G>(s, C, m, l, out, d, unused);
     add_values<type, G>(v, c0, C, d, s, out);
   }
   normalize_outputs(out, l, G, d);

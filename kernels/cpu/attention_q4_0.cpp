@@ -208,21 +208,15 @@ __attribute__((target(KVK_Q4_TARGET))) void attend_q4_0(const uint8_t* k, const 
         s[g][j] = dot * scale + (bias ? bias[c0 + j] : 0.0f);
       }
     }
-    for (int g = 0; g < G; ++g)
-      online_softmax_lanes<v16, vi16>(s[g], C, m[g], l[g], out + g * d, d);
+    float pmax[G];  // each query's largest weight in the chunk
+    softmax_chunk<G>(s, C, m, l, out, d, pmax);
     // Values, block by block: 4 keys per step, the group's accumulators in registers.
     const int64_t C4 = C & ~int64_t(3);
     __mmask16 live[kChunk / 16];  // the keys of each vector of 16 that the value path takes
     for (int64_t jj = 0; jj < C4; jj += 16)
       live[jj / 16] = jj + 16 <= C4 ? __mmask16(0xffff) : __mmask16((1u << (C4 - jj)) - 1);
-    float pmax[G], pinv[G];  // each query's largest weight over them, and its inverse
-    for (int g = 0; g < G; ++g) {
-      __m512 mx = _mm512_setzero_ps();
-      for (int64_t jj = 0; jj < C4; jj += 16)
-        mx = _mm512_max_ps(mx, _mm512_maskz_load_ps(live[jj / 16], &s[g][jj]));
-      pmax[g] = _mm512_reduce_max_ps(mx);
-      pinv[g] = pmax[g] > 0 ? 1 / pmax[g] : 0;
-    }
+    float pinv[G];
+    for (int g = 0; g < G; ++g) pinv[g] = pmax[g] > 0 ? 1 / pmax[g] : 0;
     for (int b = 0; b < nb; ++b) {
       for (int64_t r = 0; r < C4; r += 16) {  // the block's scales of the chunk's keys
         const int64_t left = C4 - r;

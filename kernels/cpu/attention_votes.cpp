@@ -53,7 +53,7 @@ constexpr int64_t kChunkKeys = 20 * kKeys;  // 240 keys: their f32 values and lo
 // x <- exp(x - m) lane by lane, x <= m.
 __attribute__((target(KVK_AVX512), always_inline)) inline v16 exp_below(v16 x, v16 m) {
   x -= m;
-  exp_lanes<v16, vi16>(x);
+  exp16(x);
   return x;
 }
 

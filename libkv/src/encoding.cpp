@@ -412,6 +412,51 @@ void decode_uniform(const Encoding& e, const Encoded& enc, const RowLayout& rows
   }
 }
 
+}  // namespace
+
+std::vector<kvk::Kivi2Head> kivi2_heads(const Encoded& k, const Encoded& v,
+                                        const RowLayout& rows) {
+  const int D = rows.model.head_dim;
+  auto fits = [&](const Encoding& e, const char* axis) {
+    return (e.scheme == "kivi" || e.scheme == "uniform") && e.bits == 2 && !e.hadamard &&
+           e.axis == axis && uniform_params(e, D).group == 32;
+  };
+  if (!fits(k.encoding, "channel") || !fits(v.encoding, "token") ||
+      k.encoding.residual != v.encoding.residual || D % 32)
+    return {};
+  const auto& off = rows.head_offsets;
+  const int H = int(off.size()) - 1;
+  const UniformArrays ka(k.encoding, off, D), va(v.encoding, off, D);
+  const CodeArray& kc = find_array(k, "codes", Type::u8, ka.codes_at[H]);
+  const CodeArray& ks = find_array(k, "scales", Type::f16, ka.groups_at[H]);
+  const CodeArray* kz =
+      k.encoding.symmetric ? nullptr : &find_array(k, "zeros", Type::f16, ka.groups_at[H]);
+  const CodeArray& kr = find_array(k, "residual", Type::f16, ka.residual_at[H]);
+  const CodeArray& vc = find_array(v, "codes", Type::u8, va.codes_at[H]);
+  const CodeArray& vs = find_array(v, "scales", Type::f16, va.groups_at[H]);
+  const CodeArray* vz =
+      v.encoding.symmetric ? nullptr : &find_array(v, "zeros", Type::f16, va.groups_at[H]);
+  const CodeArray& vr = find_array(v, "residual", Type::f16, va.residual_at[H]);
+  std::vector<kvk::Kivi2Head> heads(static_cast<size_t>(H));
+  for (int h = 0; h < H; ++h) {
+    const UniformSizes sz = uniform_sizes(k.encoding, off[h + 1] - off[h], D);
+    kvk::Kivi2Head& out = heads[size_t(h)];
+    out.n_quant = sz.quantized_rows;
+    out.n_residual = sz.residual_values / D;
+    out.k_codes = elements<uint8_t>(kc) + ka.codes_at[h];
+    out.k_scales = elements<uint16_t>(ks) + ka.groups_at[h];
+    out.k_zeros = kz ? elements<uint16_t>(*kz) + ka.groups_at[h] : nullptr;
+    out.k_residual = elements<uint16_t>(kr) + ka.residual_at[h];
+    out.v_codes = elements<uint8_t>(vc) + va.codes_at[h];
+    out.v_scales = elements<uint16_t>(vs) + va.groups_at[h];
+    out.v_zeros = vz ? elements<uint16_t>(*vz) + va.groups_at[h] : nullptr;
+    out.v_residual = elements<uint16_t>(vr) + va.residual_at[h];
+  }
+  return heads;
+}
+
+namespace {
+
 // ---- q8_0 and q4_0 -----------------------------------------------------------------------------
 
 // A head's values run on through its rows; the last block is padded with zeros.

@@ -100,6 +100,37 @@ size_t q4_0_row_bytes(int d);
 // d % 32 == 0); otherwise it is the reference, far slower than attend_head on decoded values.
 bool q4_0_codes_supported(int d);
 
+// One KV head of a KIVI-2 cache as libkv stores it (formats/kvsnap.md 9.3: 2-bit codes, keys
+// grouped along the rows per channel, values along a row's channels, groups of 32 both): the
+// first n_quant rows quantized, then n_residual dense f16 rows. Null zeros mean symmetric codes
+// (value (c - 2) S).
+struct Kivi2Head {
+  int64_t n_quant = 0;
+  const uint8_t* k_codes = nullptr;     // group-major: group, channel, the group's rows
+  const uint16_t* k_scales = nullptr;   // f16 [ceil(n_quant / 32)][d]
+  const uint16_t* k_zeros = nullptr;    // as k_scales, or null
+  const uint8_t* v_codes = nullptr;     // row-major
+  const uint16_t* v_scales = nullptr;   // f16 [n_quant][d / 32]
+  const uint16_t* v_zeros = nullptr;    // as v_scales, or null
+  int64_t n_residual = 0;
+  const uint16_t* k_residual = nullptr;  // f16 [n_residual][d]
+  const uint16_t* v_residual = nullptr;  // f16 [n_residual][d]
+};
+
+// Decode attention as attend_head over a KIVI-2 head, computed on the codes (AVX-512 VNNI, VBMI
+// and GFNI, 32 <= d <= 128, d % 32 == 0; otherwise it is the reference): q S rounded to s8 per
+// key group and query, attention weights times value scales to s8 per chunk of 64 rows, then
+// integer dot products. Rows past the last whole 64 and the residual rows are done in f32.
+// Its results differ from the reference's by those roundings (bench-decode-attention reports
+// the error; tests/unit/test_gemm.cpp bounds it).
+void attend_head_kivi2(const Kivi2Head& head, int d, const float* q, int G, float scale,
+                       const float* bias, float* out);
+// The reference: every row decoded to f32 as kv::encoding decodes it, then attend_head_reference.
+void attend_head_kivi2_reference(const Kivi2Head& head, int d, const float* q, int G, float scale,
+                                 const float* bias, float* out);
+// Whether attend_head_kivi2 runs on the codes here.
+bool kivi2_codes_supported(int d);
+
 // Memory read bandwidth in GB/s (1e9 B/s): a STREAM-like sum over `bytes` of uint64 with
 // `threads` OpenMP threads, best of `reps`.
 double stream_read_gbps(size_t bytes, int threads, int reps);

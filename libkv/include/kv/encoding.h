@@ -129,6 +129,13 @@ void recycle(Encoded&& enc);
 void decode_minicache(const Encoded& enc, int64_t n_rows, int dim, const float* partner,
                       float* out);
 
+// The heads of a layer's k and v as views into their arrays for kvk::attend_head_kivi2, when
+// both are 2-bit uniform codes as KIVI lays them out (kivi, or uniform with the same choices):
+// keys grouped along the rows per channel and values along the channels per row, in groups of
+// 32, not rotated, with one residual; empty otherwise. The views live as long as k and v.
+// Throws Error(Exit::data) like decode when an array is missing or has the wrong length.
+std::vector<kvk::Kivi2Head> kivi2_heads(const Encoded& k, const Encoded& v, const RowLayout& rows);
+
 // Decodes into out [N, D]. Throws Error(Exit::data) naming the array when an array is missing or
 // has the wrong length for the layout, or a per-head value (rank) is out of range.
 void decode(const Encoded& enc, const RowLayout& rows, float* out);

@@ -1,0 +1,488 @@
+// Decode attention over a KIVI-2 cache computed on its 2-bit codes with AVX-512 VNNI integer dot
+// products, so a step reads about 3 bits per value instead of 16 (formats/kvsnap.md 9.3).
+//
+// Keys are quantized per channel in groups of 32 rows: k[t][c] = S[c] code[t][c] + Z[c] within a
+// group, so for each query q . k[t] = sum_c (q[c] S[c]) code[t][c] + sum_c q[c] Z[c]. Per group
+// and query, a = q S is rounded to s8 against max |a| (one scale per group and query) and the
+// second sum is a constant of the group (with 1.5 times the sum of a's rounding residuals: the
+// part of their error that every row shares). A group's codes are, channel by channel, a 64-bit
+// word of its 32 rows (row i in bits 2i, 2i+1). One vpermb moves into each int32 lane the 4 bytes
+// of one row quartet of 4 channels, and one gf2p8affineqb keeps, in every byte, the 2 bits of the
+// lane's row (the same row within its quartet for both lanes of a 64-bit word: the lanes hold
+// the rows in the order score_row, undone once per 16 scores). One vpdpbusd then adds 4
+// channels of 16 rows to 16 scores: no horizontal sums.
+//
+// Values are quantized per row in blocks of 32 channels: v[t][c] = S[t] code[t][c] + Z[t], so
+// sum_t p_t v[t][c] = sum_t (p_t S[t]) code[t][c] + sum_t p_t Z[t]. Per chunk of 64 rows, query
+// and block, w = p S is rounded to u8 against max p * max S (as the q4_0 kernel does). For 8 rows
+// and one block, two vpermt2b put byte i of the block's row bytes of rows 0-3 (even int32 lanes)
+// and 4-7 (odd lanes) into lane 2i, 2i + 1; gf2p8affineqb picks channel 4i + s of every byte as
+// 2c - 3 (centred codes: v = (S/2)(2c - 3) + Z + 1.5 S, the weights p S / 2 as u8), and one
+// vpdpbusd per s adds 4 rows' weighted codes with the 8 weights broadcast as one 64-bit word.
+// The accumulators stay in that lane order (channel 32 blk + 4i + s, two lanes per channel), and
+// so does the running output, until the end. The zero term is summed in float, per lane.
+//
+// Whole groups of 64 rows take this path; the last few quantized rows and the residual rows
+// (dense f16) are done in f32 from their decoded values, in the same online softmax.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "kvk/ops.h"
+#include "simd512.h"
+
+namespace kvk {
+
+namespace {
+
+constexpr int kGroupRows = 32;  // key rows per scale (KIVI's G)
+constexpr int kBlock = 32;      // value channels per scale
+static_assert(kChunk == 2 * kGroupRows, "a chunk is two key groups");
+
+#define KVK_KIVI_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,gfni,fma,f16c"
+
+bool have_vnni_vbmi_gfni() {
+  static const bool ok = have_avx512() && __builtin_cpu_supports("avx512vnni") &&
+                         __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("gfni");
+  return ok;
+}
+
+int code_at(const uint8_t* codes, int64_t i) {
+  return (codes[i / 4] >> (2 * (i % 4))) & 3;
+}
+
+// Rows [row0, row0 + count) of the head decoded to f32, K and V: quantized rows as kv::encoding
+// decodes them (y = f32(c S + Z), or (c - 2) S when symmetric), then the residual rows.
+void decode_rows(const Kivi2Head& h, int d, int64_t row0, int64_t count, float* k, float* v) {
+  const int nb = d / kBlock;
+  for (int64_t r = 0; r < count; ++r) {
+    const int64_t t = row0 + r;
+    float* kr = k + r * d;
+    float* vr = v + r * d;
+    if (t >= h.n_quant) {
+      for (int c = 0; c < d; ++c) {
+        kr[c] = f16_to_f32(h.k_residual[(t - h.n_quant) * d + c]);
+        vr[c] = f16_to_f32(h.v_residual[(t - h.n_quant) * d + c]);
+      }
+      continue;
+    }
+    const int64_t j = t / kGroupRows, i = t % kGroupRows;
+    const int64_t len = std::min<int64_t>(kGroupRows, h.n_quant - j * kGroupRows);
+    for (int c = 0; c < d; ++c) {
+      const int code = code_at(h.k_codes, j * kGroupRows * d + c * len + i);
+      const float s = f16_to_f32(h.k_scales[j * d + c]);
+      kr[c] = h.k_zeros ? float(code) * s + f16_to_f32(h.k_zeros[j * d + c]) : float(code - 2) * s;
+    }
+    for (int c = 0; c < d; ++c) {
+      const int code = code_at(h.v_codes, t * d + c);
+      const float s = f16_to_f32(h.v_scales[t * nb + c / kBlock]);
+      vr[c] = h.v_zeros ? float(code) * s + f16_to_f32(h.v_zeros[t * nb + c / kBlock])
+                        : float(code - 2) * s;
+    }
+  }
+}
+
+// Where channel c's first lane sits in a query's running output (the value accumulators'
+// order: block, then s = c % 4, then lane 2i for i = (c % 32) / 4; lane 2i + 1 is its twin).
+int lane_of(int c) {
+  return ((c / kBlock) * 4 + c % 4) * 16 + 2 * ((c % kBlock) / 4);
+}
+
+// The row of a 16-row half group that int32 lane L = 2k + e of the score accumulators holds:
+// the two rows of a 64-bit word share their place in a quartet (k % 4), as gf2p8affineqb needs.
+constexpr int score_row(int L) {
+  return 4 * (2 * ((L / 2) / 4) + L % 2) + (L / 2) % 4;
+}
+
+// A GF(2) matrix for gf2p8affineqb that moves bits 2p, 2p + 1 of each byte to bits 0, 1 and
+// clears the rest (result bit i is the parity of x & matrix byte 7 - i).
+constexpr uint64_t pick_code(int p) {
+  return (uint64_t(1) << (2 * p)) << 56 | (uint64_t(1) << (2 * p + 1)) << 48;
+}
+
+// The same for the values, giving 2c - 3 as s8 (-3, -1, 1, 3: centred, so the rounding errors
+// of the weights they multiply cancel on average): bit 0 = 1, bit 1 = bit 2p, bits 2..7 = NOT
+// bit 2p + 1, the constants through the immediate kCenteredBits.
+constexpr uint64_t pick_centered(int p) {
+  uint64_t m = (uint64_t(1) << (2 * p)) << 48;
+  for (int i = 2; i < 8; ++i) m |= (uint64_t(1) << (2 * p + 1)) << (8 * (7 - i));
+  return m;
+}
+constexpr int kCenteredBits = 0xFD;
+
+template <int G>
+struct State {
+  float m[G], l[G];
+  std::vector<float> out;  // per query: 2d accumulator lanes, then 16 zero-term lanes per block
+  int stride;
+};
+
+// Rows [row0, row0 + count) (count <= kChunk) in f32 from their decoded values, into the state:
+// the residual rows (128 of them by default, so worth vectors), and quantized rows past the last
+// whole chunk.
+template <int G>
+__attribute__((target(KVK_KIVI_TARGET))) void add_rows_f32(const Kivi2Head& h, int d, int64_t row0,
+                                                           int64_t count, const float* q,
+                                                           float scale, const float* bias,
+                                                           State<G>& st) {
+  alignas(64) float k[kChunk * 128], v[kChunk * 128];  // d <= 128
+  const int64_t quantized = std::clamp<int64_t>(h.n_quant - row0, 0, count);
+  decode_rows(h, d, row0, quantized, k, v);
+  for (int64_t j = quantized; j < count; ++j)
+    for (int c = 0; c < d; c += 16) {
+      const size_t at = size_t(row0 + j - h.n_quant) * size_t(d) + size_t(c);
+      _mm512_store_ps(
+          k + j * d + c,
+          _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h.k_residual + at))));
+      _mm512_store_ps(
+          v + j * d + c,
+          _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h.v_residual + at))));
+    }
+  alignas(64) float s[G][kChunk];
+  for (int g = 0; g < G; ++g)
+    for (int64_t j = 0; j < count; ++j) {
+      __m512 dot = _mm512_setzero_ps();
+      for (int c = 0; c < d; c += 16)
+        dot = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * d + c), _mm512_load_ps(k + j * d + c), dot);
+      s[g][j] = _mm512_reduce_add_ps(dot) * scale + (bias ? bias[row0 + j] : 0.0f);
+    }
+  float unused[G];
+  softmax_chunk<G>(s, count, st.m, st.l, st.out.data(), st.stride, unused);
+  for (int g = 0; g < G; ++g) {
+    float* o = st.out.data() + size_t(g) * size_t(st.stride);
+    for (int c = 0; c < d; c += 16) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t j = 0; j < count; ++j)
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(s[g][j]), _mm512_load_ps(v + j * d + c), acc);
+      alignas(64) float sum[16];
+      _mm512_store_ps(sum, acc);
+      for (int e = 0; e < 16; ++e) o[lane_of(c + e)] += sum[e];
+    }
+  }
+}
+
+// Four vectors of 16 int32 as 64 bytes with saturation (two packs: within each 128-bit lane L,
+// vector j's lanes 4L .. 4L + 3 land on bytes 16 L + 4 j .. 16 L + 4 j + 3), so 4 consecutive
+// lanes of vector j are the int32 word 4 L + j of the result.
+template <bool is_signed>
+__attribute__((target(KVK_KIVI_TARGET), always_inline)) inline __m512i pack_4x16(__m512i v0,
+                                                                                 __m512i v1,
+                                                                                 __m512i v2,
+                                                                                 __m512i v3) {
+  if constexpr (is_signed)
+    return _mm512_packs_epi16(_mm512_packs_epi32(v0, v1), _mm512_packs_epi32(v2, v3));
+  else
+    return _mm512_packus_epi16(_mm512_packus_epi32(v0, v1), _mm512_packus_epi32(v2, v3));
+}
+
+// The word of pack_4x16's output that holds lanes 4 L .. 4 L + 3 of vector j, for the quartet
+// q = 4 j + L of 16 lanes, over any number of such 64-byte outputs.
+constexpr int packed_word(int q) {
+  return q / 16 * 16 + 4 * (q % 4) + q % 16 / 4;
+}
+
+template <int G>
+__attribute__((target(KVK_KIVI_TARGET))) void attend_kivi2(const Kivi2Head& h, int d,
+                                                           const float* q, float scale,
+                                                           const float* bias, float* out) {
+  const int nb = d / kBlock, octets = d / 8, vectors = d / 16;
+  State<G> st;
+  st.stride = 2 * d + 16 * nb;
+  st.out.assign(size_t(G) * size_t(st.stride), 0.0f);
+  std::fill(st.m, st.m + G, -INFINITY);
+  std::fill(st.l, st.l + G, 0.0f);
+
+  // Score path constants. to_quartets[h4][th]: vpermb index giving lane L the bytes holding row
+  // 16 th + score_row(L) of the octet's channels 4 h4 .. 4 h4 + 3.
+  __m512i to_quartets[2][2];
+  for (int h4 = 0; h4 < 2; ++h4)
+    for (int th = 0; th < 2; ++th) {
+      alignas(64) uint8_t idx[64];
+      for (int L = 0; L < 16; ++L)
+        for (int j = 0; j < 4; ++j)
+          idx[4 * L + j] = uint8_t(8 * (4 * h4 + j) + (16 * th + score_row(L)) / 4);
+      to_quartets[h4][th] = _mm512_load_si512(idx);
+    }
+  const __m512i pick_row = _mm512_setr_epi64(
+      int64_t(pick_code(0)), int64_t(pick_code(1)), int64_t(pick_code(2)), int64_t(pick_code(3)),
+      int64_t(pick_code(0)), int64_t(pick_code(1)), int64_t(pick_code(2)), int64_t(pick_code(3)));
+  alignas(64) int32_t unscramble_idx[16];
+  for (int L = 0; L < 16; ++L) unscramble_idx[score_row(L)] = L;
+  const __m512i unscramble = _mm512_load_si512(unscramble_idx);
+
+  // Value path constants: to_blocks[blk] gives lane 2i + e byte r = byte 8 blk + i of row r of
+  // a 4-row window (d/4 bytes per row; the window of lanes e = 0 or that of e = 1).
+  __m512i to_blocks[4];  // nb <= 4
+  for (int blk = 0; blk < nb; ++blk) {
+    alignas(64) uint8_t idx[64];
+    for (int lane = 0; lane < 16; ++lane)
+      for (int r = 0; r < 4; ++r) idx[4 * lane + r] = uint8_t(r * (d / 4) + 8 * blk + lane / 2);
+    to_blocks[blk] = _mm512_load_si512(idx);
+  }
+  __m512i pick_channel[4];
+  for (int s = 0; s < 4; ++s) pick_channel[s] = _mm512_set1_epi64(int64_t(pick_centered(s)));
+  const int row_bytes = d / 4;  // of value codes
+  // The two 64-byte halves of a 4-row window of value codes (d bytes).
+  const __mmask64 lower = d >= 64 ? ~uint64_t(0) : ~uint64_t(0) >> (64 - d),
+                  upper = d > 64 ? ~uint64_t(0) >> (128 - d) : 0;
+  // 16 rows' nb value scales (or zeros) are 16 nb f16: two loads, then to_scales[blk] (vpermt2w)
+  // picks the block's 16.
+  const __mmask32 scales_lo = nb >= 2 ? ~uint32_t(0) : ~uint32_t(0) >> 16,
+                  scales_hi = nb > 2 ? ~uint32_t(0) >> (64 - 16 * nb) : 0;
+  __m512i to_scales[4];
+  for (int blk = 0; blk < nb; ++blk) {
+    alignas(64) uint16_t idx[32] = {};
+    for (int t = 0; t < 16; ++t) idx[t] = uint16_t(t * nb + blk);
+    to_scales[blk] = _mm512_load_si512(idx);
+  }
+
+  alignas(64) int32_t a8[G][32];  // per query, the group's q S as s8 (pack_4x16's order)
+  alignas(64) float s[G][kChunk];
+  alignas(64) uint8_t wq[G][4][kChunk];  // per query and block, p S as u8 (pack_4x16's order)
+  alignas(64) float sv[4][kChunk], zv[4][kChunk];
+
+  const int64_t whole = h.n_quant / kChunk * kChunk;
+  for (int64_t c0 = 0; c0 < whole; c0 += kChunk) {
+    // ---- scores, one key group of 32 rows at a time
+    for (int half = 0; half < 2; ++half) {
+      const int64_t grp = c0 / kGroupRows + half;
+      const uint8_t* codes = h.k_codes + grp * kGroupRows * d / 4;
+      const uint16_t* ks = h.k_scales + grp * d;
+      const uint16_t* kz = h.k_zeros ? h.k_zeros + grp * d : nullptr;
+      // a = q S to s8 against max |a|, every query at once (their chains side by side). The
+      // rounding residuals r = a - step a8 shift each row's dot by sum_c r_c c; their part
+      // 1.5 sum_c r_c (codes average 1.5) goes back in with the group's constant sum_c q Z:
+      // sum_c q (Z + 1.5 S) - 1.5 step sum_c a8.
+      float sa[G], qz[G];
+      {
+        __m512 sf[8], zf[8], amax[G], z[G];
+        for (int g = 0; g < G; ++g) amax[g] = z[g] = _mm512_setzero_ps();
+        for (int i = 0; i < vectors; ++i) {
+          sf[i] =
+              _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ks + 16 * i)));
+          zf[i] = kz ? _mm512_fmadd_ps(sf[i], _mm512_set1_ps(1.5f),
+                                       _mm512_cvtph_ps(_mm256_loadu_si256(
+                                           reinterpret_cast<const __m256i*>(kz + 16 * i))))
+                     : _mm512_mul_ps(sf[i], _mm512_set1_ps(-0.5f));
+          for (int g = 0; g < G; ++g) {
+            const __m512 qv = _mm512_loadu_ps(q + g * d + 16 * i);
+            amax[g] = _mm512_max_ps(amax[g], _mm512_abs_ps(_mm512_mul_ps(qv, sf[i])));
+            z[g] = _mm512_fmadd_ps(qv, zf[i], z[g]);
+          }
+        }
+        for (int g = 0; g < G; ++g) {
+          const float mx = _mm512_reduce_max_ps(amax[g]);
+          const __m512 inv = _mm512_set1_ps(mx > 0 ? 127 / mx : 0);
+          __m512i code_sum = _mm512_setzero_si512();
+          for (int i = 0; i < vectors; i += 4) {
+            __m512i code[4];
+            for (int u = 0; u < 4; ++u) {
+              code[u] =
+                  i + u < vectors
+                      ? _mm512_cvtps_epi32(_mm512_mul_ps(
+                            _mm512_mul_ps(_mm512_loadu_ps(q + g * d + 16 * (i + u)), sf[i + u]),
+                            inv))
+                      : _mm512_setzero_si512();
+              code_sum = _mm512_add_epi32(code_sum, code[u]);
+            }
+            _mm512_store_si512(&a8[g][4 * i], pack_4x16<true>(code[0], code[1], code[2], code[3]));
+          }
+          sa[g] = mx / 127 * scale;
+          qz[g] = (_mm512_reduce_add_ps(z[g]) -
+                   1.5f * (mx / 127) * float(_mm512_reduce_add_epi32(code_sum))) *
+                  scale;
+        }
+      }
+      __m512i acc[2][G];
+      for (int th = 0; th < 2; ++th)
+        for (int g = 0; g < G; ++g) acc[th][g] = _mm512_setzero_si512();
+      for (int o = 0; o < octets; ++o) {
+        // The next chunk, from memory meanwhile, into L2 (as the q4_0 kernel does): its 16 d
+        // bytes of key codes and of value codes and its four 4 d-byte runs of scales and zeros
+        // are d/4 lines each, one per octet step of the two groups.
+        if (c0 + kChunk < whole) {
+          const int line = half * octets + o, run = line / (d / 16);
+          const int64_t next = c0 + kChunk;
+          __builtin_prefetch(h.k_codes + next * d / 4 + 64 * line, 0, 2);
+          __builtin_prefetch(h.v_codes + next * row_bytes + 64 * line, 0, 2);
+          const uint16_t* runs[4] = {h.k_scales + next / kGroupRows * d,
+                                     h.k_zeros ? h.k_zeros + next / kGroupRows * d : nullptr,
+                                     h.v_scales + next * nb,
+                                     h.v_zeros ? h.v_zeros + next * nb : nullptr};
+          if (runs[run]) __builtin_prefetch(runs[run] + 32 * (line % (d / 16)), 0, 2);
+        }
+        const __m512i src = _mm512_loadu_si512(codes + 64 * o);
+        for (int h4 = 0; h4 < 2; ++h4) {
+          const int word = packed_word(2 * o + h4);
+          for (int th = 0; th < 2; ++th) {
+            const __m512i x = _mm512_gf2p8affine_epi64_epi8(
+                _mm512_permutexvar_epi8(to_quartets[h4][th], src), pick_row, 0);
+            for (int g = 0; g < G; ++g)
+              acc[th][g] = _mm512_dpbusd_epi32(acc[th][g], x, _mm512_set1_epi32(a8[g][word]));
+          }
+        }
+      }
+      for (int th = 0; th < 2; ++th) {
+        const int64_t at = half * kGroupRows + th * 16;
+        for (int g = 0; g < G; ++g) {
+          __m512 x =
+              _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_permutexvar_epi32(unscramble, acc[th][g])),
+                              _mm512_set1_ps(sa[g]), _mm512_set1_ps(qz[g]));
+          if (bias) x = _mm512_add_ps(x, _mm512_loadu_ps(bias + c0 + at));
+          _mm512_store_ps(&s[g][at], x);
+        }
+      }
+    }
+    float pmax[G];
+    softmax_chunk<G>(s, kChunk, st.m, st.l, st.out.data(), st.stride, pmax);
+
+    // ---- the chunk's value scales, block by block, and the weights p S as u8
+    const uint16_t* vs = h.v_scales + c0 * nb;
+    const uint16_t* vz = h.v_zeros ? h.v_zeros + c0 * nb : nullptr;
+    __m512 smax[4];
+    for (int blk = 0; blk < nb; ++blk) smax[blk] = _mm512_setzero_ps();
+    for (int r = 0; r < kChunk; r += 16) {
+      const __m512i s_lo = _mm512_maskz_loadu_epi16(scales_lo, vs + r * nb),
+                    s_hi = _mm512_maskz_loadu_epi16(scales_hi, vs + r * nb + 32);
+      __m512i z_lo = _mm512_setzero_si512(), z_hi = z_lo;
+      if (vz) {
+        z_lo = _mm512_maskz_loadu_epi16(scales_lo, vz + r * nb);
+        z_hi = _mm512_maskz_loadu_epi16(scales_hi, vz + r * nb + 32);
+      }
+      for (int blk = 0; blk < nb; ++blk) {
+        const __m512 sc = _mm512_cvtph_ps(
+            _mm512_castsi512_si256(_mm512_permutex2var_epi16(s_lo, to_scales[blk], s_hi)));
+        // The codes enter as 2c - 3: v = S c + Z = (S / 2)(2c - 3) + (Z + 1.5 S), with
+        // Z = -2S for symmetric codes.
+        const __m512 zero =
+            vz ? _mm512_fmadd_ps(sc, _mm512_set1_ps(1.5f),
+                                 _mm512_cvtph_ps(_mm512_castsi512_si256(
+                                     _mm512_permutex2var_epi16(z_lo, to_scales[blk], z_hi))))
+               : _mm512_mul_ps(sc, _mm512_set1_ps(-0.5f));
+        _mm512_store_ps(sv[blk] + r, sc);
+        _mm512_store_ps(zv[blk] + r, zero);
+        smax[blk] = _mm512_max_ps(smax[blk], _mm512_abs_ps(sc));
+      }
+    }
+    float ws[G][4];  // the u8 weights' scales
+    for (int blk = 0; blk < nb; ++blk) {
+      const float top = _mm512_reduce_max_ps(smax[blk]);
+      const __m512 unit = _mm512_set1_ps(top > 0 ? 255 / top : 0);
+      for (int r = 0; r < kChunk; r += 16)
+        _mm512_store_ps(sv[blk] + r, _mm512_mul_ps(_mm512_load_ps(sv[blk] + r), unit));
+      for (int g = 0; g < G; ++g) ws[g][blk] = pmax[g] * top / 510;
+    }
+    for (int g = 0; g < G; ++g) {
+      __m512 p[4], pn[4];
+      const __m512 inv = _mm512_set1_ps(pmax[g] > 0 ? 1 / pmax[g] : 0);
+      for (int u = 0; u < 4; ++u) {
+        p[u] = _mm512_load_ps(&s[g][16 * u]);
+        pn[u] = _mm512_mul_ps(p[u], inv);
+      }
+      for (int blk = 0; blk < nb; ++blk) {
+        float* zacc = st.out.data() + size_t(g) * size_t(st.stride) + 2 * d + 16 * blk;
+        __m512 z = _mm512_loadu_ps(zacc);
+        __m512i code[4];
+        for (int u = 0; u < 4; ++u) {
+          z = _mm512_fmadd_ps(p[u], _mm512_load_ps(zv[blk] + 16 * u), z);
+          code[u] = _mm512_cvtps_epi32(_mm512_mul_ps(pn[u], _mm512_load_ps(sv[blk] + 16 * u)));
+        }
+        _mm512_storeu_ps(zacc, z);
+        _mm512_store_si512(wq[g][blk], pack_4x16<false>(code[0], code[1], code[2], code[3]));
+      }
+    }
+
+    // ---- values, block by block, 8 rows per step: the row quartets 4j + L and 4(j + 1) + L
+    // (rows 16 j + 4 L .. and 16 (j + 1) + 4 L ..), whose weights are word 4 L + j and the next
+    // of pack_4x16's output: one 64-bit broadcast.
+    const uint8_t* vc = h.v_codes + c0 * row_bytes;
+    for (int blk = 0; blk < nb; ++blk) {
+      __m512i acc[4][G];
+      for (int sh = 0; sh < 4; ++sh)
+        for (int g = 0; g < G; ++g) acc[sh][g] = _mm512_setzero_si512();
+      for (int j = 0; j < 4; j += 2)
+        for (int L = 0; L < 4; ++L) {
+          const uint8_t* rows0 = vc + (16 * j + 4 * L) * row_bytes;
+          const uint8_t* rows1 = rows0 + 16 * row_bytes;
+          const __m512i x = _mm512_mask_blend_epi32(
+              0xAAAA,
+              _mm512_permutex2var_epi8(_mm512_maskz_loadu_epi8(lower, rows0), to_blocks[blk],
+                                       _mm512_maskz_loadu_epi8(upper, rows0 + 64)),
+              _mm512_permutex2var_epi8(_mm512_maskz_loadu_epi8(lower, rows1), to_blocks[blk],
+                                       _mm512_maskz_loadu_epi8(upper, rows1 + 64)));
+          __m512i w[G];
+          for (int g = 0; g < G; ++g) {
+            int64_t word;
+            std::memcpy(&word, &wq[g][blk][4 * (4 * L + j)], 8);
+            w[g] = _mm512_set1_epi64(word);
+          }
+          for (int sh = 0; sh < 4; ++sh) {
+            const __m512i c = _mm512_gf2p8affine_epi64_epi8(x, pick_channel[sh], kCenteredBits);
+            for (int g = 0; g < G; ++g) acc[sh][g] = _mm512_dpbusd_epi32(acc[sh][g], w[g], c);
+          }
+        }
+      for (int g = 0; g < G; ++g) {
+        float* o = st.out.data() + size_t(g) * size_t(st.stride) + blk * 64;
+        const __m512 a = _mm512_set1_ps(ws[g][blk]);
+        for (int sh = 0; sh < 4; ++sh)
+          _mm512_storeu_ps(o + 16 * sh, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[sh][g]), a,
+                                                        _mm512_loadu_ps(o + 16 * sh)));
+      }
+    }
+  }
+  // The rest: the last quantized rows and the residual rows, in f32.
+  const int64_t n = h.n_quant + h.n_residual;
+  for (int64_t r0 = whole; r0 < n; r0 += kChunk)
+    add_rows_f32<G>(h, d, r0, std::min(kChunk, n - r0), q, scale, bias, st);
+
+  for (int g = 0; g < G; ++g) {
+    const float* o = st.out.data() + size_t(g) * size_t(st.stride);
+    const float inv = st.l[g] > 0 ? 1.0f / st.l[g] : 0.0f;
+    for (int c = 0; c < d; ++c) {
+      const float* z = o + 2 * d + 16 * (c / kBlock);
+      float zsum = 0;
+      for (int e = 0; e < 16; ++e) zsum += z[e];
+      out[g * d + c] = (o[lane_of(c)] + o[lane_of(c) + 1] + zsum) * inv;
+    }
+  }
+}
+
+}  // namespace
+
+void attend_head_kivi2_reference(const Kivi2Head& head, int d, const float* q, int G, float scale,
+                                 const float* bias, float* out) {
+  const int64_t n = head.n_quant + head.n_residual;
+  std::vector<float> k(size_t(n) * size_t(d)), v(k.size());
+  decode_rows(head, d, 0, n, k.data(), v.data());
+  attend_head_reference(DType::f32, k.data(), v.data(), n, d, q, G, scale, bias, out);
+}
+
+bool kivi2_codes_supported(int d) {
+  return have_vnni_vbmi_gfni() && d >= 32 && d <= 128 && d % 32 == 0;
+}
+
+void attend_head_kivi2(const Kivi2Head& head, int d, const float* q, int G, float scale,
+                       const float* bias, float* out) {
+  if (!kivi2_codes_supported(d))
+    return attend_head_kivi2_reference(head, d, q, G, scale, bias, out);
+  for (int i = 0; i < G * d; ++i)
+    if (!std::isfinite(q[i])) {  // as the reference: no finite output (and no int8 of a NaN)
+      std::fill(out, out + G * d, NAN);
+      return;
+    }
+  // Passes of 4, 2 or 1 query heads: the value path holds 4 accumulators per query.
+  for (int g0 = 0; g0 < G;) {
+    const int left = G - g0, g = left >= 4 ? 4 : left >= 2 ? 2 : 1;
+    const float* qg = q + int64_t(g0) * d;
+    float* og = out + int64_t(g0) * d;
+    if (g == 4) attend_kivi2<4>(head, d, qg, scale, bias, og);
+    if (g == 2) attend_kivi2<2>(head, d, qg, scale, bias, og);
+    if (g == 1) attend_kivi2<1>(head, d, qg, scale, bias, og);
+    g0 += g;
+  }
+}
+
+}  // namespace kvk
