@@ -126,7 +126,7 @@ int main(int argc, char** argv) {
     const bool on_cuda = std::string(kv::select_backend(tool.device).name) == "cuda";
     kv::SnapshotReader ref(ref_path, tool.read_options());
     kv::ReadOptions cand_options = tool.read_options();
-    cand_options.keep_stored = speed;  // q4_0 caches are timed on their codes
+    cand_options.keep_stored = speed;  // q4_0 and KIVI-2 caches are timed on their codes
     kv::SnapshotReader cand(input, cand_options);
     const kv::Header& h = ref.header();
     kv::check_comparable(h, cand.header());
@@ -208,7 +208,8 @@ int main(int argc, char** argv) {
       recall_cand = kv::recall_rate(*model, cand.header(), cand_layers, items);
     }
     double t_ref = 0, t_cand = 0, bandwidth = 0;
-    const bool on_codes = speed && !on_cuda && kv::decodes_on_q4_0_codes(h.model, cand_layers);
+    const std::string on_codes =
+        speed && !on_cuda ? kv::decodes_on_codes(h.model, cand_layers) : std::string();
     if (speed) {
       // The first probe query of every query head, per layer: [L][H_q][D].
       const int Hq = h.model.n_q_heads, D = h.model.head_dim;
@@ -264,7 +265,7 @@ int main(int argc, char** argv) {
       j.set("decode_speedup", t_ref / t_cand);
       j.set("decode_gbps_candidate", double(cand_bytes) / t_cand / 1e9);
       j.set("bandwidth_gbps", bandwidth).set("speed_device", on_cuda ? "cuda" : "cpu");
-      j.set("decode_on_codes", on_codes ? kv::Json("q4_0") : kv::Json(nullptr));
+      j.set("decode_on_codes", on_codes.empty() ? kv::Json(nullptr) : kv::Json(on_codes));
     }
     kv::Json chain = kv::Json::array();
     for (const auto& p : cand.header().provenance) chain.push(p.command_line);
@@ -334,7 +335,7 @@ int main(int argc, char** argv) {
             "x); candidate reads ", fmt("%.1f", double(cand_bytes) / t_cand / 1e9),
             " GB/s = ", fmt("%.0f", 100.0 * double(cand_bytes) / t_cand / 1e9 / bandwidth),
             "% of the ", fmt("%.1f", bandwidth), " GB/s memory read bandwidth",
-            on_codes ? " (timed on its q4_0 codes)" : "", "\n");
+            on_codes.empty() ? "" : " (timed on its " + on_codes + " codes)", "\n");
       if (per_layer) out += "\n" + table;
       std::cout << out;
     }

@@ -236,13 +236,27 @@ const uint8_t* q4_0_blocks(const std::shared_ptr<const Encoded>& stored, int hea
   return nullptr;
 }
 
+// The layer's heads as KIVI-2 views when its k and v are kept as stored KIVI-2 codes that the
+// kernel runs on here (kv::kivi2_heads, kvk::kivi2_codes_supported); empty otherwise.
+std::vector<kvk::Kivi2Head> kivi2_view(const ModelInfo& model, const Layer& layer) {
+  if (!layer.k_stored || !layer.v_stored || !kvk::kivi2_codes_supported(model.head_dim)) return {};
+  return kivi2_heads(*layer.k_stored, *layer.v_stored,
+                     RowLayout{model, layer.head_offsets, layer.positions});
+}
+
 }  // namespace
 
-bool decodes_on_q4_0_codes(const ModelInfo& model, const std::vector<Layer>& layers) {
-  return !layers.empty() && std::all_of(layers.begin(), layers.end(), [&](const Layer& layer) {
-    return q4_0_blocks(layer.k_stored, model.head_dim) &&
-           q4_0_blocks(layer.v_stored, model.head_dim);
-  });
+std::string decodes_on_codes(const ModelInfo& model, const std::vector<Layer>& layers) {
+  auto all = [&](auto on_codes) {
+    return !layers.empty() && std::all_of(layers.begin(), layers.end(), on_codes);
+  };
+  if (all([&](const Layer& layer) {
+        return q4_0_blocks(layer.k_stored, model.head_dim) &&
+               q4_0_blocks(layer.v_stored, model.head_dim);
+      }))
+    return "q4_0";
+  if (all([&](const Layer& layer) { return !kivi2_view(model, layer).empty(); })) return "kivi2";
+  return "";
 }
 
 double decode_step_seconds(const ModelInfo& m, const std::vector<Layer>& layers,
@@ -266,12 +280,15 @@ double decode_step_seconds(const ModelInfo& m, const std::vector<Layer>& layers,
       const uint8_t* k_codes = q4_0_blocks(layer.k_stored, D);
       const uint8_t* v_codes = q4_0_blocks(layer.v_stored, D);
       const size_t code_row = kvk::q4_0_row_bytes(D);
+      const std::vector<kvk::Kivi2Head> kivi2 = kivi2_view(m, layer);
 #pragma omp parallel for schedule(static)
       for (int h = 0; h < Hkv; ++h) {
         const int64_t begin = layer.head_offsets[size_t(h)];
         const size_t q0 = (l * size_t(m.n_q_heads) + size_t(h) * size_t(G)) * size_t(D);
         const float* bias = log_mass[l].empty() ? nullptr : log_mass[l].data() + begin;
-        if (k_codes && v_codes)
+        if (!kivi2.empty())
+          kvk::attend_head_kivi2(kivi2[size_t(h)], D, &queries[q0], G, scale, bias, &out[q0]);
+        else if (k_codes && v_codes)
           kvk::attend_head_q4_0(k_codes + size_t(begin) * code_row,
                                 v_codes + size_t(begin) * code_row, layer.head_entries(h), D,
                                 &queries[q0], G, scale, bias, &out[q0]);

@@ -58,18 +58,20 @@ for k in ("decode_ms_reference", "decode_ms_candidate", "decode_speedup", "decod
     assert j[k] > 0, k
 PY
 
-# q4_0 candidates are timed on their codes (head_dim a multiple of 32), others on their values;
+# q4_0 and KIVI-2 candidates are timed on their codes (head_dim a multiple of 32), others on their values;
 # the accuracy metrics are the same either way (computed on decoded values).
 kv-synth --preset stories260k --layers 2 --head-dim 64 -n 256 --probe 4 -o d64.kv.h5 || fail "synth d64"
-for s in q4_0 q8_0; do
+for s in q4_0 q8_0 kivi; do
   kv-compress -q -s $s d64.kv.h5 -o $s.kv.h5 && kv-eval -q --ref d64.kv.h5 --speed --json $s.kv.h5 > $s.speed.json \
     && kv-eval -q --ref d64.kv.h5 --json $s.kv.h5 > $s.plain.json || fail "eval --speed $s"
 done
-/usr/bin/python3 - <<'PY' && pass "--speed: q4_0 timed on its codes where the CPU has the kernel (decode_on_codes), q8_0 on values; same accuracy" || fail "q4_0 speed: $(cat q4_0.speed.json)"
+/usr/bin/python3 - <<'PY' && pass "--speed: q4_0 and KIVI-2 timed on their codes where the CPU has the kernels (decode_on_codes), q8_0 on values; same accuracy" || fail "codes speed: $(cat q4_0.speed.json kivi.speed.json)"
 import json
 flags = open("/proc/cpuinfo").read()
-codes = "q4_0" if " avx512_vnni" in flags and " avx512vbmi" in flags else None  # else values
-for s, want in (("q4_0", codes), ("q8_0", None)):
+vnni = " avx512_vnni" in flags and " avx512vbmi" in flags
+q4_0 = "q4_0" if vnni else None  # else values
+kivi2 = "kivi2" if vnni and " gfni" in flags else None
+for s, want in (("q4_0", q4_0), ("q8_0", None), ("kivi", kivi2)):
     a, b = json.load(open(s + ".speed.json")), json.load(open(s + ".plain.json"))
     assert a["decode_on_codes"] == want and a["decode_ms_candidate"] > 0, (s, a)
     assert a["rel_error"] == b["rel_error"] and a["rel_error"] > 0, (s, a["rel_error"], b["rel_error"])

@@ -54,13 +54,15 @@ ModelFidelity compare_logits(const std::vector<float>& ref, const std::vector<fl
 // Seconds of one decode step of attention over every layer and KV head of a cache (best of
 // `reps`): each head's entries are read in their stored type for the query heads of its group;
 // mass enters as a log bias. `queries` holds [n_layers][H_q][D] f32. On the CPU, OpenMP threads
-// over KV heads (kvk::attend_head); a layer whose k and v are kept as stored q4_0 blocks
-// (ReadOptions::keep_stored; not Hadamard-rotated, kvk::q4_0_codes_supported) is timed on its
-// codes (kvk::attend_head_q4_0), other encoded layers on their decoded values. With `cuda`,
-// the cache is uploaded first (heads padded to the layer's longest, padding masked) and each
-// layer is one kvk::cuda::attend_heads.
-// Whether decode_step_seconds times every layer of `layers` on q4_0 codes (CPU only).
-bool decodes_on_q4_0_codes(const ModelInfo& model, const std::vector<Layer>& layers);
+// over KV heads (kvk::attend_head); a layer whose k and v are kept as stored codes
+// (ReadOptions::keep_stored) is timed on them where a kernel exists: q4_0 blocks
+// (kvk::attend_head_q4_0; not Hadamard-rotated, kvk::q4_0_codes_supported) and KIVI-2
+// (kvk::attend_head_kivi2 through kv::kivi2_heads, kvk::kivi2_codes_supported); other encoded
+// layers on their decoded values. With `cuda`, the cache is uploaded first (heads padded to the
+// layer's longest, padding masked) and each layer is one kvk::cuda::attend_heads.
+// The codes decode_step_seconds times every layer of `layers` on (CPU only): "q4_0", "kivi2",
+// or "" when some layer is timed on decoded values.
+std::string decodes_on_codes(const ModelInfo& model, const std::vector<Layer>& layers);
 
 double decode_step_seconds(const ModelInfo& model, const std::vector<Layer>& layers,
                            const std::vector<float>& queries, int reps, bool cuda = false);
