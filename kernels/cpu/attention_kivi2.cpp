@@ -85,10 +85,11 @@ void decode_rows(const Kivi2Head& h, int d, int64_t row0, int64_t count, float* 
   }
 }
 
-// Where channel c's first lane sits in a query's running output (the value accumulators'
-// order: block, then s = c % 4, then lane 2i for i = (c % 32) / 4; lane 2i + 1 is its twin).
+// Where channel c sits in a query's running output, the value accumulators' order: the pair of
+// blocks, then s = c % 4, then lane 2i + e for i = (c % 32) / 4 and e the block within the pair.
 int lane_of(int c) {
-  return ((c / kBlock) * 4 + c % 4) * 16 + 2 * ((c % kBlock) / 4);
+  const int blk = c / kBlock;
+  return (blk / 2 * 4 + c % 4) * 16 + 2 * ((c % kBlock) / 4) + blk % 2;
 }
 
 // The row of a 16-row half group that int32 lane L = 2k + e of the score accumulators holds:
@@ -184,13 +185,20 @@ constexpr int packed_word(int q) {
   return q / 16 * 16 + 4 * (q % 4) + q % 16 / 4;
 }
 
+// The first of the two words of a pair's weights (wq) for row quartet q (rows 4q .. 4q + 3 of
+// the chunk): block A's, then block B's.
+constexpr int pair_word(int q) {
+  return q / 8 * 16 + 4 * (q % 4) + 2 * (q % 8 / 4);
+}
+
 template <int G>
 __attribute__((target(KVK_KIVI_TARGET))) void attend_kivi2(const Kivi2Head& h, int d,
                                                            const float* q, float scale,
                                                            const float* bias, float* out) {
   const int nb = d / kBlock, octets = d / 8, vectors = d / 16;
   State<G> st;
-  st.stride = 2 * d + 16 * nb;
+  const int pairs = (nb + 1) / 2;  // of value blocks (an odd last block pairs with nothing)
+  st.stride = 64 * pairs + 16 * nb;
   st.out.assign(size_t(G) * size_t(st.stride), 0.0f);
   std::fill(st.m, st.m + G, -INFINITY);
   std::fill(st.l, st.l + G, 0.0f);
@@ -213,14 +221,16 @@ __attribute__((target(KVK_KIVI_TARGET))) void attend_kivi2(const Kivi2Head& h, i
   for (int L = 0; L < 16; ++L) unscramble_idx[score_row(L)] = L;
   const __m512i unscramble = _mm512_load_si512(unscramble_idx);
 
-  // Value path constants: to_blocks[blk] gives lane 2i + e byte r = byte 8 blk + i of row r of
-  // a 4-row window (d/4 bytes per row; the window of lanes e = 0 or that of e = 1).
-  __m512i to_blocks[4];  // nb <= 4
-  for (int blk = 0; blk < nb; ++blk) {
+  // Value path constants: to_pair[pr] gives lane 2i + e byte r = byte 8 (2 pr + e) + i of row r
+  // of a 4-row window (d/4 bytes per row). Past an odd last block, it reads the next row or
+  // zeros, weighted 0.
+  __m512i to_pair[2];  // pairs <= 2
+  for (int pr = 0; pr < pairs; ++pr) {
     alignas(64) uint8_t idx[64];
     for (int lane = 0; lane < 16; ++lane)
-      for (int r = 0; r < 4; ++r) idx[4 * lane + r] = uint8_t(r * (d / 4) + 8 * blk + lane / 2);
-    to_blocks[blk] = _mm512_load_si512(idx);
+      for (int r = 0; r < 4; ++r)
+        idx[4 * lane + r] = uint8_t(r * (d / 4) + 8 * (2 * pr + lane % 2) + lane / 2);
+    to_pair[pr] = _mm512_load_si512(idx);
   }
   __m512i pick_channel[4];
   for (int s = 0; s < 4; ++s) pick_channel[s] = _mm512_set1_epi64(int64_t(pick_centered(s)));
@@ -241,7 +251,10 @@ __attribute__((target(KVK_KIVI_TARGET))) void attend_kivi2(const Kivi2Head& h, i
 
   alignas(64) int32_t a8[G][32];  // per query, the group's q S as s8 (pack_4x16's order)
   alignas(64) float s[G][kChunk];
-  alignas(64) uint8_t wq[G][4][kChunk];  // per query and block, p S as u8 (pack_4x16's order)
+  // Per query and pair of blocks, p S as u8 in pack_4x16's order of the vectors (block A rows
+  // 0-15, block B rows 0-15, A rows 16-31, B rows 16-31), then the same for rows 32-63: the
+  // weights of row quartet Q of both blocks are one 64-bit word (pair_word).
+  alignas(64) uint8_t wq[G][2][2 * kChunk];
   alignas(64) float sv[4][kChunk], zv[4][kChunk];
 
   const int64_t whole = h.n_quant / kChunk * kChunk;
@@ -367,7 +380,7 @@ __attribute__((target(KVK_KIVI_TARGET))) void attend_kivi2(const Kivi2Head& h, i
         smax[blk] = _mm512_max_ps(smax[blk], _mm512_abs_ps(sc));
       }
     }
-    float ws[G][4];  // the u8 weights' scales
+    alignas(8) float ws[G][4] = {};  // the u8 weights' scales (0 past an odd last block)
     for (int blk = 0; blk < nb; ++blk) {
       const float top = _mm512_reduce_max_ps(smax[blk]);
       const __m512 unit = _mm512_set1_ps(top > 0 ? 255 / top : 0);
@@ -382,51 +395,56 @@ __attribute__((target(KVK_KIVI_TARGET))) void attend_kivi2(const Kivi2Head& h, i
         p[u] = _mm512_load_ps(&s[g][16 * u]);
         pn[u] = _mm512_mul_ps(p[u], inv);
       }
-      for (int blk = 0; blk < nb; ++blk) {
-        float* zacc = st.out.data() + size_t(g) * size_t(st.stride) + 2 * d + 16 * blk;
-        __m512 z = _mm512_loadu_ps(zacc);
-        __m512i code[4];
-        for (int u = 0; u < 4; ++u) {
-          z = _mm512_fmadd_ps(p[u], _mm512_load_ps(zv[blk] + 16 * u), z);
-          code[u] = _mm512_cvtps_epi32(_mm512_mul_ps(pn[u], _mm512_load_ps(sv[blk] + 16 * u)));
+      for (int pr = 0; pr < pairs; ++pr) {
+        __m512i code[2][4];  // blocks 2 pr and 2 pr + 1 (0 past an odd last block), rows 16 u ..
+        for (int e = 0; e < 2; ++e) {
+          const int blk = 2 * pr + e;
+          if (blk == nb) {
+            for (int u = 0; u < 4; ++u) code[e][u] = _mm512_setzero_si512();
+            continue;
+          }
+          float* zacc = st.out.data() + size_t(g) * size_t(st.stride) + 64 * pairs + 16 * blk;
+          __m512 z = _mm512_loadu_ps(zacc);
+          for (int u = 0; u < 4; ++u) {
+            z = _mm512_fmadd_ps(p[u], _mm512_load_ps(zv[blk] + 16 * u), z);
+            code[e][u] = _mm512_cvtps_epi32(_mm512_mul_ps(pn[u], _mm512_load_ps(sv[blk] + 16 * u)));
+          }
+          _mm512_storeu_ps(zacc, z);
         }
-        _mm512_storeu_ps(zacc, z);
-        _mm512_store_si512(wq[g][blk], pack_4x16<false>(code[0], code[1], code[2], code[3]));
+        for (int half = 0; half < 2; ++half)
+          _mm512_store_si512(&wq[g][pr][64 * half],
+                             pack_4x16<false>(code[0][2 * half], code[1][2 * half],
+                                              code[0][2 * half + 1], code[1][2 * half + 1]));
       }
     }
 
-    // ---- values, block by block, 8 rows per step: the row quartets 4j + L and 4(j + 1) + L
-    // (rows 16 j + 4 L .. and 16 (j + 1) + 4 L ..), whose weights are word 4 L + j and the next
-    // of pack_4x16's output: one 64-bit broadcast.
+    // ---- values, a pair of blocks at a time, one row quartet per step
     const uint8_t* vc = h.v_codes + c0 * row_bytes;
-    for (int blk = 0; blk < nb; ++blk) {
+    for (int pr = 0; pr < pairs; ++pr) {
       __m512i acc[4][G];
       for (int sh = 0; sh < 4; ++sh)
         for (int g = 0; g < G; ++g) acc[sh][g] = _mm512_setzero_si512();
-      for (int j = 0; j < 4; j += 2)
-        for (int L = 0; L < 4; ++L) {
-          const uint8_t* rows0 = vc + (16 * j + 4 * L) * row_bytes;
-          const uint8_t* rows1 = rows0 + 16 * row_bytes;
-          const __m512i x = _mm512_mask_blend_epi32(
-              0xAAAA,
-              _mm512_permutex2var_epi8(_mm512_maskz_loadu_epi8(lower, rows0), to_blocks[blk],
-                                       _mm512_maskz_loadu_epi8(upper, rows0 + 64)),
-              _mm512_permutex2var_epi8(_mm512_maskz_loadu_epi8(lower, rows1), to_blocks[blk],
-                                       _mm512_maskz_loadu_epi8(upper, rows1 + 64)));
-          __m512i w[G];
-          for (int g = 0; g < G; ++g) {
-            int64_t word;
-            std::memcpy(&word, &wq[g][blk][4 * (4 * L + j)], 8);
-            w[g] = _mm512_set1_epi64(word);
-          }
-          for (int sh = 0; sh < 4; ++sh) {
-            const __m512i c = _mm512_gf2p8affine_epi64_epi8(x, pick_channel[sh], kCenteredBits);
-            for (int g = 0; g < G; ++g) acc[sh][g] = _mm512_dpbusd_epi32(acc[sh][g], w[g], c);
-          }
+      for (int quartet = 0; quartet < kChunk / 4; ++quartet) {
+        const uint8_t* rows = vc + 4 * quartet * row_bytes;
+        const __m512i x =
+            _mm512_permutex2var_epi8(_mm512_maskz_loadu_epi8(lower, rows), to_pair[pr],
+                                     _mm512_maskz_loadu_epi8(upper, rows + 64));
+        __m512i w[G];
+        for (int g = 0; g < G; ++g) {
+          int64_t word;
+          std::memcpy(&word, &wq[g][pr][4 * pair_word(quartet)], 8);
+          w[g] = _mm512_set1_epi64(word);
         }
+        for (int sh = 0; sh < 4; ++sh) {
+          const __m512i c = _mm512_gf2p8affine_epi64_epi8(x, pick_channel[sh], kCenteredBits);
+          for (int g = 0; g < G; ++g) acc[sh][g] = _mm512_dpbusd_epi32(acc[sh][g], w[g], c);
+        }
+      }
       for (int g = 0; g < G; ++g) {
-        float* o = st.out.data() + size_t(g) * size_t(st.stride) + blk * 64;
-        const __m512 a = _mm512_set1_ps(ws[g][blk]);
+        float* o = st.out.data() + size_t(g) * size_t(st.stride) + pr * 64;
+        double both;  // the two blocks' scales, alternating in the lanes as the blocks do
+        std::memcpy(&both, &ws[g][2 * pr], sizeof both);
+        const __m512 a = _mm512_castpd_ps(_mm512_set1_pd(both));
         for (int sh = 0; sh < 4; ++sh)
           _mm512_storeu_ps(o + 16 * sh, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[sh][g]), a,
                                                         _mm512_loadu_ps(o + 16 * sh)));
@@ -442,10 +460,10 @@ __attribute__((target(KVK_KIVI_TARGET))) void attend_kivi2(const Kivi2Head& h, i
     const float* o = st.out.data() + size_t(g) * size_t(st.stride);
     const float inv = st.l[g] > 0 ? 1.0f / st.l[g] : 0.0f;
     for (int c = 0; c < d; ++c) {
-      const float* z = o + 2 * d + 16 * (c / kBlock);
+      const float* z = o + 64 * pairs + 16 * (c / kBlock);
       float zsum = 0;
       for (int e = 0; e < 16; ++e) zsum += z[e];
-      out[g * d + c] = (o[lane_of(c)] + o[lane_of(c) + 1] + zsum) * inv;
+      out[g * d + c] = (o[lane_of(c)] + zsum) * inv;
     }
   }
 }
