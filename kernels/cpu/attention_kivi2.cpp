@@ -260,6 +260,11 @@ __attribute__((target(KVK_KIVI_TARGET))) void attend_kivi2(const Kivi2Head& h, i
   const int64_t whole = h.n_quant / kChunk * kChunk;
   for (int64_t c0 = 0; c0 < whole; c0 += kChunk) {
     // ---- scores, one key group of 32 rows at a time
+    const int64_t next = c0 + kChunk;
+    const uint16_t* runs[4] = {h.k_scales + next / kGroupRows * d,
+                               h.k_zeros ? h.k_zeros + next / kGroupRows * d : nullptr,
+                               h.v_scales + next * nb, h.v_zeros ? h.v_zeros + next * nb : nullptr};
+    int run = 0, run_line = 0;  // the next scale line to prefetch: runs[run] + 32 run_line
     for (int half = 0; half < 2; ++half) {
       const int64_t grp = c0 / kGroupRows + half;
       const uint8_t* codes = h.k_codes + grp * kGroupRows * d / 4;
@@ -313,19 +318,15 @@ __attribute__((target(KVK_KIVI_TARGET))) void attend_kivi2(const Kivi2Head& h, i
       for (int th = 0; th < 2; ++th)
         for (int g = 0; g < G; ++g) acc[th][g] = _mm512_setzero_si512();
       for (int o = 0; o < octets; ++o) {
-        // The next chunk, from memory meanwhile, into L2 (as the q4_0 kernel does): its 16 d
-        // bytes of key codes and of value codes and its four 4 d-byte runs of scales and zeros
-        // are d/4 lines each, one per octet step of the two groups.
+        // The next chunk, from memory meanwhile, into L2 as the q4_0 kernel does: its key and
+        // value codes (16 d bytes each) and its four runs of scales and zeros (4 d bytes
+        // each) are d/4 lines each, one of each per octet step of the two groups.
         if (c0 + kChunk < whole) {
-          const int line = half * octets + o, run = line / (d / 16);
-          const int64_t next = c0 + kChunk;
-          __builtin_prefetch(h.k_codes + next * d / 4 + 64 * line, 0, 2);
-          __builtin_prefetch(h.v_codes + next * row_bytes + 64 * line, 0, 2);
-          const uint16_t* runs[4] = {h.k_scales + next / kGroupRows * d,
-                                     h.k_zeros ? h.k_zeros + next / kGroupRows * d : nullptr,
-                                     h.v_scales + next * nb,
-                                     h.v_zeros ? h.v_zeros + next * nb : nullptr};
-          if (runs[run]) __builtin_prefetch(runs[run] + 32 * (line % (d / 16)), 0, 2);
+          const int line = half * octets + o;
+          __builtin_prefetch(h.k_codes + (c0 + kChunk) * d / 4 + 64 * line, 0, 2);
+          __builtin_prefetch(h.v_codes + (c0 + kChunk) * row_bytes + 64 * line, 0, 2);
+          if (runs[run]) __builtin_prefetch(runs[run] + 32 * run_line, 0, 2);
+          if (++run_line == d / 16) run_line = 0, ++run;
         }
         const __m512i src = _mm512_loadu_si512(codes + 64 * o);
         for (int h4 = 0; h4 < 2; ++h4) {
