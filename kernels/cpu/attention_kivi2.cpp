@@ -98,22 +98,6 @@ constexpr int score_row(int L) {
   return 4 * (2 * ((L / 2) / 4) + L % 2) + (L / 2) % 4;
 }
 
-// A GF(2) matrix for gf2p8affineqb that moves bits 2p, 2p + 1 of each byte to bits 0, 1 and
-// clears the rest (result bit i is the parity of x & matrix byte 7 - i).
-constexpr uint64_t pick_code(int p) {
-  return (uint64_t(1) << (2 * p)) << 56 | (uint64_t(1) << (2 * p + 1)) << 48;
-}
-
-// The same for the values, giving 2c - 3 as s8 (-3, -1, 1, 3: centred, so the rounding errors
-// of the weights they multiply cancel on average): bit 0 = 1, bit 1 = bit 2p, bits 2..7 = NOT
-// bit 2p + 1, the constants through the immediate kCenteredBits.
-constexpr uint64_t pick_centered(int p) {
-  uint64_t m = (uint64_t(1) << (2 * p)) << 48;
-  for (int i = 2; i < 8; ++i) m |= (uint64_t(1) << (2 * p + 1)) << (8 * (7 - i));
-  return m;
-}
-constexpr int kCenteredBits = 0xFD;
-
 template <int G>
 struct State {
   float m[G], l[G];
@@ -264,9 +248,9 @@ __attribute__((target(KVK_KIVI_TARGET))) void attend_kivi2(const Kivi2Head& h, i
           idx[4 * L + j] = uint8_t(8 * (4 * h4 + j) + (16 * th + score_row(L)) / 4);
       to_quartets[h4][th] = _mm512_load_si512(idx);
     }
-  const __m512i pick_row = _mm512_setr_epi64(
-      int64_t(pick_code(0)), int64_t(pick_code(1)), int64_t(pick_code(2)), int64_t(pick_code(3)),
-      int64_t(pick_code(0)), int64_t(pick_code(1)), int64_t(pick_code(2)), int64_t(pick_code(3)));
+  // 64-bit word k holds rows at place k % 4 of their quartets: their codes are bits 2 (k % 4).
+  const __m512i row_shift = _mm512_setr_epi64(0, 2, 4, 6, 0, 2, 4, 6);
+  const __m512i low_bits = _mm512_set1_epi8(3);
   alignas(64) int32_t unscramble_idx[16];
   for (int L = 0; L < 16; ++L) unscramble_idx[score_row(L)] = L;
   const __m512i unscramble = _mm512_load_si512(unscramble_idx);
@@ -282,9 +266,8 @@ __attribute__((target(KVK_KIVI_TARGET))) void attend_kivi2(const Kivi2Head& h, i
         idx[4 * lane + r] = uint8_t(r * (d / 4) + 8 * (2 * pr + lane % 2) + lane / 2);
     to_pair[pr] = _mm512_load_si512(idx);
   }
-  __m512i pick_channel[4];
-  for (int s = 0; s < 4; ++s) pick_channel[s] = _mm512_set1_epi64(int64_t(pick_centered(s)));
   const int row_bytes = d / 4;  // of value codes
+  const __m512i ones = _mm512_set1_epi8(1);
   // The two 64-byte halves of a 4-row window of value codes (d bytes).
   const __mmask64 lower = d >= 64 ? ~uint64_t(0) : ~uint64_t(0) >> (64 - d),
                   upper = d > 64 ? ~uint64_t(0) >> (128 - d) : 0;
@@ -350,8 +333,9 @@ __attribute__((target(KVK_KIVI_TARGET))) void attend_kivi2(const Kivi2Head& h, i
         for (int h4 = 0; h4 < 2; ++h4) {
           const int word = packed_word(2 * o + h4);
           for (int th = 0; th < 2; ++th) {
-            const __m512i x = _mm512_gf2p8affine_epi64_epi8(
-                _mm512_permutexvar_epi8(to_quartets[h4][th], src), pick_row, 0);
+            const __m512i x = _mm512_and_si512(
+                _mm512_srlv_epi64(_mm512_permutexvar_epi8(to_quartets[h4][th], src), row_shift),
+                low_bits);
             for (int g = 0; g < G; ++g)
               acc[th][g] = _mm512_dpbusd_epi32(acc[th][g], x, _mm512_set1_epi32(a8[buf][g][word]));
           }
@@ -454,8 +438,8 @@ __attribute__((target(KVK_KIVI_TARGET))) void attend_kivi2(const Kivi2Head& h, i
           std::memcpy(&word, &wq[g][pr][4 * pair_word(quartet)], 8);
           w[g] = _mm512_set1_epi64(word);
         }
-        for (int sh = 0; sh < 4; ++sh) {
-          const __m512i c = _mm512_gf2p8affine_epi64_epi8(x, pick_channel[sh], kCenteredBits);
+        for (int sh = 0; sh < 4; ++sh) {  // (shifts and masks: off the dot products' pipes)
+          const __m512i c = _mm512_and_si512(_mm512_srli_epi16(x, 2 * sh), low_bits);
           for (int g = 0; g < G; ++g) acc[sh][g] = _mm512_dpbusd_epi32(acc[sh][g], w[g], c);
         }
       }
@@ -464,9 +448,20 @@ __attribute__((target(KVK_KIVI_TARGET))) void attend_kivi2(const Kivi2Head& h, i
         double both;  // the two blocks' scales, alternating in the lanes as the blocks do
         std::memcpy(&both, &ws[g][2 * pr], sizeof both);
         const __m512 a = _mm512_castpd_ps(_mm512_set1_pd(both));
-        for (int sh = 0; sh < 4; ++sh)
-          _mm512_storeu_ps(o + 16 * sh, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[sh][g]), a,
+        // The centred sum sum_t w_t (2 c_t - 3) = 2 acc - 3 sum_t w_t, the weights' sum of each
+        // block in the lanes of its parity (as pack_4x16 left them).
+        __m512i sum_w = _mm512_dpbusd_epi32(
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_load_si512(&wq[g][pr][0]), ones),
+            _mm512_load_si512(&wq[g][pr][64]), ones);
+        sum_w = _mm512_add_epi32(sum_w, _mm512_shuffle_epi32(sum_w, _MM_PERM_BADC));
+        sum_w = _mm512_add_epi32(sum_w, _mm512_shuffle_i64x2(sum_w, sum_w, _MM_PERM_CDAB));
+        sum_w = _mm512_add_epi32(sum_w, _mm512_shuffle_i64x2(sum_w, sum_w, _MM_PERM_BADC));
+        const __m512i three_sum_w = _mm512_add_epi32(sum_w, _mm512_slli_epi32(sum_w, 1));
+        for (int sh = 0; sh < 4; ++sh) {
+          const __m512i centred = _mm512_sub_epi32(_mm512_slli_epi32(acc[sh][g], 1), three_sum_w);
+          _mm512_storeu_ps(o + 16 * sh, _mm512_fmadd_ps(_mm512_cvtepi32_ps(centred), a,
                                                         _mm512_loadu_ps(o + 16 * sh)));
+        }
       }
     }
   }
