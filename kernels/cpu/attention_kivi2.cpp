@@ -7,20 +7,21 @@
 // second sum is a constant of the group (with 1.5 times the sum of a's rounding residuals: the
 // part of their error that every row shares). A group's codes are, channel by channel, a 64-bit
 // word of its 32 rows (row i in bits 2i, 2i+1). One vpermb moves into each int32 lane the 4 bytes
-// of one row quartet of 4 channels, and one gf2p8affineqb keeps, in every byte, the 2 bits of the
-// lane's row (the same row within its quartet for both lanes of a 64-bit word: the lanes hold
-// the rows in the order score_row, undone once per 16 scores). One vpdpbusd then adds 4
-// channels of 16 rows to 16 scores: no horizontal sums.
+// of one row quartet of 4 channels, and one 64-bit shift and a mask keep, in every byte, the 2
+// bits of the lane's row (the same row within its quartet for both lanes of a 64-bit word: the
+// lanes hold the rows in the order score_row, undone once per 16 scores). One vpdpbusd then adds
+// 4 channels of 16 rows to 16 scores: no horizontal sums.
 //
 // Values are quantized per row in blocks of 32 channels: v[t][c] = S[t] code[t][c] + Z[t], so
 // sum_t p_t v[t][c] = sum_t (p_t S[t]) code[t][c] + sum_t p_t Z[t]. Per chunk of 64 rows, query
-// and block, w = p S is rounded to u8 against max p * max S (as the q4_0 kernel does). For 8 rows
-// and one block, two vpermt2b put byte i of the block's row bytes of rows 0-3 (even int32 lanes)
-// and 4-7 (odd lanes) into lane 2i, 2i + 1; gf2p8affineqb picks channel 4i + s of every byte as
-// 2c - 3 (centred codes: v = (S/2)(2c - 3) + Z + 1.5 S, the weights p S / 2 as u8), and one
-// vpdpbusd per s adds 4 rows' weighted codes with the 8 weights broadcast as one 64-bit word.
-// The accumulators stay in that lane order (channel 32 blk + 4i + s, two lanes per channel), and
-// so does the running output, until the end. The zero term is summed in float, per lane.
+// and block, w = p S is rounded to u8 against max p * max S (as the q4_0 kernel does). For a row
+// quartet and a pair of blocks, one vpermt2b puts byte i of block 2 pr + e of the 4 rows into
+// int32 lane 2i + e; a shift and a mask pick channel 4i + s of every byte, and one vpdpbusd per s
+// adds the 4 rows' weighted codes, the weights of both blocks broadcast as one 64-bit word. The
+// codes count as centred, 2c - 3 (v = (S/2)(2c - 3) + Z + 1.5 S, weights p S / 2), so that the
+// weights' rounding errors cancel on average: sum_t w_t (2 c_t - 3) = 2 acc - 3 sum_t w_t, in
+// integers. The accumulators stay in that lane order (channel 32 (2 pr + e) + 4i + s), and so
+// does the running output, until the end. The zero term is summed in float, per lane.
 //
 // Whole groups of 64 rows take this path; the last few quantized rows and the residual rows
 // (dense f16) are done in f32 from their decoded values, in the same online softmax.
@@ -41,14 +42,6 @@ namespace {
 constexpr int kGroupRows = 32;  // key rows per scale (KIVI's G)
 constexpr int kBlock = 32;      // value channels per scale
 static_assert(kChunk == 2 * kGroupRows, "a chunk is two key groups");
-
-#define KVK_KIVI_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,gfni,fma,f16c"
-
-bool have_vnni_vbmi_gfni() {
-  static const bool ok = have_avx512() && __builtin_cpu_supports("avx512vnni") &&
-                         __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("gfni");
-  return ok;
-}
 
 int code_at(const uint8_t* codes, int64_t i) {
   return (codes[i / 4] >> (2 * (i % 4))) & 3;
@@ -93,7 +86,8 @@ int lane_of(int c) {
 }
 
 // The row of a 16-row half group that int32 lane L = 2k + e of the score accumulators holds:
-// the two rows of a 64-bit word share their place in a quartet (k % 4), as gf2p8affineqb needs.
+// the two rows of a 64-bit word share their place in a quartet (k % 4), so one 64-bit shift
+// brings both codes down.
 constexpr int score_row(int L) {
   return 4 * (2 * ((L / 2) / 4) + L % 2) + (L / 2) % 4;
 }
@@ -109,10 +103,10 @@ struct State {
 // the residual rows (128 of them by default, so worth vectors), and quantized rows past the last
 // whole chunk.
 template <int G>
-__attribute__((target(KVK_KIVI_TARGET))) void add_rows_f32(const Kivi2Head& h, int d, int64_t row0,
-                                                           int64_t count, const float* q,
-                                                           float scale, const float* bias,
-                                                           State<G>& st) {
+__attribute__((target(KVK_CODES_TARGET))) void add_rows_f32(const Kivi2Head& h, int d, int64_t row0,
+                                                            int64_t count, const float* q,
+                                                            float scale, const float* bias,
+                                                            State<G>& st) {
   alignas(64) float k[kChunk * 128], v[kChunk * 128];  // d <= 128
   const int64_t quantized = std::clamp<int64_t>(h.n_quant - row0, 0, count);
   decode_rows(h, d, row0, quantized, k, v);
@@ -153,10 +147,10 @@ __attribute__((target(KVK_KIVI_TARGET))) void add_rows_f32(const Kivi2Head& h, i
 // vector j's lanes 4L .. 4L + 3 land on bytes 16 L + 4 j .. 16 L + 4 j + 3), so 4 consecutive
 // lanes of vector j are the int32 word 4 L + j of the result.
 template <bool is_signed>
-__attribute__((target(KVK_KIVI_TARGET), always_inline)) inline __m512i pack_4x16(__m512i v0,
-                                                                                 __m512i v1,
-                                                                                 __m512i v2,
-                                                                                 __m512i v3) {
+__attribute__((target(KVK_CODES_TARGET), always_inline)) inline __m512i pack_4x16(__m512i v0,
+                                                                                  __m512i v1,
+                                                                                  __m512i v2,
+                                                                                  __m512i v3) {
   if constexpr (is_signed)
     return _mm512_packs_epi16(_mm512_packs_epi32(v0, v1), _mm512_packs_epi32(v2, v3));
   else
@@ -181,7 +175,7 @@ constexpr int pair_word(int q) {
 // 1.5 sum_c r_c (codes average 1.5) goes back in with the constant sum_c q Z:
 // qz = sum_c q (Z + 1.5 S) - 1.5 step sum_c a8. The queries' chains run side by side.
 template <int G>
-__attribute__((target(KVK_KIVI_TARGET), always_inline)) inline void prepare_group(
+__attribute__((target(KVK_CODES_TARGET), always_inline)) inline void prepare_group(
     const Kivi2Head& h, int d, int64_t grp, const float* q, const __m512 (&q_abs)[G][8],
     float scale, int32_t (&a8)[G][32], float (&sa)[G], float (&qz)[G]) {
   const int vectors = d / 16;
@@ -226,9 +220,9 @@ __attribute__((target(KVK_KIVI_TARGET), always_inline)) inline void prepare_grou
 }
 
 template <int G>
-__attribute__((target(KVK_KIVI_TARGET))) void attend_kivi2(const Kivi2Head& h, int d,
-                                                           const float* q, float scale,
-                                                           const float* bias, float* out) {
+__attribute__((target(KVK_CODES_TARGET))) void attend_kivi2(const Kivi2Head& h, int d,
+                                                            const float* q, float scale,
+                                                            const float* bias, float* out) {
   const int nb = d / kBlock, octets = d / 8, vectors = d / 16;
   State<G> st;
   const int pairs = (nb + 1) / 2;  // of value blocks (an odd last block pairs with nothing)
@@ -493,7 +487,7 @@ void attend_head_kivi2_reference(const Kivi2Head& head, int d, const float* q, i
 }
 
 bool kivi2_codes_supported(int d) {
-  return have_vnni_vbmi_gfni() && d >= 32 && d <= 128 && d % 32 == 0;
+  return have_avx512_vnni_vbmi() && d >= 32 && d <= 128 && d % 32 == 0;
 }
 
 void attend_head_kivi2(const Kivi2Head& head, int d, const float* q, int G, float scale,

@@ -41,14 +41,6 @@ namespace {
 
 constexpr int kBlockValues = 32, kBlockBytes = 18;
 
-#define KVK_Q4_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,fma,f16c"
-
-bool have_vnni_vbmi() {
-  static const bool ok =
-      have_avx512() && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi");
-  return ok;
-}
-
 // One row's d values decoded to f32.
 void decode_row(const uint8_t* row, int d, float* out) {
   for (int b = 0; b < d / kBlockValues; ++b) {
@@ -95,14 +87,14 @@ QuantizedQueries quantize_queries(const float* q, int G, int d) {
 }
 
 // 16 rows' block scales (f16 d at base + offsets[L]) as f32.
-__attribute__((target(KVK_Q4_TARGET), always_inline)) inline __m512 block_scales(
+__attribute__((target(KVK_CODES_TARGET), always_inline)) inline __m512 block_scales(
     const uint8_t* base, __m512i offsets) {
   return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_i32gather_epi32(offsets, base, 1)));
 }
 
 // 16 bytes at p, p + stride, p + 2 stride and p + 3 stride, in the four 128-bit lanes.
-__attribute__((target(KVK_Q4_TARGET), always_inline)) inline __m512i load_4x16(const uint8_t* p,
-                                                                               size_t stride) {
+__attribute__((target(KVK_CODES_TARGET), always_inline)) inline __m512i load_4x16(const uint8_t* p,
+                                                                                  size_t stride) {
   auto at = [&](size_t r) {
     return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + r * stride));
   };
@@ -113,10 +105,10 @@ __attribute__((target(KVK_Q4_TARGET), always_inline)) inline __m512i load_4x16(c
 }
 
 template <int G>
-__attribute__((target(KVK_Q4_TARGET))) void attend_q4_0(const uint8_t* k, const uint8_t* v,
-                                                        int64_t n, int d, const float* q,
-                                                        float scale, const float* bias,
-                                                        float* out) {
+__attribute__((target(KVK_CODES_TARGET))) void attend_q4_0(const uint8_t* k, const uint8_t* v,
+                                                           int64_t n, int d, const float* q,
+                                                           float scale, const float* bias,
+                                                           float* out) {
   const int nb = d / kBlockValues;
   const size_t rb = size_t(nb) * kBlockBytes;
   const QuantizedQueries qq = quantize_queries(q, G, d);
@@ -304,7 +296,7 @@ void attend_head_q4_0_reference(const uint8_t* k, const uint8_t* v, int64_t n, i
 }
 
 bool q4_0_codes_supported(int d) {
-  return have_vnni_vbmi() && d > 0 && d % kBlockValues == 0;
+  return have_avx512_vnni_vbmi() && d > 0 && d % kBlockValues == 0;
 }
 
 void attend_head_q4_0(const uint8_t* k, const uint8_t* v, int64_t n, int d, const float* q, int G,

@@ -177,6 +177,12 @@ bool have_avx512() {
   return ok;
 }
 
+bool have_avx512_vnni_vbmi() {
+  static const bool ok = have_avx512() && __builtin_cpu_supports("avx512vnni") &&
+                         __builtin_cpu_supports("avx512vbmi");
+  return ok;
+}
+
 size_t count_nonfinite(DType t, const void* data, size_t n) {
   if (t == DType::f32) {
     const auto* u = static_cast<const uint32_t*>(data);

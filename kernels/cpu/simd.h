@@ -12,6 +12,8 @@ namespace kvk {
 bool have_avx2_f16c();
 // True when it also has AVX-512 F/DQ/VL/BW: the kernels of simd512.h (checked once).
 bool have_avx512();
+// True when it also has AVX-512 VNNI and VBMI: the kernels on quantized codes (KVK_CODES_TARGET).
+bool have_avx512_vnni_vbmi();
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t vi8 __attribute__((vector_size(32)));

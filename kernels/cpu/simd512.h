@@ -14,6 +14,8 @@
 namespace kvk {
 
 #define KVK_AVX512 "avx512f,avx512dq,avx512vl,avx512bw,fma,f16c"
+// The kernels on quantized codes (q4_0, KIVI-2): integer dot products and byte permutes too.
+#define KVK_CODES_TARGET KVK_AVX512 ",avx512vnni,avx512vbmi"
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t vi16 __attribute__((vector_size(64)));

@@ -253,7 +253,7 @@ TEST(DecodeAttentionKivi2, ViewsOnlyForKivi2Layouts) {
 // that take every path (whole chunks, a last short group, residual rows, G passes, bias, zeros
 // or symmetric codes, every supported d).
 TEST(DecodeAttentionKivi2, MatchesTheReferenceWithinItsRoundings) {
-  if (!kvk::kivi2_codes_supported(128)) GTEST_SKIP() << "no AVX-512 VNNI/VBMI/GFNI here";
+  if (!kvk::kivi2_codes_supported(128)) GTEST_SKIP() << "no AVX-512 VNNI/VBMI here";
   std::mt19937 rng(12);
   std::normal_distribution<float> nd;
   double worst = 0, worst_slip = 0;

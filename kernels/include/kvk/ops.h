@@ -117,8 +117,8 @@ struct Kivi2Head {
   const uint16_t* v_residual = nullptr;  // f16 [n_residual][d]
 };
 
-// Decode attention as attend_head over a KIVI-2 head, computed on the codes (AVX-512 VNNI, VBMI
-// and GFNI, 32 <= d <= 128, d % 32 == 0; otherwise it is the reference): q S rounded to s8 per
+// Decode attention as attend_head over a KIVI-2 head, computed on the codes (AVX-512 VNNI and
+// VBMI, 32 <= d <= 128, d % 32 == 0; otherwise it is the reference): q S rounded to s8 per
 // key group and query, attention weights times value scales to s8 per chunk of 64 rows, then
 // integer dot products. Rows past the last whole 64 and the residual rows are done in f32.
 // Its results differ from the reference's by those roundings (bench-decode-attention reports
