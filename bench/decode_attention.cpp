@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common.h"
+#include "kv/attention.h"
 #include "kv/encoding.h"
 #include "kv/quant.h"
 #include "kv/snapshot.h"
@@ -33,21 +34,6 @@ void fill_f16(std::vector<uint16_t>& a, uint64_t seed) {
     x ^= x >> 29;
     a[i] = kvk::f32_to_f16(float(int64_t(x % 4096) - 2048) / 1024.0f);
   }
-}
-
-// The mean relative L2 error of a KV head's kGroup output rows against the reference's.
-double mean_row_error(const float* got, const float* want) {
-  double sum = 0;
-  for (int g = 0; g < kGroup; ++g) {
-    double diff = 0, norm = 0;
-    for (int i = 0; i < kDim; ++i) {
-      const double a = got[g * kDim + i], b = want[g * kDim + i];
-      diff += (a - b) * (a - b);
-      norm += b * b;
-    }
-    sum += std::sqrt(diff / norm) / kGroup;
-  }
-  return sum;
 }
 
 }  // namespace
@@ -152,52 +138,48 @@ int main(int argc, char** argv) {
         kivi[size_t(l)] = kv::kivi2_heads(kivi_k[size_t(l)], kivi_v[size_t(l)], rows);
       }
     }
-    std::vector<float> out_q(q.size());
-    const double best_q = time_step([&](size_t head, size_t qrow) {
-      kvk::attend_head_q4_0(Kq[head].data(), Vq[head].data(), T, kDim, &q[qrow], kGroup, scale,
-                            nullptr, &out_q[qrow]);
-    });
-    // Its error on layer 0 against attention over the decoded q4_0 values (what the codes hold).
-    double err = 0;
-#pragma omp parallel for schedule(static) reduction(+ : err)
-    for (int h = 0; h < kKvHeads; ++h) {
-      std::vector<float> want(size_t(kGroup) * kDim);
-      const size_t qrow = size_t(h) * kGroup * kDim;
-      kvk::attend_head_q4_0_reference(Kq[size_t(h)].data(), Vq[size_t(h)].data(), T, kDim, &q[qrow],
-                                      kGroup, scale, nullptr, want.data());
-      err += mean_row_error(&out_q[qrow], want.data()) / kKvHeads;
-    }
-    const double bytes_q = 2.0 * double(kLayers) * kKvHeads * double(Kq[0].size());
-    std::printf(
-        "  %8lld %8.2f GiB %10.1f %10.1f %10.1f %7.0f%%   q4_0 on its codes: %.2fx dense f16; "
-        "error vs decoded %.1e\n",
-        (long long)T, bytes_q / double(1 << 30), best_q * 1e3, bytes_q / best_q / 1e9, bw,
-        100.0 * bytes_q / best_q / 1e9 / bw, best / best_q, err);
+    // One step on codes: its time, its speedup over dense f16, and its error on layer 0 against
+    // attention over the decoded values (what the codes hold), mean relative L2 over the rows.
+    auto on_codes = [&](const char* name, double stored_bytes, auto attend, auto reference) {
+      std::vector<float> got(q.size());
+      const double t = time_step([&](size_t head, size_t qrow) { attend(head, qrow, &got[qrow]); });
+      std::vector<float> want(size_t(kKvHeads) * kGroup * kDim);
+#pragma omp parallel for schedule(static)
+      for (int h = 0; h < kKvHeads; ++h) {
+        const size_t qrow = size_t(h) * kGroup * kDim;
+        reference(size_t(h), qrow, &want[qrow]);
+      }
+      const double err = kv::mean_relative_error(got.data(), want.data(), kKvHeads * kGroup, kDim);
+      std::printf(
+          "  %8lld %8.2f GiB %10.1f %10.1f %10.1f %7.0f%%   %s on its codes: %.2fx dense f16; "
+          "error vs decoded %.1e\n",
+          (long long)T, stored_bytes / double(1 << 30), t * 1e3, stored_bytes / t / 1e9, bw,
+          100.0 * stored_bytes / t / 1e9 / bw, name, best / t, err);
+    };
+    on_codes(
+        "q4_0", 2.0 * double(kLayers) * kKvHeads * double(Kq[0].size()),
+        [&](size_t head, size_t qrow, float* o) {
+          kvk::attend_head_q4_0(Kq[head].data(), Vq[head].data(), T, kDim, &q[qrow], kGroup, scale,
+                                nullptr, o);
+        },
+        [&](size_t h, size_t qrow, float* o) {
+          kvk::attend_head_q4_0_reference(Kq[h].data(), Vq[h].data(), T, kDim, &q[qrow], kGroup,
+                                          scale, nullptr, o);
+        });
     std::vector<std::vector<uint8_t>>().swap(Kq);
     std::vector<std::vector<uint8_t>>().swap(Vq);
-
-    std::vector<float> out_k(q.size());
-    const double best_k = time_step([&](size_t head, size_t qrow) {
-      kvk::attend_head_kivi2(kivi[head / kKvHeads][head % kKvHeads], kDim, &q[qrow], kGroup, scale,
-                             nullptr, &out_k[qrow]);
-    });
-    double err_k = 0;
-#pragma omp parallel for schedule(static) reduction(+ : err_k)
-    for (int h = 0; h < kKvHeads; ++h) {
-      std::vector<float> want(size_t(kGroup) * kDim);
-      const size_t qrow = size_t(h) * kGroup * kDim;
-      kvk::attend_head_kivi2_reference(kivi[0][size_t(h)], kDim, &q[qrow], kGroup, scale, nullptr,
-                                       want.data());
-      err_k += mean_row_error(&out_k[qrow], want.data()) / kKvHeads;
-    }
-    double bytes_k = 0;
+    double kivi_bytes = 0;
     for (int l = 0; l < kLayers; ++l)
-      bytes_k += double(kivi_k[size_t(l)].bytes() + kivi_v[size_t(l)].bytes());
-    std::printf(
-        "  %8lld %8.2f GiB %10.1f %10.1f %10.1f %7.0f%%   KIVI-2 on its codes: %.2fx dense f16; "
-        "error vs decoded %.1e\n",
-        (long long)T, bytes_k / double(1 << 30), best_k * 1e3, bytes_k / best_k / 1e9, bw,
-        100.0 * bytes_k / best_k / 1e9 / bw, best / best_k, err_k);
+      kivi_bytes += double(kivi_k[size_t(l)].bytes() + kivi_v[size_t(l)].bytes());
+    on_codes(
+        "KIVI-2", kivi_bytes,
+        [&](size_t head, size_t qrow, float* o) {
+          kvk::attend_head_kivi2(kivi[head / kKvHeads][head % kKvHeads], kDim, &q[qrow], kGroup,
+                                 scale, nullptr, o);
+        },
+        [&](size_t h, size_t qrow, float* o) {
+          kvk::attend_head_kivi2_reference(kivi[0][h], kDim, &q[qrow], kGroup, scale, nullptr, o);
+        });
   }
   return 0;
 }

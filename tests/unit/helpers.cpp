@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -184,3 +186,15 @@ std::string temp_dir() {
 }
 
 }  // namespace kvtest
+
+std::vector<double> online_softmax_step(const std::vector<double>& scores, double& m, double& l,
+                                        std::vector<double>& o) {
+  const double mx = std::max(m, *std::max_element(scores.begin(), scores.end()));
+  const double alpha = m == -INFINITY ? 0.0 : std::exp(m - mx);
+  m = mx;
+  l *= alpha;
+  for (double& x : o) x *= alpha;
+  std::vector<double> p(scores.size());
+  for (size_t j = 0; j < scores.size(); ++j) l += p[j] = std::exp(scores[j] - mx);
+  return p;
+}

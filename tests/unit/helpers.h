@@ -33,3 +33,9 @@ void expect_same(const kv::Snapshot& a, const kv::Snapshot& b);
 std::string temp_dir();
 
 }  // namespace kvtest
+
+// One chunk of the online softmax in double, for the kernels' plain-loop emulations: rescales
+// the running output o and sum l to the new maximum m over the chunk's scores, adds their
+// weights exp(score - m) to l and returns them.
+std::vector<double> online_softmax_step(const std::vector<double>& scores, double& m, double& l,
+                                        std::vector<double>& o);

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <random>
 
+#include "helpers.h"
 #include "kv/encoding.h"
 #include "kv/snapshot.h"
 #include "kvk/ops.h"
@@ -133,13 +134,7 @@ std::vector<float> emulation(const kvk::Kivi2Head& h, int d, const float* q, int
         }
         sc[size_t(j)] = dot * scale + (bias ? bias[t] : 0.0);
       }
-      const double mx = std::max(m, *std::max_element(sc.begin(), sc.end()));
-      const double alpha = m == -INFINITY ? 0.0 : std::exp(m - mx);
-      m = mx;
-      l *= alpha;
-      for (double& x : o) x *= alpha;
-      std::vector<double> p(static_cast<size_t>(C));
-      for (int64_t j = 0; j < C; ++j) l += p[size_t(j)] = std::exp(sc[size_t(j)] - mx);
+      const std::vector<double> p = online_softmax_step(sc, m, l, o);
       if (!on_codes) {
         for (int64_t j = 0; j < C; ++j)
           for (int c = 0; c < d; ++c) o[size_t(c)] += p[size_t(j)] * vt[size_t((c0 + j) * d + c)];

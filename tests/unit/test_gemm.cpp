@@ -9,6 +9,7 @@
 #include <cstring>
 #include <random>
 
+#include "helpers.h"
 #include "kv/model.h"
 #include "kv/quant.h"
 #include "kvk/ops.h"
@@ -290,8 +291,9 @@ double max_row_error(const std::vector<float>& got, const std::vector<float>& wa
 
 // The kernel's arithmetic in plain double-precision loops: the same roundings (queries to
 // q8_0 per block; per chunk of 64 keys, query and block, the weights p d to s8 against the bound
-// max p (over the chunk) * max |d| (over its keys in groups of 4); keys past the last group of 16 and values past the last group of 4 of a
-// chunk in f32), so that a slip in the kernel's lanes or transposes shows as a large difference.
+// max p (over the chunk) * max |d| (over its keys in groups of 4); keys past the last group of 16
+// and values past the last group of 4 of a chunk in f32), so that a slip in the kernel's lanes or
+// transposes shows as a large difference.
 std::vector<float> q4_0_emulation(const std::vector<uint8_t>& kq, const std::vector<uint8_t>& vq,
                                   int64_t n, int d, const std::vector<float>& q, int G, float scale,
                                   const float* bias) {
@@ -342,13 +344,7 @@ std::vector<float> q4_0_emulation(const std::vector<uint8_t>& kq, const std::vec
         }
         sc[size_t(j)] = dot * scale + (bias ? bias[c0 + j] : 0.0);
       }
-      const double mx = std::max(m, *std::max_element(sc.begin(), sc.end()));
-      const double alpha = m == -INFINITY ? 0.0 : std::exp(m - mx);
-      m = mx;
-      l *= alpha;
-      for (double& x : o) x *= alpha;
-      std::vector<double> p(static_cast<size_t>(C));
-      for (int64_t j = 0; j < C; ++j) l += p[size_t(j)] = std::exp(sc[size_t(j)] - mx);
+      const std::vector<double> p = online_softmax_step(sc, m, l, o);
       float pmax = 0;
       for (int64_t j = 0; j < C; ++j) pmax = std::max(pmax, float(p[size_t(j)]));
       for (int b = 0; b < nb; ++b) {
