@@ -143,26 +143,6 @@ __attribute__((target(KVK_CODES_TARGET))) void add_rows_f32(const Kivi2Head& h, 
   }
 }
 
-// Four vectors of 16 int32 as 64 bytes with saturation (two packs: within each 128-bit lane L,
-// vector j's lanes 4L .. 4L + 3 land on bytes 16 L + 4 j .. 16 L + 4 j + 3), so 4 consecutive
-// lanes of vector j are the int32 word 4 L + j of the result.
-template <bool is_signed>
-__attribute__((target(KVK_CODES_TARGET), always_inline)) inline __m512i pack_4x16(__m512i v0,
-                                                                                  __m512i v1,
-                                                                                  __m512i v2,
-                                                                                  __m512i v3) {
-  if constexpr (is_signed)
-    return _mm512_packs_epi16(_mm512_packs_epi32(v0, v1), _mm512_packs_epi32(v2, v3));
-  else
-    return _mm512_packus_epi16(_mm512_packus_epi32(v0, v1), _mm512_packus_epi32(v2, v3));
-}
-
-// The word of pack_4x16's output that holds lanes 4 L .. 4 L + 3 of vector j, for the quartet
-// q = 4 j + L of 16 lanes, over any number of such 64-byte outputs.
-constexpr int packed_word(int q) {
-  return q / 16 * 16 + 4 * (q % 4) + q % 16 / 4;
-}
-
 // The first of the two words of a pair's weights (wq) for row quartet q (rows 4q .. 4q + 3 of
 // the chunk): block A's, then block B's.
 constexpr int pair_word(int q) {

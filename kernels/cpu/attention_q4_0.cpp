@@ -113,7 +113,7 @@ __attribute__((target(KVK_CODES_TARGET))) void attend_q4_0(const uint8_t* k, con
   const size_t rb = size_t(nb) * kBlockBytes;
   const QuantizedQueries qq = quantize_queries(q, G, d);
   alignas(64) float s[G][kChunk];
-  alignas(64) int8_t wq[G][kChunk];
+  alignas(64) int8_t wq[G][kChunk];  // in pack_4x16's order in a whole chunk
   alignas(64) float dv[kChunk];
   std::vector<float> row(static_cast<size_t>(d));
   float m[G], l[G];
@@ -131,7 +131,7 @@ __attribute__((target(KVK_CODES_TARGET))) void attend_q4_0(const uint8_t* k, con
   for (int t = 0; t < 16; ++t)
     for (int r = 0; r < 4; ++r) to_lanes[4 * t + r] = uint8_t(16 * r + t);
   const __m512i lanes_index = _mm512_load_si512(to_lanes);
-  const __m512i nibble = _mm512_set1_epi8(15);
+  const __m512i nibble = _mm512_set1_epi8(15), ones = _mm512_set1_epi8(1);
 
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t C = std::min(kChunk, n - c0);
@@ -230,7 +230,19 @@ __attribute__((target(KVK_CODES_TARGET))) void attend_q4_0(const uint8_t* k, con
       const float dmax = _mm512_reduce_max_ps(dabs), dinv = dmax > 0 ? 127 / dmax : 0;
       float weight_scale[G], weight_offset[G];
       for (int g = 0; g < G; ++g) {
+        weight_scale[g] = pmax[g] * dmax / 127;
         const __m512 inv = _mm512_set1_ps(dinv * pinv[g]);
+        if (C4 == kChunk) {  // a whole chunk: four vectors packed at once (pack_4x16's order)
+          __m512i code[4];
+          for (int u = 0; u < 4; ++u)
+            code[u] = _mm512_cvtps_epi32(_mm512_mul_ps(
+                _mm512_mul_ps(_mm512_load_ps(&s[g][16 * u]), _mm512_load_ps(dv + 16 * u)), inv));
+          const __m512i packed = pack_4x16<true>(code[0], code[1], code[2], code[3]);
+          _mm512_store_si512(wq[g], packed);
+          weight_offset[g] = 8.0f * float(_mm512_reduce_add_epi32(
+                                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, packed)));
+          continue;
+        }
         __m512i sum = _mm512_setzero_si512();
         for (int64_t jj = 0; jj < C4; jj += 16) {
           const __m512 w = _mm512_mul_ps(_mm512_maskz_load_ps(live[jj / 16], &s[g][jj]),
@@ -240,7 +252,6 @@ __attribute__((target(KVK_CODES_TARGET))) void attend_q4_0(const uint8_t* k, con
           sum = _mm512_add_epi32(sum, code);
           _mm_mask_storeu_epi8(&wq[g][jj], live[jj / 16], _mm512_cvtsepi32_epi8(code));
         }
-        weight_scale[g] = pmax[g] * dmax / 127;
         weight_offset[g] = 8.0f * float(_mm512_reduce_add_epi32(sum));
       }
       __m512i acc_lo[G], acc_hi[G];
@@ -251,9 +262,11 @@ __attribute__((target(KVK_CODES_TARGET))) void attend_q4_0(const uint8_t* k, con
         const __m512i lo = _mm512_permutexvar_epi8(lanes_index, _mm512_and_si512(z, nibble));
         const __m512i hi =
             _mm512_permutexvar_epi8(lanes_index, _mm512_and_si512(_mm512_srli_epi16(z, 4), nibble));
+        // The weights of keys jj .. jj + 3: in pack_4x16's order in a whole chunk.
+        const int64_t word = C4 == kChunk ? packed_word(int(jj / 4)) : jj / 4;
         for (int g = 0; g < G; ++g) {
           // (A broadcast from memory: one load, no trip through a general register.)
-          const __m512i w = _mm512_broadcastd_epi32(_mm_loadu_si32(&wq[g][jj]));
+          const __m512i w = _mm512_broadcastd_epi32(_mm_loadu_si32(&wq[g][4 * word]));
           acc_lo[g] = _mm512_dpbusd_epi32(acc_lo[g], lo, w);
           acc_hi[g] = _mm512_dpbusd_epi32(acc_hi[g], hi, w);
         }

@@ -51,6 +51,25 @@ __attribute__((target(KVK_AVX512), always_inline)) inline void exp16(v16& x) {
   x = v16(_mm512_maskz_scalef_ps(~under, p, fn));
 }
 
+// Four vectors of 16 int32 as 64 bytes with saturation (two packs: within each 128-bit lane L,
+// vector j's lanes 4L .. 4L + 3 land on bytes 16 L + 4 j .. 16 L + 4 j + 3), so 4 consecutive
+// lanes of vector j are the int32 word 4 L + j of the result.
+template <bool is_signed>
+__attribute__((target(KVK_AVX512), always_inline)) inline __m512i pack_4x16(__m512i v0, __m512i v1,
+                                                                            __m512i v2,
+                                                                            __m512i v3) {
+  if constexpr (is_signed)
+    return _mm512_packs_epi16(_mm512_packs_epi32(v0, v1), _mm512_packs_epi32(v2, v3));
+  else
+    return _mm512_packus_epi16(_mm512_packus_epi32(v0, v1), _mm512_packus_epi32(v2, v3));
+}
+
+// The word of pack_4x16's output that holds lanes 4 L .. 4 L + 3 of vector j, for the quartet
+// q = 4 j + L of 16 lanes, over any number of such 64-byte outputs.
+constexpr int packed_word(int q) {
+  return q / 16 * 16 + 4 * (q % 4) + q % 16 / 4;
+}
+
 // One round of the 16-vector transpose-and-add: pairs a (lanes whose block of `b` is even) with
 // c (odd blocks), adding the two halves of each 2b-lane block.
 template <int b>
