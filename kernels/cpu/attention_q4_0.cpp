@@ -92,6 +92,83 @@ __attribute__((target(KVK_CODES_TARGET), always_inline)) inline __m512 block_sca
   return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_i32gather_epi32(offsets, base, 1)));
 }
 
+// The block scales of 16 rows of nb <= 4 blocks each (rows rb bytes apart) without gathers (a
+// 16-lane gather cost about 19 cycles here, 1.3 ns a key for the scores alone): a row's scales
+// are its 16-bit words 0, 9, 18 and 27, so one load per row, a word permute per pair of rows
+// into 128 bits, and two permutes of the eight pairs give, for each block, its 16 rows' scales in
+// the lane order the index vectors were made for.
+struct RowScales {
+  __m512i pair;       // rows 2k, 2k + 1 -> words 2b + e (block b of row 2k + e)
+  __m512i blocks[2];  // the pairs' words -> blocks 0 and 1, then 2 and 3, 16 rows each
+  __mmask64 bytes;    // of a row, up to its last scale
+
+  // lane_row[L]: the row of the 16 whose scale lane L gets.
+  __attribute__((target(KVK_CODES_TARGET))) RowScales(int nb, const int (&lane_row)[16]) {
+    alignas(64) uint16_t idx[3][32] = {};
+    for (int b = 0; b < 4; ++b)
+      for (int e = 0; e < 2; ++e) idx[0][2 * b + e] = uint16_t(32 * e + 9 * b);
+    for (int h = 0; h < 2; ++h)
+      for (int i = 0; i < 32; ++i) {
+        const int b = 2 * h + i / 16, r = lane_row[i % 16], k = r / 2;
+        idx[1 + h][i] = uint16_t((k < 4 ? 8 * k : 32 + 8 * (k - 4)) + 2 * b + r % 2);
+      }
+    pair = _mm512_load_si512(idx[0]);
+    blocks[0] = _mm512_load_si512(idx[1]);
+    blocks[1] = _mm512_load_si512(idx[2]);
+    bytes = ~uint64_t(0) >> (64 - (kBlockBytes * (nb - 1) + 2));
+  }
+};
+
+__attribute__((target(KVK_CODES_TARGET), always_inline)) inline void row_scales(const RowScales& rs,
+                                                                                const uint8_t* rows,
+                                                                                size_t rb,
+                                                                                __m512 (&out)[4]) {
+  __m512i half[2];
+  for (int h = 0; h < 2; ++h) {
+    __m128i pairs[4];
+    for (int k = 0; k < 4; ++k) {
+      const uint8_t* r = rows + size_t(2 * (4 * h + k)) * rb;
+      pairs[k] = _mm512_castsi512_si128(
+          _mm512_permutex2var_epi16(_mm512_maskz_loadu_epi8(rs.bytes, r), rs.pair,
+                                    _mm512_maskz_loadu_epi8(rs.bytes, r + rb)));
+    }
+    half[h] = _mm512_inserti32x4(
+        _mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(pairs[0]), pairs[1], 1),
+                           pairs[2], 2),
+        pairs[3], 3);
+  }
+  for (int h = 0; h < 2; ++h) {
+    const __m512i words = _mm512_permutex2var_epi16(half[0], rs.blocks[h], half[1]);
+    out[2 * h] = _mm512_cvtph_ps(_mm512_castsi512_si256(words));
+    out[2 * h + 1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(words, 1));
+  }
+}
+
+// Rows [0, C4) of a chunk's value scales of blocks [b0, b1) into dst[b - b0]: by permutes where
+// rs is given (b1 <= 4), else by a gather per 16 rows (b1 = b0 + 1); the rows past the last
+// whole 16 one by one.
+__attribute__((target(KVK_CODES_TARGET), always_inline)) inline void value_scales(
+    const uint8_t* vc, size_t rb, int64_t C4, int b0, int b1, const RowScales* rs,
+    __m512i row_offsets, float (*dst)[kChunk]) {
+  for (int64_t r = 0; r < C4; r += 16) {
+    if (C4 - r >= 16 && rs) {
+      __m512 ds[4];
+      row_scales(*rs, vc + size_t(r) * rb, rb, ds);
+      for (int b = b0; b < b1; ++b) _mm512_store_ps(dst[b - b0] + r, ds[b]);
+    } else if (C4 - r >= 16) {
+      _mm512_store_ps(dst[0] + r,
+                      block_scales(vc + size_t(r) * rb + b0 * kBlockBytes, row_offsets));
+    } else {
+      for (int b = b0; b < b1; ++b)
+        for (int64_t e = r; e < C4; ++e) {
+          uint16_t h;
+          std::memcpy(&h, vc + size_t(e) * rb + b * kBlockBytes, 2);
+          dst[b - b0][e] = f16_to_f32(h);
+        }
+    }
+  }
+}
+
 // 16 bytes at p, p + stride, p + 2 stride and p + 3 stride, in the four 128-bit lanes.
 __attribute__((target(KVK_CODES_TARGET), always_inline)) inline __m512i load_4x16(const uint8_t* p,
                                                                                   size_t stride) {
@@ -114,7 +191,7 @@ __attribute__((target(KVK_CODES_TARGET))) void attend_q4_0(const uint8_t* k, con
   const QuantizedQueries qq = quantize_queries(q, G, d);
   alignas(64) float s[G][kChunk];
   alignas(64) int8_t wq[G][kChunk];  // in pack_4x16's order in a whole chunk
-  alignas(64) float dv[kChunk];
+  alignas(64) float dv[4][kChunk];   // the chunk's value scales, block by block
   std::vector<float> row(static_cast<size_t>(d));
   float m[G], l[G];
   std::fill(m, m + G, -INFINITY);
@@ -132,6 +209,11 @@ __attribute__((target(KVK_CODES_TARGET))) void attend_q4_0(const uint8_t* k, con
     for (int r = 0; r < 4; ++r) to_lanes[4 * t + r] = uint8_t(16 * r + t);
   const __m512i lanes_index = _mm512_load_si512(to_lanes);
   const __m512i nibble = _mm512_set1_epi8(15), ones = _mm512_set1_epi8(1);
+  // Up to 4 blocks a row (d <= 128) the scales come by permutes (RowScales), beyond by gathers.
+  const bool permuted_scales = nb <= 4;
+  const int natural[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const int pi_rows[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+  const RowScales by_row(std::min(nb, 4), natural), by_pi(std::min(nb, 4), pi_rows);
 
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t C = std::min(kChunk, n - c0);
@@ -151,6 +233,8 @@ __attribute__((target(KVK_CODES_TARGET))) void attend_q4_0(const uint8_t* k, con
           __builtin_prefetch(vc + size_t(kChunk + j) * rb + b, 0, 2);
         }
       }
+      __m512 dks[4];  // the 16 keys' block scales, lanes in the order pi
+      if (permuted_scales) row_scales(by_pi, base, rb, dks);
       __m512 score[G];
       for (int g = 0; g < G; ++g) score[g] = _mm512_setzero_ps();
       for (int b = 0; b < nb; ++b) {
@@ -177,7 +261,8 @@ __attribute__((target(KVK_CODES_TARGET))) void attend_q4_0(const uint8_t* k, con
             acc[g] = _mm512_dpbusd_epi32(acc[g], hi, _mm512_set1_epi32(qw[4 + w]));
           }
         }
-        const __m512 dk = block_scales(base + b * kBlockBytes, pi_offsets);
+        const __m512 dk =
+            permuted_scales ? dks[b] : block_scales(base + b * kBlockBytes, pi_offsets);
         for (int g = 0; g < G; ++g) {
           const size_t gb = size_t(g) * nb + b;
           const __m512 dots =
@@ -209,24 +294,17 @@ __attribute__((target(KVK_CODES_TARGET))) void attend_q4_0(const uint8_t* k, con
       live[jj / 16] = jj + 16 <= C4 ? __mmask16(0xffff) : __mmask16((1u << (C4 - jj)) - 1);
     float pinv[G];
     for (int g = 0; g < G; ++g) pinv[g] = pmax[g] > 0 ? 1 / pmax[g] : 0;
+    // The chunk's value scales: every block's at once by permutes, or one block's at a time
+    // (in the block loop) by gathers.
+    if (permuted_scales) value_scales(vc, rb, C4, 0, nb, &by_row, row_offsets, dv);
     for (int b = 0; b < nb; ++b) {
-      for (int64_t r = 0; r < C4; r += 16) {  // the block's scales of the chunk's keys
-        const int64_t left = C4 - r;
-        if (left >= 16) {
-          _mm512_store_ps(dv + r, block_scales(vc + size_t(r) * rb + b * kBlockBytes, row_offsets));
-        } else {
-          for (int64_t e = 0; e < left; ++e) {
-            uint16_t h;
-            std::memcpy(&h, vc + size_t(r + e) * rb + b * kBlockBytes, 2);
-            dv[r + e] = f16_to_f32(h);
-          }
-        }
-      }
+      if (!permuted_scales) value_scales(vc, rb, C4, b, b + 1, nullptr, row_offsets, dv);
+      const float* dvb = dv[permuted_scales ? b : 0];
       // w = p d rounded to s8 against a bound on |w|, pmax_g max_j |d_j| (a search for the
       // largest |w| itself, a reduction and a division per query, sat on the critical path).
       __m512 dabs = _mm512_setzero_ps();
       for (int64_t jj = 0; jj < C4; jj += 16)
-        dabs = _mm512_max_ps(dabs, _mm512_abs_ps(_mm512_maskz_load_ps(live[jj / 16], dv + jj)));
+        dabs = _mm512_max_ps(dabs, _mm512_abs_ps(_mm512_maskz_load_ps(live[jj / 16], dvb + jj)));
       const float dmax = _mm512_reduce_max_ps(dabs), dinv = dmax > 0 ? 127 / dmax : 0;
       float weight_scale[G], weight_offset[G];
       for (int g = 0; g < G; ++g) {
@@ -236,7 +314,7 @@ __attribute__((target(KVK_CODES_TARGET))) void attend_q4_0(const uint8_t* k, con
           __m512i code[4];
           for (int u = 0; u < 4; ++u)
             code[u] = _mm512_cvtps_epi32(_mm512_mul_ps(
-                _mm512_mul_ps(_mm512_load_ps(&s[g][16 * u]), _mm512_load_ps(dv + 16 * u)), inv));
+                _mm512_mul_ps(_mm512_load_ps(&s[g][16 * u]), _mm512_load_ps(dvb + 16 * u)), inv));
           const __m512i packed = pack_4x16<true>(code[0], code[1], code[2], code[3]);
           _mm512_store_si512(wq[g], packed);
           weight_offset[g] = 8.0f * float(_mm512_reduce_add_epi32(
@@ -246,7 +324,7 @@ __attribute__((target(KVK_CODES_TARGET))) void attend_q4_0(const uint8_t* k, con
         __m512i sum = _mm512_setzero_si512();
         for (int64_t jj = 0; jj < C4; jj += 16) {
           const __m512 w = _mm512_mul_ps(_mm512_maskz_load_ps(live[jj / 16], &s[g][jj]),
-                                         _mm512_maskz_load_ps(live[jj / 16], dv + jj));
+                                         _mm512_maskz_load_ps(live[jj / 16], dvb + jj));
           // Rounded to nearest even (the default MXCSR mode), as std::nearbyint.
           const __m512i code = _mm512_cvtps_epi32(_mm512_mul_ps(w, inv));
           sum = _mm512_add_epi32(sum, code);
