@@ -149,52 +149,51 @@ constexpr int pair_word(int q) {
   return q / 8 * 16 + 4 * (q % 4) + 2 * (q % 8 / 4);
 }
 
-// Key group grp's constants for the G queries q (|q| in q_abs): a = q S rounded to s8 against
+// Key group grp's constants for the G queries q: a = q S rounded to s8 against
 // max |a| (a8, in pack_4x16's order), the dot products' scale sa and the group's constant qz.
 // The rounding residuals r = a - step a8 shift each row's dot by sum_c r_c c; their part
 // 1.5 sum_c r_c (codes average 1.5) goes back in with the constant sum_c q Z:
-// qz = sum_c q (Z + 1.5 S) - 1.5 step sum_c a8. The queries' chains run side by side.
+// qz = sum_c q (Z + 1.5 S) - 1.5 step sum_c a8.
 template <int G>
 __attribute__((target(KVK_CODES_TARGET), always_inline)) inline void prepare_group(
-    const Kivi2Head& h, int d, int64_t grp, const float* q, const __m512 (&q_abs)[G][8],
-    float scale, int32_t (&a8)[G][32], float (&sa)[G], float (&qz)[G]) {
+    const Kivi2Head& h, int d, int64_t grp, const float* q, float scale, int32_t (&a8)[G][32],
+    float (&sa)[G], float (&qz)[G]) {
   const int vectors = d / 16;
   const uint16_t* ks = h.k_scales + grp * d;
   const uint16_t* kz = h.k_zeros ? h.k_zeros + grp * d : nullptr;
-  __m512 sf[8], sa_abs[8], zf[8], amax[G], z[G];
-  for (int g = 0; g < G; ++g) amax[g] = z[g] = _mm512_setzero_ps();
+  __m512 sf[8], zf[8];
   for (int i = 0; i < vectors; ++i) {
     sf[i] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ks + 16 * i)));
-    sa_abs[i] = _mm512_abs_ps(sf[i]);
     zf[i] =
         kz ? _mm512_fmadd_ps(
                  sf[i], _mm512_set1_ps(1.5f),
                  _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kz + 16 * i))))
            : _mm512_mul_ps(sf[i], _mm512_set1_ps(-0.5f));
-    for (int g = 0; g < G; ++g) {  // |a| = |q| |S|, with |q| once per head
-      amax[g] = _mm512_max_ps(amax[g], _mm512_mul_ps(q_abs[g][i], sa_abs[i]));
-      z[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * d + 16 * i), zf[i], z[g]);
-    }
   }
   for (int g = 0; g < G; ++g) {
-    const float mx = _mm512_reduce_max_ps(amax[g]);
+    // a = q S once, kept in registers for the rounding.
+    __m512 a[8], amax = _mm512_setzero_ps(), z = _mm512_setzero_ps();
+    for (int i = 0; i < vectors; ++i) {
+      const __m512 qv = _mm512_loadu_ps(q + g * d + 16 * i);
+      a[i] = _mm512_mul_ps(qv, sf[i]);
+      amax = _mm512_max_ps(amax, _mm512_abs_ps(a[i]));
+      z = _mm512_fmadd_ps(qv, zf[i], z);
+    }
+    const float mx = _mm512_reduce_max_ps(amax);
     const __m512 inv = _mm512_set1_ps(mx > 0 ? 127 / mx : 0);
     __m512i code_sum = _mm512_setzero_si512();  // sum_c a8_c, 4 bytes per lane
     for (int i = 0; i < vectors; i += 4) {
       __m512i code[4];
       for (int u = 0; u < 4; ++u)
-        code[u] =
-            i + u < vectors
-                ? _mm512_cvtps_epi32(_mm512_mul_ps(
-                      _mm512_mul_ps(_mm512_loadu_ps(q + g * d + 16 * (i + u)), sf[i + u]), inv))
-                : _mm512_setzero_si512();
+        code[u] = i + u < vectors ? _mm512_cvtps_epi32(_mm512_mul_ps(a[i + u], inv))
+                                  : _mm512_setzero_si512();
       const __m512i packed = pack_4x16<true>(code[0], code[1], code[2], code[3]);
       _mm512_store_si512(&a8[g][4 * i], packed);
       code_sum = _mm512_dpbusd_epi32(code_sum, _mm512_set1_epi8(1), packed);
     }
     sa[g] = mx / 127 * scale;
     qz[g] = _mm512_reduce_add_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(code_sum),
-                                                 _mm512_set1_ps(-1.5f * (mx / 127)), z[g])) *
+                                                 _mm512_set1_ps(-1.5f * (mx / 127)), z)) *
             scale;
   }
 }
@@ -260,10 +259,6 @@ __attribute__((target(KVK_CODES_TARGET))) void attend_kivi2(const Kivi2Head& h, 
   // pack_4x16's order, the dot products' scale and the group's constant.
   alignas(64) int32_t a8[2][G][32];
   float sa[2][G], qz[2][G];
-  __m512 q_abs[G][8];
-  for (int g = 0; g < G; ++g)
-    for (int i = 0; i < vectors; ++i)
-      q_abs[g][i] = _mm512_abs_ps(_mm512_loadu_ps(q + g * d + 16 * i));
   alignas(64) float s[G][kChunk];
   // Per query and pair of blocks, p S as u8 in pack_4x16's order of the vectors (block A rows
   // 0-15, block B rows 0-15, A rows 16-31, B rows 16-31), then the same for rows 32-63: the
@@ -272,7 +267,7 @@ __attribute__((target(KVK_CODES_TARGET))) void attend_kivi2(const Kivi2Head& h, 
   alignas(64) float sv[4][kChunk], zv[4][kChunk];
 
   const int64_t whole = h.n_quant / kChunk * kChunk;
-  if (whole > 0) prepare_group<G>(h, d, 0, q, q_abs, scale, a8[0], sa[0], qz[0]);
+  if (whole > 0) prepare_group<G>(h, d, 0, q, scale, a8[0], sa[0], qz[0]);
   for (int64_t c0 = 0; c0 < whole; c0 += kChunk) {
     // ---- scores, one key group of 32 rows at a time
     const int64_t next = c0 + kChunk;
@@ -286,7 +281,7 @@ __attribute__((target(KVK_CODES_TARGET))) void attend_kivi2(const Kivi2Head& h, 
       // The next group's, before this group's dot products are issued, to overlap them: the
       // scores of a group wait for these (a chain of reductions and a division).
       if (grp + 1 < whole / kGroupRows)
-        prepare_group<G>(h, d, grp + 1, q, q_abs, scale, a8[(grp + 1) % 2], sa[(grp + 1) % 2],
+        prepare_group<G>(h, d, grp + 1, q, scale, a8[(grp + 1) % 2], sa[(grp + 1) % 2],
                          qz[(grp + 1) % 2]);
       const int buf = int(grp % 2);
       __m512i acc[2][G];
