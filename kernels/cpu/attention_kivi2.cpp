@@ -202,7 +202,7 @@ template <int G>
 __attribute__((target(KVK_CODES_TARGET))) void attend_kivi2(const Kivi2Head& h, int d,
                                                             const float* q, float scale,
                                                             const float* bias, float* out) {
-  const int nb = d / kBlock, octets = d / 8, vectors = d / 16;
+  const int nb = d / kBlock, octets = d / 8;
   State<G> st;
   const int pairs = (nb + 1) / 2;  // of value blocks (an odd last block pairs with nothing)
   st.stride = 64 * pairs + 16 * nb;
