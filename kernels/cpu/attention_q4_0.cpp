@@ -330,9 +330,9 @@ __attribute__((target(KVK_CODES_TARGET))) void attend_q4_0(const uint8_t* k, con
       for (int64_t jj = 0; jj < C4; jj += 4) {
         const uint8_t* codes = vc + size_t(jj) * rb + b * kBlockBytes + 2;
         const __m512i z = load_4x16(codes, rb);
-        const __m512i lo = _mm512_permutexvar_epi8(lanes_index, _mm512_and_si512(z, nibble));
-        const __m512i hi =
-            _mm512_permutexvar_epi8(lanes_index, _mm512_and_si512(_mm512_srli_epi16(z, 4), nibble));
+        const __m512i t = _mm512_permutexvar_epi8(lanes_index, z);  // one permute for both halves
+        const __m512i lo = _mm512_and_si512(t, nibble);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(t, 4), nibble);
         // The weights of keys jj .. jj + 3: in pack_4x16's order in a whole chunk.
         const int64_t word = C4 == kChunk ? packed_word(int(jj / 4)) : jj / 4;
         for (int g = 0; g < G; ++g) {
