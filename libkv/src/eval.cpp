@@ -270,6 +270,14 @@ double decode_step_seconds(const ModelInfo& m, const std::vector<Layer>& layers,
   for (const Layer& layer : layers)
     if (layer.k.dtype() != layer.v.dtype())
       throw Error(Exit::data, "decode timing needs keys and values of one type");
+  // Which codes each layer is timed on, found once: outside the timed steps.
+  std::vector<std::vector<kvk::Kivi2Head>> kivi2_heads_of(layers.size());
+  std::vector<std::pair<const uint8_t*, const uint8_t*>> q4_0_of(layers.size());
+  for (size_t l = 0; l < layers.size(); ++l) {
+    kivi2_heads_of[l] = kivi2_view(m, layers[l]);
+    q4_0_of[l] = {q4_0_blocks(layers[l].k_stored, D), q4_0_blocks(layers[l].v_stored, D)};
+  }
+  const size_t code_row = kvk::q4_0_row_bytes(D);
   std::vector<float> out(queries.size());
   double best = INFINITY;
   for (int r = 0; r < std::max(reps, 1); ++r) {
@@ -277,10 +285,9 @@ double decode_step_seconds(const ModelInfo& m, const std::vector<Layer>& layers,
     for (size_t l = 0; l < layers.size(); ++l) {
       const Layer& layer = layers[l];
       const size_t ks = kvk::dtype_size(layer.k.dtype()) * size_t(D);
-      const uint8_t* k_codes = q4_0_blocks(layer.k_stored, D);
-      const uint8_t* v_codes = q4_0_blocks(layer.v_stored, D);
-      const size_t code_row = kvk::q4_0_row_bytes(D);
-      const std::vector<kvk::Kivi2Head> kivi2 = kivi2_view(m, layer);
+      // (Plain variables: clang refuses structured bindings inside the OpenMP region.)
+      const uint8_t *k_codes = q4_0_of[l].first, *v_codes = q4_0_of[l].second;
+      const std::vector<kvk::Kivi2Head>& kivi2 = kivi2_heads_of[l];
 #pragma omp parallel for schedule(static)
       for (int h = 0; h < Hkv; ++h) {
         const int64_t begin = layer.head_offsets[size_t(h)];
