@@ -12,8 +12,11 @@
 #include <fstream>
 #include <limits>
 #include <new>
+#include <optional>
 #include <random>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "kv/error.h"
@@ -778,6 +781,20 @@ void at_each_level(F fn) {
   q::set_simd_level(widest);
 }
 
+// Runs fn(level) at each level and expects the widest to return what the scalar path returned:
+// the vector paths are pinned to the scalar code bit for bit.
+template <class F>
+void expect_same_at_each_level(F fn) {
+  std::optional<decltype(fn(q::Simd::scalar))> scalar;
+  at_each_level([&](q::Simd level) {
+    auto got = fn(level);
+    if (!scalar)
+      scalar = std::move(got);
+    else
+      EXPECT_EQ(got, *scalar) << "SIMD level " << int(level);
+  });
+}
+
 // What an encoder produced: its bytes, or the error it threw.
 struct Outcome {
   Bytes bytes;
@@ -872,53 +889,34 @@ TEST(QuantVector, BlocksMatchTheScalarPath) {
     if (blocks > 18)                                                // (17 blocks have no block 18)
       std::fill(x.begin() + 18 * 32, x.begin() + 19 * 32, 1e-38f);  // 1/d overflows (q8_0)
     const int64_t n = int64_t(x.size());
-    Outcome ref8, ref4;
-    Floats dec8, dec4;
-    at_each_level([&](q::Simd level) {
-      SCOPED_TRACE(int(level));
+    expect_same_at_each_level([&](q::Simd) {
       const Outcome o8 = outcome([&] { return enc_q8(x); });
       const Outcome o4 = outcome([&] { return enc_q4(x); });
-      ASSERT_TRUE(o8.error.empty() && o4.error.empty());
-      const Floats d8 = dec_q8(o8.bytes, n), d4 = dec_q4(o4.bytes, n);
-      if (level == q::Simd::scalar) {
-        ref8 = o8, ref4 = o4, dec8 = d8, dec4 = d4;
-        return;
-      }
-      EXPECT_EQ(o8, ref8);
-      EXPECT_EQ(o4, ref4);
-      EXPECT_EQ(float_bytes(d8), float_bytes(dec8));
-      EXPECT_EQ(float_bytes(d4), float_bytes(dec4));
+      EXPECT_TRUE(o8.error.empty() && o4.error.empty());
+      return std::tuple(o8, o4, float_bytes(dec_q8(o8.bytes, n)), float_bytes(dec_q4(o4.bytes, n)));
     });
   }
   // Arbitrary stored bytes (scales that are NaN, Inf, subnormal) decode alike.
   std::mt19937 rng(5);
   Bytes random(34 * 37);
   for (auto& b : random) b = uint8_t(rng());
-  Floats ref(37 * 32);
-  at_each_level([&](q::Simd level) {
+  expect_same_at_each_level([&](q::Simd) {
     Floats y8(37 * 32), y4(37 * 32);
     q::decode_q8_0(random.data(), 37 * 32, y8.data());
     q::decode_q4_0(random.data(), 37 * 32, y4.data());
     y8.insert(y8.end(), y4.begin(), y4.end());
-    if (level == q::Simd::scalar)
-      ref = y8;
-    else
-      EXPECT_EQ(float_bytes(y8), float_bytes(ref));
+    return float_bytes(y8);
   });
   // NaN/Inf: the same error, naming the same value.
   for (float bad :
        {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
     Floats x = gaussian(32 * 20, 9);
     x[32 * 17 + 4] = bad;
-    std::string ref_error;
-    at_each_level([&](q::Simd level) {
+    expect_same_at_each_level([&](q::Simd) {
       const Outcome o8 = outcome([&] { return enc_q8(x); });
       const Outcome o4 = outcome([&] { return enc_q4(x); });
       EXPECT_FALSE(o8.error.empty());
-      if (level == q::Simd::scalar)
-        ref_error = o8.error + o4.error;
-      else
-        EXPECT_EQ(o8.error + o4.error, ref_error);
+      return o8.error + o4.error;
     });
   }
 }
@@ -967,9 +965,7 @@ TEST(QuantVector, GroupsMatchTheScalarPath) {
     const Floats e = edge_groups(l.groups, unsigned(bits * 7 + l.groups));
     Floats x = laid_out(l, e);
     const int64_t span = int64_t(x.size());
-    Outcome ref;
-    Bytes ref_decoded;
-    at_each_level([&](q::Simd level) {
+    expect_same_at_each_level([&](q::Simd level) {
       std::vector<uint16_t> scales(size_t(l.groups)), zeros(size_t(l.groups));
       Bytes codes(q::uniform_code_bytes(l.groups * 32, bits));
       const Outcome o = outcome([&] {
@@ -980,14 +976,12 @@ TEST(QuantVector, GroupsMatchTheScalarPath) {
           for (uint16_t s : *v) all.insert(all.end(), {uint8_t(s), uint8_t(s >> 8)});
         return all;
       });
-      ASSERT_TRUE(o.error.empty()) << o.error;
+      EXPECT_TRUE(o.error.empty()) << o.error;
       Floats y(static_cast<size_t>(span), -1.0f);
       q::dequantize_groups(codes.data(), scales.data(), zeros.data(), l.groups, l.group_stride,
                            l.value_stride, p, y.data());
       // And each group on its own, through the one-group functions.
-      if (level == q::Simd::scalar) {
-        ref = o;
-        ref_decoded = float_bytes(y);
+      if (level == q::Simd::scalar)
         for (int64_t g = 0; g < l.groups; ++g) {
           uint16_t s, z = 0;
           uint8_t c[32];
@@ -997,10 +991,7 @@ TEST(QuantVector, GroupsMatchTheScalarPath) {
             EXPECT_EQ(z, zeros[size_t(g)]);
           }
         }
-        return;
-      }
-      EXPECT_EQ(o, ref);
-      EXPECT_EQ(float_bytes(y), ref_decoded);
+      return std::pair(o, float_bytes(y));
     });
   });
 }
@@ -1017,8 +1008,7 @@ TEST(QuantVector, GroupErrorsMatchTheScalarPath) {
         else
           x[size_t(bad_group * 32 + 9)] = bad;
         if (bad > 1e6f) x[size_t(columns ? bad_group : bad_group * 32)] = -bad;
-        std::string ref;
-        at_each_level([&](q::Simd level) {
+        expect_same_at_each_level([&](q::Simd) {
           std::vector<uint16_t> scales(G), zeros(G);
           Bytes codes(q::uniform_code_bytes(G * 32, 2));
           const Outcome o = outcome([&] {
@@ -1027,10 +1017,7 @@ TEST(QuantVector, GroupErrorsMatchTheScalarPath) {
             return Bytes{};
           });
           EXPECT_FALSE(o.error.empty());
-          if (level == q::Simd::scalar)
-            ref = o.error;
-          else
-            EXPECT_EQ(o.error, ref);
+          return o.error;
         });
       }
     }
@@ -1184,8 +1171,7 @@ TEST(QuantVector, AdversarialGroupsMatchTheScalarPath) {
       for (const GroupLayout& l : {GroupLayout{groups, 32, 1}, GroupLayout{groups, 1, groups}}) {
         const Floats x = laid_out(l, e);
         const size_t span = x.size();
-        Bytes ref, ref_decoded;
-        at_each_level([&](q::Simd level) {
+        expect_same_at_each_level([&](q::Simd) {
           std::vector<uint16_t> scales(static_cast<size_t>(groups)),
               zeros(static_cast<size_t>(groups));
           Bytes codes(q::uniform_code_bytes(groups * 32, bits));
@@ -1203,13 +1189,7 @@ TEST(QuantVector, AdversarialGroupsMatchTheScalarPath) {
           }
           for (auto* v : {&scales, &zeros})
             for (uint16_t s : *v) codes.insert(codes.end(), {uint8_t(s), uint8_t(s >> 8)});
-          if (level == q::Simd::scalar) {
-            ref = codes;
-            ref_decoded = decoded;
-            return;
-          }
-          EXPECT_EQ(codes, ref);
-          EXPECT_EQ(decoded, ref_decoded);
+          return std::pair(codes, decoded);
         });
       }
     }
@@ -1245,8 +1225,7 @@ TEST(QuantVector, Q4_0RoundsTheProductBeforeAddingAsGgml) {
     x.insert(x.end(), v, v + 32);
     ++found;
   }
-  Bytes ref, ref_decoded;
-  at_each_level([&](q::Simd level) {
+  expect_same_at_each_level([&](q::Simd) {
     const Bytes b = enc_q4(x), b8 = enc_q8(x);
     // And both decoded, into aligned storage (streamed) and one float off it.
     const int64_t n = int64_t(x.size());
@@ -1258,13 +1237,7 @@ TEST(QuantVector, Q4_0RoundsTheProductBeforeAddingAsGgml) {
       const Bytes d = float_bytes(Floats(y.data() + offset, y.data() + offset + 2 * n));
       decoded.insert(decoded.end(), d.begin(), d.end());
     }
-    if (level == q::Simd::scalar) {
-      ref = b;
-      ref_decoded = decoded;
-      return;
-    }
-    EXPECT_EQ(b, ref);
-    EXPECT_EQ(decoded, ref_decoded);
+    return std::pair(b, decoded);
   });
   // The inputs are the cases meant: fused, their codes would differ.
   int differ = 0;
@@ -1289,16 +1262,12 @@ TEST(QuantVector, FlatGroupsDecodeToTheirStoredZero) {
   Bytes codes(q::uniform_code_bytes(groups * 32, 4));
   for (size_t i = 0; i < codes.size(); ++i) codes[i] = uint8_t(i * 37);
   for (bool columns : {false, true}) {
-    Bytes ref;
-    at_each_level([&](q::Simd level) {
+    SCOPED_TRACE(columns ? "columns" : "rows");
+    expect_same_at_each_level([&](q::Simd) {
       AlignedFloats y(groups * 32);
       q::dequantize_groups(codes.data(), scales.data(), zeros.data(), groups, columns ? 1 : 32,
                            columns ? groups : 1, {4, 32, false}, y.data());
-      const Bytes b = float_bytes(Floats(y.data(), y.data() + groups * 32));
-      if (level == q::Simd::scalar)
-        ref = b;
-      else
-        EXPECT_EQ(b, ref) << (columns ? "columns" : "rows");
+      return float_bytes(Floats(y.data(), y.data() + groups * 32));
     });
   }
 }
