@@ -51,17 +51,16 @@ int code_at(const uint8_t* codes, int64_t i) {
 // decodes them (y = f32(c S + Z), or (c - 2) S when symmetric), then the residual rows.
 void decode_rows(const Kivi2Head& h, int d, int64_t row0, int64_t count, float* k, float* v) {
   const int nb = d / kBlock;
-  for (int64_t r = 0; r < count; ++r) {
+  const int64_t quantized = std::clamp<int64_t>(h.n_quant - row0, 0, count);
+  if (const int64_t dense = count - quantized; dense > 0) {  // residual rows: one run each
+    const size_t at = size_t(row0 + quantized - h.n_quant) * size_t(d);
+    cpu_ops().to_f32(DType::f16, h.k_residual + at, k + quantized * d, size_t(dense * d));
+    cpu_ops().to_f32(DType::f16, h.v_residual + at, v + quantized * d, size_t(dense * d));
+  }
+  for (int64_t r = 0; r < quantized; ++r) {
     const int64_t t = row0 + r;
     float* kr = k + r * d;
     float* vr = v + r * d;
-    if (t >= h.n_quant) {
-      for (int c = 0; c < d; ++c) {
-        kr[c] = f16_to_f32(h.k_residual[(t - h.n_quant) * d + c]);
-        vr[c] = f16_to_f32(h.v_residual[(t - h.n_quant) * d + c]);
-      }
-      continue;
-    }
     const int64_t j = t / kGroupRows, i = t % kGroupRows;
     const int64_t len = std::min<int64_t>(kGroupRows, h.n_quant - j * kGroupRows);
     for (int c = 0; c < d; ++c) {
@@ -95,7 +94,8 @@ constexpr int score_row(int L) {
 template <int G>
 struct State {
   float m[G], l[G];
-  std::vector<float> out;  // per query: 2d accumulator lanes, then 16 zero-term lanes per block
+  std::vector<float> out;  // per query: 64 lanes per pair of value blocks (lane_of), then 16
+                           // zero-term lanes per block
   int stride;
 };
 
@@ -108,18 +108,7 @@ __attribute__((target(KVK_CODES_TARGET))) void add_rows_f32(const Kivi2Head& h, 
                                                             float scale, const float* bias,
                                                             State<G>& st) {
   alignas(64) float k[kChunk * 128], v[kChunk * 128];  // d <= 128
-  const int64_t quantized = std::clamp<int64_t>(h.n_quant - row0, 0, count);
-  decode_rows(h, d, row0, quantized, k, v);
-  for (int64_t j = quantized; j < count; ++j)
-    for (int c = 0; c < d; c += 16) {
-      const size_t at = size_t(row0 + j - h.n_quant) * size_t(d) + size_t(c);
-      _mm512_store_ps(
-          k + j * d + c,
-          _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h.k_residual + at))));
-      _mm512_store_ps(
-          v + j * d + c,
-          _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h.v_residual + at))));
-    }
+  decode_rows(h, d, row0, count, k, v);
   alignas(64) float s[G][kChunk];
   for (int g = 0; g < G; ++g)
     for (int64_t j = 0; j < count; ++j) {

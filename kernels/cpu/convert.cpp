@@ -118,7 +118,12 @@ constexpr size_t kBlock = size_t(1) << 16;
 template <class Fn>
 void parallel_blocks(size_t n, Fn&& fn) {
   const long blocks = long((n + kBlock - 1) / kBlock);
-#pragma omp parallel for schedule(static) if (blocks > 4)
+  if (blocks <= 4) {  // no OpenMP region at all: even a serialized one costs, and small
+    for (long b = 0; b < blocks; ++b)  // conversions run inside kernels' own parallel loops
+      fn(size_t(b) * kBlock, std::min(n, size_t(b + 1) * kBlock));
+    return;
+  }
+#pragma omp parallel for schedule(static)
   for (long b = 0; b < blocks; ++b) {
     size_t lo = size_t(b) * kBlock, hi = std::min(n, lo + kBlock);
     fn(lo, hi);
@@ -178,8 +183,8 @@ bool have_avx512() {
 }
 
 bool have_avx512_vnni_vbmi() {
-  static const bool ok = have_avx512() && __builtin_cpu_supports("avx512vnni") &&
-                         __builtin_cpu_supports("avx512vbmi");
+  static const bool ok =
+      have_avx512() && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi");
   return ok;
 }
 
