@@ -21,6 +21,7 @@
 #include <type_traits>
 
 #include "kv/error.h"
+#include "kv/file.h"
 #include "kvk/ops.h"
 
 namespace kv {
@@ -810,21 +811,7 @@ std::vector<uint8_t> GgufWriter::bytes() const {
 
 void GgufWriter::write(const std::string& path) const {
   const std::vector<uint8_t> image = bytes();
-  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  std::FILE* f = std::fopen(tmp.c_str(), "wb");
-  if (!f) throw Error(Exit::cant_create, "cannot create '" + path + "': " + std::strerror(errno));
-  const bool ok = std::fwrite(image.data(), 1, image.size(), f) == image.size();
-  const int e = errno;
-  if (std::fclose(f) != 0 || !ok) {
-    const int why = ok ? errno : e;
-    std::remove(tmp.c_str());
-    throw Error(Exit::io, "cannot write '" + path + "': " + std::strerror(why));
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int why = errno;
-    std::remove(tmp.c_str());
-    throw Error(Exit::cant_create, "cannot create '" + path + "': " + std::strerror(why));
-  }
+  write_file_atomically(path, image.data(), image.size());
 }
 
 }  // namespace kv

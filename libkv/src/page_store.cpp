@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "kv/error.h"
+#include "kv/file.h"
 #include "kv/json.h"
 #include "kv/sha256.h"
 #include "kv/str.h"
@@ -20,35 +21,6 @@ namespace kv {
 namespace {
 
 constexpr const char* kFormat = "kvtk-page-store";
-
-// Writes bytes to `path` through a temporary file in the same directory, renamed into place
-// (synced first when `sync`; page files are synced together by commit()).
-void write_atomically(const std::string& path, const void* data, size_t n, bool sync) {
-  const std::string temp = path + ".tmp" + std::to_string(::getpid());
-  const int fd = ::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0666);
-  if (fd < 0) throw Error(Exit::cant_create, str("cannot create '", temp, "': ", errno_text()));
-  const auto* p = static_cast<const uint8_t*>(data);
-  while (n) {
-    const ssize_t w = ::write(fd, p, n);
-    if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) {
-      const std::string why = errno_text();
-      ::close(fd);
-      ::unlink(temp.c_str());
-      throw Error(Exit::io, str("cannot write '", temp, "': ", why));
-    }
-    p += w;
-    n -= size_t(w);
-  }
-  if ((sync && ::fsync(fd) != 0) || ::close(fd) != 0) {
-    ::unlink(temp.c_str());
-    throw Error(Exit::io, str("cannot write '", temp, "': ", errno_text()));
-  }
-  if (::rename(temp.c_str(), path.c_str()) != 0) {
-    ::unlink(temp.c_str());
-    throw Error(Exit::io, str("cannot rename '", temp, "' to '", path, "': ", errno_text()));
-  }
-}
 
 std::string read_file(const std::string& path, const std::string& what) {
   std::ifstream in(path, std::ios::binary);
@@ -148,10 +120,10 @@ std::string PageStore::put(const void* data, size_t n, bool zstd) {
     std::vector<uint8_t> out(ZSTD_compressBound(n));
     const size_t m = ZSTD_compress(out.data(), out.size(), data, n, 3);
     if (ZSTD_isError(m)) throw Error(Exit::software, str("zstd: ", ZSTD_getErrorName(m)));
-    write_atomically(path, out.data(), m, false);
+    write_file_atomically(path, out.data(), m, false);
     e.stored = int64_t(m);
   } else {
-    write_atomically(path, data, n, false);
+    write_file_atomically(path, data, n, false);
     e.stored = int64_t(n);
   }
   entries_[id] = e;
@@ -199,7 +171,7 @@ void PageStore::commit() {
     throw Error(Exit::io, str("cannot sync page store '", dir_, "': ", errno_text()));
   }
   ::close(dir_fd);
-  write_atomically(dir_ + "/manifest.json", text.data(), text.size(), true);
+  write_file_atomically(dir_ + "/manifest.json", text.data(), text.size(), true);
 }
 
 void PageStore::append_id_bytes(const std::string& id, std::vector<uint8_t>& out) {

@@ -16,6 +16,7 @@
 #include <tuple>
 
 #include "h5.h"
+#include "kv/file.h"
 #include "kv/offload.h"
 #include "kv/str.h"
 #include "zstd_filter.h"
@@ -1174,14 +1175,10 @@ void SnapshotWriter::Impl::open_output() {
     if (!file.valid()) throw Error(Exit::software, "cannot create an in-memory HDF5 file");
     return;
   }
-  if (exists && !options.force && !options.input_path.empty() && options.input_path != "-") {
-    struct stat in {};
-    if (::stat(options.input_path.c_str(), &in) == 0 && in.st_dev == st.st_dev &&
-        in.st_ino == st.st_ino)
-      throw Error(Exit::usage, "output " + where +
-                                   " is the input file; choose another name "
-                                   "(or --force to replace it)");
-  }
+  if (exists && !options.force && same_file(options.input_path, target))
+    throw Error(Exit::usage, "output " + where +
+                                 " is the input file; choose another name "
+                                 "(or --force to replace it)");
   std::string dir = ".", base = target;
   if (auto slash = target.rfind('/'); slash != std::string::npos) {
     dir = slash == 0 ? "/" : target.substr(0, slash);
