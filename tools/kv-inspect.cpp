@@ -65,7 +65,7 @@ int main(int argc, char** argv) {
                "Per-layer key/value statistics: norms, per-channel key magnitude, outlier "
                "channels (mean |k| above 4x the head's median channel)");
   app.add_option("--plot", plot, "Write per-layer, per-channel mean |k| as an SVG heat map");
-  app.add_flag("--allow-nonfinite", tool.allow_nonfinite, "Accept NaN/Inf in keys and values");
+  tool.add_allow_nonfinite_option();
   tool.add_json_option();
   tool.add_device_option();
 

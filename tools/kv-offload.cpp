@@ -356,7 +356,7 @@ int main(int argc, char** argv) {
                 "Only pages, fetches and stalls: skip the attention outputs and their error "
                 "(for large caches)");
   sim->add_flag("--json", tool.json, "Print one JSON object");
-  sim->add_flag("--allow-nonfinite", tool.allow_nonfinite, "Accept NaN/Inf in keys and values");
+  tool.add_allow_nonfinite_option(sim);
 
   // tier: placement into memory tiers and a disk page store.
   std::vector<std::string> tier_specs;

@@ -11,15 +11,20 @@
 
 namespace kv {
 
-std::string errno_text() { return std::strerror(errno); }
+std::string errno_text() {
+  return std::strerror(errno);
+}
 
 namespace {
 
-[[noreturn]] void bad(const std::string& msg) { throw Error(Exit::data, msg); }
+[[noreturn]] void bad(const std::string& msg) {
+  throw Error(Exit::data, msg);
+}
 
 void check_tensor(const char* name, const Tensor& t, int64_t rows, int64_t cols, int layer) {
   if (t.rows() != rows || t.cols() != cols)
-    bad(str("layer ", layer, ": ", name, " has shape [", t.rows(), ", ", t.cols(), "], expected [", rows, ", ", cols, "]"));
+    bad(str("layer ", layer, ": ", name, " has shape [", t.rows(), ", ", t.cols(), "], expected [",
+            rows, ", ", cols, "]"));
 }
 
 }  // namespace
@@ -27,7 +32,8 @@ void check_tensor(const char* name, const Tensor& t, int64_t rows, int64_t cols,
 void validate_header(const Header& h) {
   const ModelInfo& m = h.model;
   if (m.n_layers <= 0 || m.n_q_heads <= 0 || m.n_kv_heads <= 0 || m.head_dim <= 0)
-    bad(str("model shape must be positive (n_layers ", m.n_layers, ", n_q_heads ", m.n_q_heads, ", n_kv_heads ", m.n_kv_heads, ", head_dim ", m.head_dim, ")"));
+    bad(str("model shape must be positive (n_layers ", m.n_layers, ", n_q_heads ", m.n_q_heads,
+            ", n_kv_heads ", m.n_kv_heads, ", head_dim ", m.head_dim, ")"));
   if (m.n_q_heads % m.n_kv_heads != 0)
     bad(str("n_q_heads ", m.n_q_heads, " is not a multiple of n_kv_heads ", m.n_kv_heads));
   if (m.rope_dims < 0 || m.rope_dims > m.head_dim || m.rope_dims % 2)
@@ -51,21 +57,22 @@ void validate_layer(const Header& h, int l, const Layer& layer, bool check_value
   const int64_t n = layer.entries();
   const auto& off = layer.head_offsets;
   if (int64_t(off.size()) != m.n_kv_heads + 1)
-    bad(str("layer ", l, ": head_offsets has ", off.size(), " values, expected n_kv_heads + 1 = ", m.n_kv_heads + 1));
+    bad(str("layer ", l, ": head_offsets has ", off.size(),
+            " values, expected n_kv_heads + 1 = ", m.n_kv_heads + 1));
   if (off.front() != 0 || off.back() != n)
     bad(str("layer ", l, ": head_offsets must start at 0 and end at ", n, " entries"));
   // Every offset is checked before any is used as an index (found by fuzz.snapshot_reader:
   // {0, 100, 5} would otherwise walk head 0 past the end).
   for (int hd = 0; hd < m.n_kv_heads; ++hd)
-    if (off[hd + 1] < off[hd])
-      bad(str("layer ", l, ": head_offsets decrease at head ", hd));
+    if (off[hd + 1] < off[hd]) bad(str("layer ", l, ": head_offsets decrease at head ", hd));
   for (int hd = 0; hd < m.n_kv_heads; ++hd) {
     for (int64_t i = off[hd]; i < off[hd + 1]; ++i) {
       int32_t p = layer.positions[i];
       if (p < 0 || p >= h.n_tokens)
         bad(str("layer ", l, " head ", hd, ": position ", p, " is outside [0, ", h.n_tokens, ")"));
       if (i > off[hd] && p <= layer.positions[i - 1])
-        bad(str("layer ", l, " head ", hd, ": positions not strictly increasing at entry ", i - off[hd]));
+        bad(str("layer ", l, " head ", hd, ": positions not strictly increasing at entry ",
+                i - off[hd]));
     }
   }
   check_tensor("k", layer.k, n, m.head_dim, l);
@@ -88,9 +95,21 @@ void validate_layer(const Header& h, int l, const Layer& layer, bool check_value
     for (const Tensor* t : {&layer.k, &layer.v}) {
       size_t bad_values = kvk::count_nonfinite(t->dtype(), t->data(), t->size());
       if (bad_values)
-        bad(str("layer ", l, ": ", t == &layer.k ? "k" : "v", " holds ", bad_values, " NaN/Inf values (--allow-nonfinite reads it anyway)"));
+        bad(str("layer ", l, ": ", t == &layer.k ? "k" : "v", " holds ", bad_values,
+                " NaN/Inf values (--allow-nonfinite reads it anyway)"));
     }
+    check_side_values(l, layer);
   }
+}
+
+void check_side_values(int l, const Layer& layer) {
+  for (const auto& [name, t] : {std::pair{"window_q", &layer.window_q},
+                                {"attn_acc", &layer.attn_acc},
+                                {"attn_last", &layer.attn_last},
+                                {"probe_q", &layer.probe_q}})
+    if (const size_t n = kvk::count_nonfinite(t->dtype(), t->data(), t->size()))
+      bad(str("layer ", l, ": ", name, " holds ", n,
+              " NaN/Inf values (--allow-nonfinite reads it anyway)"));
 }
 
 std::string quote_command_line(int argc, const char* const* argv) {
@@ -112,8 +131,7 @@ std::string quote_command_line(int argc, const char* const* argv) {
   return out;
 }
 
-void append_provenance(Header& h, const std::string& program, int argc,
-                       const char* const* argv) {
+void append_provenance(Header& h, const std::string& program, int argc, const char* const* argv) {
   Provenance rec;
   rec.program = program;
   rec.version = version();

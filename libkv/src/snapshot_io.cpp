@@ -1069,6 +1069,13 @@ void SnapshotReader::read_layer(int l, Layer& out) {
     throw Error(Exit::data,
                 str(impl_->where, ": layer ", l, ": ", k_bad ? "k" : "v", " holds ",
                     k_bad ? k_bad : v_bad, " NaN/Inf values (--allow-nonfinite reads it anyway)"));
+  if (check_values) {
+    try {
+      check_side_values(l, out);
+    } catch (const Error& e) {
+      throw Error(e.code(), impl_->where + ": " + e.what());
+    }
+  }
 }
 
 LayerStorage SnapshotReader::layer_storage(int l) {

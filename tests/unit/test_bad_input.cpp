@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <limits>
 
 #include "helpers.h"
 #include "kv/error.h"
@@ -177,6 +178,28 @@ TEST(BadInput, NonFiniteValuesAre65UnlessAllowed) {
   kv::ReadOptions allow;
   allow.allow_nonfinite = true;
   EXPECT_NO_THROW(kv::read_snapshot(path, allow));
+}
+
+TEST(BadInput, NonFiniteSideDataIs65UnlessAllowed) {
+  // The side data feeds scores and kv-eval's metrics: a NaN there would bend them silently.
+  for (const char* name : {"window_q", "attn_acc", "attn_last", "probe_q"}) {
+    kv::Snapshot snap = kvtest::tiny_snapshot(DType::f16, true, false);
+    kv::Layer& layer = snap.layers[1];
+    kv::Tensor& t = std::string(name) == "window_q"    ? layer.window_q
+                    : std::string(name) == "attn_acc"  ? layer.attn_acc
+                    : std::string(name) == "attn_last" ? layer.attn_last
+                                                       : layer.probe_q;
+    std::vector<float> x = t.to_f32();
+    ASSERT_GT(x.size(), 1u) << name;
+    x[1] = std::numeric_limits<float>::quiet_NaN();
+    t = kv::Tensor::from_f32(t.dtype(), t.rows(), t.cols(), x.data());
+    const std::string path = kvtest::temp_dir() + "/nan_side.kv.h5";
+    kv::write_snapshot(path, snap);
+    expect_error(path, Exit::data, std::string("layer 1: ") + name + " holds 1 NaN/Inf values");
+    kv::ReadOptions allow;
+    allow.allow_nonfinite = true;
+    EXPECT_NO_THROW(kv::read_snapshot(path, allow)) << name;
+  }
 }
 
 TEST(BadInput, NonFiniteF32AndBf16Detected) {

@@ -27,20 +27,27 @@ void Tool::add_input(std::string* input) {
 }
 
 void Tool::add_output_options() {
-  app_.add_option("-o,--output", output, "Snapshot to write; - writes stdout")
-      ->default_val("-");
+  app_.add_option("-o,--output", output, "Snapshot to write; - writes stdout")->default_val("-");
   app_.add_option("--codec", codec,
                   "Lossless codec for stored arrays: none, zstd[,LEVEL] (1-22, default 3), "
                   "deflate[,LEVEL] (0-9, default 6); both after a byte shuffle")
       ->default_val("none");
   app_.add_flag("--no-provenance", no_provenance,
                 "Do not append this run to the snapshot's provenance and history");
-  app_.add_flag("--force", force,
-                "Write binary output to a terminal, or replace the input file");
-  app_.add_flag("--allow-nonfinite", allow_nonfinite, "Accept NaN/Inf in keys and values");
+  app_.add_flag("--force", force, "Write binary output to a terminal, or replace the input file");
+  add_allow_nonfinite_option();
 }
 
-void Tool::add_json_option() { app_.add_flag("--json", json, "Print one JSON object"); }
+void Tool::add_allow_nonfinite_option(CLI::App* on) {
+  (on ? on : &app_)
+      ->add_flag("--allow-nonfinite", allow_nonfinite,
+                 "Accept NaN/Inf in keys and values and in the side data (window and probe "
+                 "queries, attention statistics)");
+}
+
+void Tool::add_json_option() {
+  app_.add_flag("--json", json, "Print one JSON object");
+}
 
 void Tool::add_device_option() {
   app_.add_option("--device", device, "Kernel backend: cpu, cuda or auto")
@@ -64,7 +71,8 @@ void Tool::check_output() const {
                       "(or --force)");
     return;
   }
-  std::string dir = output.find('/') == std::string::npos ? "." : output.substr(0, output.rfind('/'));
+  std::string dir =
+      output.find('/') == std::string::npos ? "." : output.substr(0, output.rfind('/'));
   if (dir.empty()) dir = "/";
   if (::access(dir.c_str(), W_OK) != 0)
     throw kv::Error(kv::Exit::cant_create, "cannot create '" + output + "': " + kv::errno_text());

@@ -23,6 +23,8 @@ class Tool {
   void add_output_options();
   // --json.
   void add_json_option();
+  // --allow-nonfinite, on the tool or on one of its subcommands.
+  void add_allow_nonfinite_option(CLI::App* on = nullptr);
   // --device cpu|cuda|auto.
   void add_device_option();
 

@@ -97,8 +97,12 @@ struct Snapshot {
 // Checks the header's own consistency; throws Error(Exit::data) naming the problem.
 void validate_header(const Header& h);
 // Checks a layer against the header: shapes, offsets, positions, mass; `check_values` also
-// rejects NaN/Inf in k and v. Throws Error(Exit::data) "layer L: ...".
+// rejects NaN/Inf in k and v and in the side data (check_side_values). Throws
+// Error(Exit::data) "layer L: ...".
 void validate_layer(const Header& h, int layer_index, const Layer& layer, bool check_values);
+// Rejects NaN/Inf in a layer's side data (window_q, attn_acc, attn_last, probe_q): scores and
+// kv-eval's metrics read them, and a NaN there would only bend the results without a word.
+void check_side_values(int layer_index, const Layer& layer);
 
 // Appends a provenance record for `program` run with argv, and the matching history line.
 void append_provenance(Header& h, const std::string& program, int argc, const char* const* argv);
