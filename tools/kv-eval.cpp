@@ -10,6 +10,7 @@
 #include "kv/backend.h"
 #include "kv/error.h"
 #include "kv/eval.h"
+#include "kv/file.h"
 #include "kv/json.h"
 #include "kv/model.h"
 #include "kv/plot.h"
@@ -19,42 +20,64 @@
 
 namespace {
 
+// Rejects an empty value where "" would otherwise be taken as "not given".
+const CLI::Validator kNonEmpty(
+    [](std::string& s) { return s.empty() ? std::string("must not be empty") : std::string(); }, "",
+    "non-empty");
+
+// One number by a printf format.
 std::string fmt(const char* f, double v) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, f, v);
-  return buf;
+  std::string out(size_t(std::snprintf(nullptr, 0, f, v)), '\0');
+  std::snprintf(out.data(), out.size() + 1, f, v);
+  return out;
+}
+
+// `s` left-aligned in at least `width` columns (longer text is kept whole).
+std::string pad(std::string s, size_t width) {
+  if (s.size() < width) s.append(width - s.size(), ' ');
+  return s;
+}
+
+// `s` right-aligned in at least `width` columns.
+std::string right(const std::string& s, size_t width) {
+  return s.size() < width ? std::string(width - s.size(), ' ') + s : s;
+}
+
+// One CSV field, quoted when it holds a comma, a quote or a line break (RFC 4180).
+std::string csv_field(const std::string& s) {
+  if (s.find_first_of(",\"\r\n") == std::string::npos) return s;
+  std::string out = "\"";
+  for (char c : s) out += c == '"' ? std::string("\"\"") : std::string(1, c);
+  return out + "\"";
 }
 
 void print_report(const std::string& path, std::string metric, const std::string& plot_path) {
+  if (kv::same_file(plot_path, path))
+    throw kv::Error(kv::Exit::usage,
+                    kv::str("--plot '", plot_path, "' is the results file; choose another name"));
   std::vector<kv::ResultRow> rows = kv::read_results(path, metric);
   const bool lower = kv::metric_lower_is_better(metric);
   std::string out = kv::str("  ", metric, lower ? " (lower is better)" : " (higher is better)",
                             " against bytes per token; * marks the Pareto front\n");
-  char line[512];
-  std::snprintf(line, sizeof line, "  %-28s %15s %9s %12s  %s\n", "label", "bytes/token", "ratio",
-                metric.c_str(), "front");
-  out += line;
+  out += kv::str("  ", pad("label", 28), " ", right("bytes/token", 15), " ", right("ratio", 9), " ",
+                 right(metric, 12), "  front\n");
   std::vector<double> x, y;
   std::vector<std::string> labels;
   std::vector<bool> front;
   for (const auto& r : rows) {
-    std::snprintf(line, sizeof line, "  %-28s %15.1f %9.4f %12.6f  %s\n", r.label.c_str(),
-                  r.bytes_per_token, r.ratio, r.metric, r.pareto ? "*" : "");
-    out += line;
+    out +=
+        kv::str("  ", pad(r.label, 28), fmt(" %15.1f", r.bytes_per_token), fmt(" %9.4f", r.ratio),
+                fmt(" %12.6f", r.metric), "  ", r.pareto ? "*" : "", "\n");
     x.push_back(r.bytes_per_token);
     y.push_back(r.metric);
     labels.push_back(r.label);
     front.push_back(r.pareto);
   }
-  if (!plot_path.empty()) {
-    const std::string svg = kv::svg_scatter_front(
-        x, y, labels, front, kv::str(metric, " against bytes per token (", path, ")"),
-        "bytes per token (k+v stored)", metric);
-    std::ofstream f(plot_path);
-    if (!f || !(f << svg) || !f.flush())
-      throw kv::Error(kv::Exit::cant_create,
-                      kv::str("cannot write '", plot_path, "': ", kv::errno_text()));
-  }
+  if (!plot_path.empty())
+    kv::write_file_atomically(
+        plot_path, kv::svg_scatter_front(x, y, labels, front,
+                                         kv::str(metric, " against bytes per token (", path, ")"),
+                                         "bytes per token (k+v stored)", metric));
   std::cout << out;
 }
 
@@ -85,22 +108,27 @@ int main(int argc, char** argv) {
                  "With --model: greedy-decode N tokens after the first probe token from each "
                  "cache and report their common prefix")
       ->check(CLI::Range(int64_t(1), int64_t(1) << 20));
-  app.add_option("--task", task,
-                 "With --model: 'recall': sentences from the prompt's first half, cued by their "
-                 "first tokens, must be continued exactly (exact-match rate of each cache)")
-      ->check(CLI::IsMember({"recall"}));
+  CLI::Option* task_option =
+      app.add_option(
+             "--task", task,
+             "With --model: 'recall': sentences from the prompt's first half, cued by their "
+             "first tokens, must be continued exactly (exact-match rate of each cache)")
+          ->check(CLI::IsMember({"recall"}));
   app.add_option("--recall-items", recall_max, "recall: at most this many sentences")
       ->default_val(8)
-      ->check(CLI::Range(1, 1000));
+      ->check(CLI::Range(1, 1000))
+      ->needs(task_option);
   app.add_flag("--speed", speed,
                "Time one decode step of attention over every layer of each cache (the first "
                "probe query of each head), with the memory bandwidth measured in the same run");
   app.add_flag("--per-layer", per_layer, "Show every layer, not only the totals");
   app.add_flag("--csv", csv, "Print one CSV header line and one row of totals");
   app.add_option("--append", append_path,
-                 "Append the result as one JSON line to FILE (results of sweeps)");
+                 "Append the result as one JSON line to FILE (results of sweeps); a failed "
+                 "write leaves FILE as it was")
+      ->check(kNonEmpty);
   app.add_option("--label", label, "A name for this candidate in the output");
-  app.add_flag("--allow-nonfinite", tool.allow_nonfinite, "Accept NaN/Inf in keys and values");
+  tool.add_allow_nonfinite_option();
   tool.add_json_option();
   tool.add_device_option();
 
@@ -110,18 +138,40 @@ int main(int argc, char** argv) {
       "Summarize a results file of --append lines: a table sorted by bytes per token "
       "with the Pareto front of a metric against bytes marked, and an SVG chart");
   report->add_option("RESULTS", results_path, "JSON Lines written by kv-eval --append")->required();
-  report->add_option("--plot", plot_path, "Write the chart of the metric against bytes per token");
-  report->add_option("--metric", metric,
-                     "Metric to rank by: " + kv::report_metric_names() +
-                         " (default: kl when every result has it, else rel_error)");
+  report
+      ->add_option("--plot", plot_path,
+                   "Write the chart of the metric against bytes per token (SVG; replaced whole, "
+                   "never left half-written)")
+      ->check(kNonEmpty);
+  report
+      ->add_option("--metric", metric,
+                   "Metric to rank by: " + kv::report_metric_names() +
+                       " (default: kl when every result has it, else rel_error)")
+      ->check(kNonEmpty);
   app.require_subcommand(0, 1);
 
   return tool.run(argc, argv, [&] {
     if (report->parsed()) {
+      // The report reads only its results file: an option meant for a comparison would be
+      // ignored without a word.
+      for (const CLI::Option* o : app.get_options())
+        if (o->count() > 0 && o->get_name() != "--quiet" && o->get_name() != "--threads")
+          throw kv::Error(kv::Exit::usage,
+                          kv::str("'", o->get_name(),
+                                  "' is not an option of 'kv-eval report' "
+                                  "(give report's options after the word report)"));
       print_report(results_path, metric, plot_path);
       return;
     }
     if (ref_path.empty()) throw kv::Error(kv::Exit::usage, "--ref REFERENCE is required");
+    if (ref_path == "-" && input == "-")
+      throw kv::Error(kv::Exit::usage,
+                      "the reference and the candidate cannot both be read from stdin");
+    for (const std::string& in : {ref_path, input})
+      if (kv::same_file(append_path, in))
+        throw kv::Error(kv::Exit::usage, kv::str("--append '", append_path, "' is the ",
+                                                 in == ref_path ? "reference" : "candidate",
+                                                 " snapshot; choose another name"));
     if (tool.json && csv) throw kv::Error(kv::Exit::usage, "give --json or --csv, not both");
     const bool on_cuda = std::string(kv::select_backend(tool.device).name) == "cuda";
     kv::SnapshotReader ref(ref_path, tool.read_options());
@@ -145,6 +195,15 @@ int main(int argc, char** argv) {
     if (!model_path.empty()) model = kv::Model::load(model_path);
     if (!task.empty() && !model->has_tokenizer())
       throw kv::Error(kv::Exit::usage, "--task recall needs a model with a tokenizer (GGUF)");
+    if (generate && h.n_tokens + 1 + generate > model->config().context)
+      throw kv::Error(
+          kv::Exit::usage,
+          kv::str("--generate ", generate, ": the snapshot's ", h.n_tokens, " tokens, the cue and ",
+                  generate,
+                  " new tokens exceed the model's "
+                  "context of ",
+                  model->config().context, " tokens (at most ",
+                  std::max<int64_t>(0, model->config().context - h.n_tokens - 1), " here)"));
 
     const int L = h.model.n_layers;
     kv::AttentionFidelity total;
@@ -185,6 +244,7 @@ int main(int argc, char** argv) {
     kv::ModelFidelity mf;
     if (model) {
       const auto ref_logits = kv::probe_logits(*model, h, ref_layers);
+      kv::check_model_reproduces_capture(h, ref_logits);
       const auto cand_logits = kv::probe_logits(*model, cand.header(), cand_layers);
       mf = kv::compare_logits(ref_logits, cand_logits, model->config().vocab, h.probe_tokens);
     }
@@ -272,20 +332,15 @@ int main(int argc, char** argv) {
     j.set("provenance", std::move(chain));
     if (per_layer) j.set("layers", std::move(layers));
 
-    if (!append_path.empty()) {
-      std::ofstream out(append_path, std::ios::app);
-      if (!out || !(out << j.dump() << "\n"))
-        throw kv::Error(kv::Exit::cant_create,
-                        kv::str("cannot append to '", append_path, "': ", kv::errno_text()));
-    }
+    if (!append_path.empty()) kv::append_to_file(append_path, j.dump() + "\n");
     if (tool.json) {
       std::cout << j.dump() << "\n";
     } else if (csv) {
       std::cout << "label,candidate,entries,kv_bytes,bytes_per_token,ratio_to_reference,"
                    "rel_error,cosine,mass_recall,topk_recall"
                 << (model ? ",ppl_reference,ppl_candidate,kl,top1_agreement" : "") << "\n";
-      std::cout << label << "," << cand.path() << "," << cand_entries << "," << cand_bytes << ","
-                << fmt("%.2f", per_token) << ","
+      std::cout << csv_field(label) << "," << csv_field(cand.path()) << "," << cand_entries << ","
+                << cand_bytes << "," << fmt("%.2f", per_token) << ","
                 << fmt("%.6f", double(cand_bytes) / double(ref_bytes)) << ","
                 << fmt("%.6f", total.rel_error / rows) << "," << fmt("%.6f", total.cosine / rows)
                 << "," << fmt("%.6f", total.mass_recall / rows) << ","

@@ -151,6 +151,27 @@ std::vector<float> probe_logits(const Model& model, const Header& header,
   return logits;
 }
 
+void check_model_reproduces_capture(const Header& reference, const std::vector<float>& logits) {
+  const Tensor& stored = reference.probe_logits;
+  if (stored.size() == 0 || reference.probe_tokens.empty()) return;
+  const int64_t vocab = stored.cols();
+  if (stored.size() != logits.size())
+    throw Error(Exit::data, str("the model gives ", logits.size(),
+                                " probe logits where the "
+                                "reference stores ",
+                                stored.size(),
+                                ": not the model it was "
+                                "captured with"));
+  // The caches hold keys and values rounded to their stored type (f16 by default), so the
+  // runtime's logits after them differ a little from the capture's own (kModelCheckKl).
+  const ModelFidelity f = compare_logits(stored.to_f32(), logits, vocab, reference.probe_tokens);
+  if (!(f.kl <= kModelCheckKl))
+    throw Error(Exit::data, str("the model does not reproduce the reference's captured probe "
+                                "logits (KL ",
+                                f.kl, " from them, top-1 agreement ", f.top1_agreement,
+                                "): not the model the caches came from?"));
+}
+
 ModelFidelity compare_logits(const std::vector<float>& ref, const std::vector<float>& cand,
                              int64_t vocab, const std::vector<int32_t>& probe_tokens) {
   const int64_t P = int64_t(probe_tokens.size());

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 
 namespace kv {
@@ -19,9 +20,32 @@ void viridis(float t, int rgb[3]) {
     rgb[c] = int(std::lround(stops[i][c] * (1 - f) + stops[i + 1][c] * f));
 }
 
+// The length of the well-formed UTF-8 sequence at s[i] (1-4), or 0 if there is none there.
+size_t utf8_length(const std::string& s, size_t i) {
+  const auto b = [&](size_t k) { return uint8_t(s[i + k]); };
+  const uint8_t c = b(0);
+  const size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+  if (n == 0 || i + n > s.size()) return 0;
+  for (size_t k = 1; k < n; ++k)
+    if ((b(k) & 0xc0) != 0x80) return 0;
+  const uint32_t cp =
+      n == 1   ? c
+      : n == 2 ? (c & 0x1fu) << 6 | (b(1) & 0x3fu)
+      : n == 3 ? (c & 0x0fu) << 12 | (b(1) & 0x3fu) << 6 | (b(2) & 0x3fu)
+               : (c & 0x07u) << 18 | (b(1) & 0x3fu) << 12 | (b(2) & 0x3fu) << 6 | (b(3) & 0x3fu);
+  const uint32_t least[5] = {0, 0, 0x80, 0x800, 0x10000};  // overlong forms are not UTF-8
+  if (cp < least[n] || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return 0;
+  return n;
+}
+
+// Text as XML character data: markup characters escaped, and what XML 1.0 cannot hold (control
+// characters but tab, newline and carriage return, bytes that are not UTF-8) shown as U+FFFD,
+// so a label from a results file cannot break the chart.
 std::string xml_escape(const std::string& s) {
   std::string out;
-  for (char c : s) {
+  for (size_t i = 0; i < s.size();) {
+    const char c = s[i];
+    const size_t n = utf8_length(s, i);
     if (c == '<')
       out += "&lt;";
     else if (c == '>')
@@ -30,9 +54,20 @@ std::string xml_escape(const std::string& s) {
       out += "&amp;";
     else if (c == '"')
       out += "&quot;";
+    else if (n == 0 || (uint8_t(c) < 0x20 && c != '\t' && c != '\n' && c != '\r'))
+      out += "&#xFFFD;";
     else
-      out += c;
+      out.append(s, i, n);
+    i += n ? n : 1;
   }
+  return out;
+}
+
+// A printf-formatted piece of markup of any length (labels and titles are not cut).
+template <typename... Args>
+std::string format(const char* f, Args... args) {
+  std::string out(size_t(std::snprintf(nullptr, 0, f, args...)), '\0');
+  std::snprintf(out.data(), out.size() + 1, f, args...);
   return out;
 }
 }  // namespace
@@ -51,71 +86,67 @@ std::string svg_heatmap(const std::vector<std::vector<float>>& cells,
   const double cell_w = plot_w / double(std::max<size_t>(cols, 1));
   const double plot_h = cell_h * double(rows), legend_y = top + plot_h + 40;
   std::string svg;
-  char buf[256];
-  std::snprintf(buf, sizeof buf,
-                "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" "
-                "font-family=\"sans-serif\" font-size=\"12\">\n",
-                left + plot_w + 20, legend_y + 50);
-  svg += buf;
+  svg += format(
+      "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" "
+      "font-family=\"sans-serif\" font-size=\"12\">\n",
+      left + plot_w + 20, legend_y + 50);
   svg += "<text x=\"" + std::to_string(int(left)) + "\" y=\"20\" font-size=\"15\">" +
          xml_escape(title) + "</text>\n";
   for (size_t r = 0; r < rows; ++r) {
     const double y = top + cell_h * double(r);
-    std::snprintf(buf, sizeof buf, "<text x=\"%.0f\" y=\"%.1f\" text-anchor=\"end\">%s</text>\n",
-                  left - 6, y + cell_h * 0.75,
-                  xml_escape(r < row_labels.size() ? row_labels[r] : "").c_str());
-    svg += buf;
+    svg +=
+        format("<text x=\"%.0f\" y=\"%.1f\" text-anchor=\"end\">%s</text>\n", left - 6,
+               y + cell_h * 0.75, xml_escape(r < row_labels.size() ? row_labels[r] : "").c_str());
     for (size_t c = 0; c < cols; ++c) {
       int rgb[3];
       viridis((cells[r][c] - lo) / (hi - lo), rgb);
-      std::snprintf(buf, sizeof buf,
-                    "<rect x=\"%.2f\" y=\"%.2f\" width=\"%.2f\" height=\"%.2f\" "
-                    "fill=\"#%02x%02x%02x\"/>\n",
-                    left + cell_w * double(c), y, cell_w + 0.05, cell_h + 0.05, rgb[0], rgb[1],
-                    rgb[2]);
-      svg += buf;
+      svg += format(
+          "<rect x=\"%.2f\" y=\"%.2f\" width=\"%.2f\" height=\"%.2f\" "
+          "fill=\"#%02x%02x%02x\"/>\n",
+          left + cell_w * double(c), y, cell_w + 0.05, cell_h + 0.05, rgb[0], rgb[1], rgb[2]);
     }
   }
   if (x_group > 0)  // separators between heads
     for (size_t c = size_t(x_group); c < cols; c += size_t(x_group)) {
-      std::snprintf(buf, sizeof buf,
-                    "<line x1=\"%.2f\" y1=\"%.0f\" x2=\"%.2f\" y2=\"%.2f\" stroke=\"white\" "
-                    "stroke-width=\"1\"/>\n",
-                    left + cell_w * double(c), top, left + cell_w * double(c), top + plot_h);
-      svg += buf;
+      svg += format(
+          "<line x1=\"%.2f\" y1=\"%.0f\" x2=\"%.2f\" y2=\"%.2f\" stroke=\"white\" "
+          "stroke-width=\"1\"/>\n",
+          left + cell_w * double(c), top, left + cell_w * double(c), top + plot_h);
     }
-  std::snprintf(buf, sizeof buf, "<text x=\"%.0f\" y=\"%.0f\">%s</text>\n", left, top + plot_h + 18,
+  svg += format("<text x=\"%.0f\" y=\"%.0f\">%s</text>\n", left, top + plot_h + 18,
                 xml_escape(x_label).c_str());
-  svg += buf;
   for (int i = 0; i < 100; ++i) {  // colour legend
     int rgb[3];
     viridis(float(i) / 99.0f, rgb);
-    std::snprintf(
-        buf, sizeof buf,
-        "<rect x=\"%.1f\" y=\"%.0f\" width=\"3.1\" height=\"12\" fill=\"#%02x%02x%02x\"/>\n",
-        left + 3.0 * i, legend_y, rgb[0], rgb[1], rgb[2]);
-    svg += buf;
+    svg +=
+        format("<rect x=\"%.1f\" y=\"%.0f\" width=\"3.1\" height=\"12\" fill=\"#%02x%02x%02x\"/>\n",
+               left + 3.0 * i, legend_y, rgb[0], rgb[1], rgb[2]);
   }
-  std::snprintf(buf, sizeof buf,
-                "<text x=\"%.0f\" y=\"%.0f\">%.3g</text><text x=\"%.0f\" y=\"%.0f\" "
-                "text-anchor=\"end\">%.3g</text>\n",
-                left, legend_y + 28, lo, left + 300, legend_y + 28, hi);
-  svg += buf;
+  svg += format(
+      "<text x=\"%.0f\" y=\"%.0f\">%.3g</text><text x=\"%.0f\" y=\"%.0f\" "
+      "text-anchor=\"end\">%.3g</text>\n",
+      left, legend_y + 28, lo, left + 300, legend_y + 28, hi);
   svg += "</svg>\n";
   return svg;
 }
 
 namespace {
-// About five round tick values covering [0, hi].
-std::vector<double> ticks(double hi) {
-  if (!(hi > 0)) hi = 1;
-  const double raw = hi / 5, mag = std::pow(10.0, std::floor(std::log10(raw)));
+// About five round tick values covering [min(lo, 0), max(hi, 0)], first and last included;
+// at most a dozen whatever the values (finite ones: callers check).
+std::vector<double> ticks(double lo, double hi) {
+  lo = std::min(lo, 0.0);
+  hi = std::max(hi, 0.0);
+  if (!(hi > lo)) hi = lo + 1;
+  const double raw = hi / 5 - lo / 5, mag = std::pow(10.0, std::floor(std::log10(raw)));
   const double step = raw / mag < 1.5   ? mag
                       : raw / mag < 3.5 ? 2 * mag
                       : raw / mag < 7.5 ? 5 * mag
                                         : 10 * mag;
+  const double first = std::floor(lo / step) * step;
+  const double count = std::ceil(hi / step - first / step - 1e-9);
   std::vector<double> t;
-  for (double v = 0; v <= hi * (1 + 1e-9) + step; v += step) t.push_back(v);
+  for (int k = 0; k <= int(std::clamp(count, 1.0, 12.0)); ++k) t.push_back(first + k * step);
+  if (!std::isfinite(t.back()) || !(t.back() > t.front())) return {lo, hi};  // near DBL_MAX
   return t;
 }
 }  // namespace
@@ -125,44 +156,45 @@ std::string svg_scatter_front(const std::vector<double>& x, const std::vector<do
                               const std::vector<bool>& front, const std::string& title,
                               const std::string& x_label, const std::string& y_label) {
   const double left = 80, top = 40, w = 640, h = 400;
-  double x_hi = 0, y_hi = 0;
-  for (size_t i = 0; i < x.size(); ++i) x_hi = std::max(x_hi, x[i]), y_hi = std::max(y_hi, y[i]);
-  const std::vector<double> xt = ticks(x_hi), yt = ticks(y_hi);
-  x_hi = xt.back();
-  y_hi = yt.back();
-  auto px = [&](double v) { return left + w * v / x_hi; };
-  auto py = [&](double v) { return top + h - h * v / y_hi; };
+  double x_lo = 0, x_hi = 0, y_lo = 0, y_hi = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    x_lo = std::min(x_lo, x[i]), x_hi = std::max(x_hi, x[i]);
+    y_lo = std::min(y_lo, y[i]), y_hi = std::max(y_hi, y[i]);
+  }
+  const std::vector<double> xt = ticks(x_lo, x_hi), yt = ticks(y_lo, y_hi);
+  // Positions from fractions of the axis span (v / span - first / span: no overflow near the
+  // largest doubles).
+  auto frac = [](double v, const std::vector<double>& t) {
+    return v / (t.back() - t.front()) - t.front() / (t.back() - t.front());
+  };
+  auto px = [&](double v) { return left + w * frac(v, xt); };
+  auto py = [&](double v) { return top + h - h * frac(v, yt); };
   std::string svg;
-  char buf[512];
-  std::snprintf(buf, sizeof buf,
-                "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" "
-                "font-family=\"sans-serif\" font-size=\"12\">\n"
-                "<text x=\"%.0f\" y=\"22\" font-size=\"15\">%s</text>\n"
-                "<rect x=\"%.0f\" y=\"%.0f\" width=\"%.0f\" height=\"%.0f\" fill=\"none\" "
-                "stroke=\"#888\"/>\n",
-                left + w + 160, top + h + 60, left, xml_escape(title).c_str(), left, top, w, h);
-  svg += buf;
+  svg += format(
+      "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" "
+      "font-family=\"sans-serif\" font-size=\"12\">\n"
+      "<text x=\"%.0f\" y=\"22\" font-size=\"15\">%s</text>\n"
+      "<rect x=\"%.0f\" y=\"%.0f\" width=\"%.0f\" height=\"%.0f\" fill=\"none\" "
+      "stroke=\"#888\"/>\n",
+      left + w + 160, top + h + 60, left, xml_escape(title).c_str(), left, top, w, h);
   for (double v : xt) {
-    std::snprintf(buf, sizeof buf,
-                  "<line x1=\"%.1f\" y1=\"%.0f\" x2=\"%.1f\" y2=\"%.0f\" stroke=\"#ddd\"/>"
-                  "<text x=\"%.1f\" y=\"%.0f\" text-anchor=\"middle\">%g</text>\n",
-                  px(v), top, px(v), top + h, px(v), top + h + 16, v);
-    svg += buf;
+    svg += format(
+        "<line x1=\"%.1f\" y1=\"%.0f\" x2=\"%.1f\" y2=\"%.0f\" stroke=\"#ddd\"/>"
+        "<text x=\"%.1f\" y=\"%.0f\" text-anchor=\"middle\">%g</text>\n",
+        px(v), top, px(v), top + h, px(v), top + h + 16, v);
   }
   for (double v : yt) {
-    std::snprintf(buf, sizeof buf,
-                  "<line x1=\"%.0f\" y1=\"%.1f\" x2=\"%.0f\" y2=\"%.1f\" stroke=\"#ddd\"/>"
-                  "<text x=\"%.0f\" y=\"%.1f\" text-anchor=\"end\">%g</text>\n",
-                  left, py(v), left + w, py(v), left - 6, py(v) + 4, v);
-    svg += buf;
+    svg += format(
+        "<line x1=\"%.0f\" y1=\"%.1f\" x2=\"%.0f\" y2=\"%.1f\" stroke=\"#ddd\"/>"
+        "<text x=\"%.0f\" y=\"%.1f\" text-anchor=\"end\">%g</text>\n",
+        left, py(v), left + w, py(v), left - 6, py(v) + 4, v);
   }
-  std::snprintf(buf, sizeof buf,
-                "<text x=\"%.0f\" y=\"%.0f\" text-anchor=\"middle\">%s</text>\n"
-                "<text x=\"16\" y=\"%.0f\" transform=\"rotate(-90 16 %.0f)\" "
-                "text-anchor=\"middle\">%s</text>\n",
-                left + w / 2, top + h + 40, xml_escape(x_label).c_str(), top + h / 2, top + h / 2,
-                xml_escape(y_label).c_str());
-  svg += buf;
+  svg += format(
+      "<text x=\"%.0f\" y=\"%.0f\" text-anchor=\"middle\">%s</text>\n"
+      "<text x=\"16\" y=\"%.0f\" transform=\"rotate(-90 16 %.0f)\" "
+      "text-anchor=\"middle\">%s</text>\n",
+      left + w / 2, top + h + 40, xml_escape(x_label).c_str(), top + h / 2, top + h / 2,
+      xml_escape(y_label).c_str());
   std::vector<size_t> on_front;
   for (size_t i = 0; i < x.size(); ++i)
     if (front[i]) on_front.push_back(i);
@@ -170,18 +202,16 @@ std::string svg_scatter_front(const std::vector<double>& x, const std::vector<do
   if (on_front.size() > 1) {
     svg += "<polyline fill=\"none\" stroke=\"#c0392b\" stroke-width=\"1.5\" points=\"";
     for (size_t i : on_front) {
-      std::snprintf(buf, sizeof buf, "%.1f,%.1f ", px(x[i]), py(y[i]));
-      svg += buf;
+      svg += format("%.1f,%.1f ", px(x[i]), py(y[i]));
     }
     svg += "\"/>\n";
   }
   for (size_t i = 0; i < x.size(); ++i) {
-    std::snprintf(buf, sizeof buf,
-                  "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"4\" fill=\"%s\" stroke=\"#c0392b\"/>"
-                  "<text x=\"%.1f\" y=\"%.1f\" font-size=\"10\">%s</text>\n",
-                  px(x[i]), py(y[i]), front[i] ? "#c0392b" : "white", px(x[i]) + 6, py(y[i]) - 4,
-                  xml_escape(i < labels.size() ? labels[i] : "").c_str());
-    svg += buf;
+    svg += format(
+        "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"4\" fill=\"%s\" stroke=\"#c0392b\"/>"
+        "<text x=\"%.1f\" y=\"%.1f\" font-size=\"10\">%s</text>\n",
+        px(x[i]), py(y[i]), front[i] ? "#c0392b" : "white", px(x[i]) + 6, py(y[i]) - 4,
+        xml_escape(i < labels.size() ? labels[i] : "").c_str());
   }
   svg += "</svg>\n";
   return svg;

@@ -114,6 +114,81 @@ expect_code 65 kv-eval --ref noprobe.kv.h5 noprobe.kv.h5
 expect_err_line "kv-capture --probe"
 expect_code 66 kv-eval --ref missing.kv.h5 random.kv.h5
 expect_code 73 kv-eval --ref full.kv.h5 --append no/such/dir/r.jsonl random.kv.h5
+expect_code 64 kv-eval --ref - 
+expect_err_line "cannot both be read from stdin"
+expect_code 64 kv-eval --ref full.kv.h5 --append '' random.kv.h5
+expect_code 64 kv-eval --ref full.kv.h5 --recall-items 3 random.kv.h5
+expect_err_line "requires --task"
+expect_code 64 kv-eval --ref full.kv.h5 -m "$model" --generate 2000 random.kv.h5
+expect_err_line "exceed the model's context of 2048 tokens \(at most 1747 here\)"
+expect_code 64 kv-eval --ref full.kv.h5 --json report results.jsonl
+expect_err_line "'--ref' is not an option of 'kv-eval report'"
+expect_code 66 kv-eval report .
+expect_err_line "Is a directory"
+
+# --model must be the model the caches came from: its probe logits after the reference must be
+# the captured ones. The llama2.c file holds the same weights as the GGUF (accepted); a copy with
+# its layers' attention norms scaled by 1.02 is not.
+bin="$KV_MODELS_DIR/stories260K.bin"
+kv-eval --ref full.kv.h5 -m "$bin" --json random.kv.h5 > bin.json && pass "--model: the llama2.c file of the same weights" || fail "bin model: $(cat bin.json)"
+/usr/bin/python3 - "$bin" <<'PY'
+import struct, sys
+data = bytearray(open(sys.argv[1], "rb").read())
+dim, hidden, layers, heads, kv_heads, vocab, ctx = struct.unpack("7i", data[:28])
+at = 28 + abs(vocab) * dim * 4  # rms_att_weight follows the token embeddings
+norms = struct.unpack(f"{layers * dim}f", data[at:at + layers * dim * 4])
+data[at:at + layers * dim * 4] = struct.pack(f"{layers * dim}f", *(1.02 * x for x in norms))
+open("other.bin", "wb").write(data)
+PY
+expect_code 65 kv-eval --ref full.kv.h5 -m other.bin random.kv.h5
+expect_err_line "does not reproduce the reference's captured probe logits"
+
+# Outputs: --append and --plot never write over an input, and a failed write leaves the file as
+# it was (a results file never ends in half a line; an old chart stays whole).
+cp full.kv.h5 ref.copy
+expect_code 64 kv-eval --ref full.kv.h5 --append full.kv.h5 random.kv.h5
+expect_err_line "is the reference snapshot"
+cmp -s full.kv.h5 ref.copy && pass "--append onto the reference: reference untouched" || fail "reference changed"
+cp results.jsonl results.copy
+expect_code 64 kv-eval report results.jsonl --plot results.jsonl
+cmp -s results.jsonl results.copy && pass "--plot onto the results: results untouched" || fail "results changed"
+expect_code 74 kv-eval --ref full.kv.h5 --append /dev/full random.kv.h5
+printf 'x\n' > small.jsonl
+cp pareto.svg pareto.copy
+(
+  trap '' XFSZ
+  ulimit -f 1  # 1024 bytes: a --per-layer line does not fit, nor does the chart
+  kv-eval --ref full.kv.h5 --per-layer --append small.jsonl random.kv.h5 2> append.err
+  echo "append $?" > codes
+  kv-eval report results.jsonl --plot pareto.svg > /dev/null 2> plot.err
+  echo "plot $?" >> codes
+)
+grep -q "^append 74$" codes && [ "$(cat small.jsonl)" = x ] && [ "$(wc -l < append.err)" = 1 ] \
+  && pass "a failed append: 74, one line, the file cut back" || fail "append under a size limit: $(cat codes append.err small.jsonl | head -c 300)"
+grep -q "^plot 74$" codes && cmp -s pareto.svg pareto.copy && [ -z "$(ls | grep '\.tmp')" ] \
+  && pass "a failed chart: 74, the old chart whole, no temporary file" || fail "plot under a size limit: $(cat codes plot.err; ls)"
+
+# CSV fields with commas and quotes are quoted (RFC 4180); report labels of any length or bytes.
+cp random.kv.h5 'my,cand.kv.h5'
+kv-eval --ref full.kv.h5 --label 'r, 25% "random"' --csv 'my,cand.kv.h5' > q.csv || fail "csv quoting run"
+/usr/bin/python3 - q.csv <<'PY' && pass "csv: quoted fields, as many as the header" || fail "csv quoting: $(cat q.csv)"
+import csv, sys
+head, row = list(csv.reader(open(sys.argv[1])))
+assert len(head) == len(row) and row[0] == 'r, 25% "random"' and row[1] == "my,cand.kv.h5", (head, row)
+PY
+/usr/bin/python3 - results.jsonl <<'PY' > odd.jsonl
+import json, sys
+row = json.loads(open(sys.argv[1]).readline())
+for label in ("x" * 600, "ctl\u0001 nul\u0000 <&>"):
+    row["label"] = label
+    print(json.dumps(row))
+PY
+kv-eval report odd.jsonl --plot odd.svg > odd.txt || fail "report of odd labels"
+/usr/bin/python3 -c "
+import xml.dom.minidom as m; d = m.parse('odd.svg'); assert len(d.getElementsByTagName('circle')) == 2
+lines = open('odd.txt').read().splitlines(); assert sum(l.startswith('  xxxx') for l in lines) == 1 and len(lines) == 4, lines
+" && pass "report: long and control-character labels, one table row each, well-formed SVG" || fail "odd labels: $(cat odd.txt)"
+
 if ! nvidia-smi >/dev/null 2>&1; then
   expect_code 69 kv-eval --ref full.kv.h5 --device cuda random.kv.h5
   expect_err_line "no usable GPU|built without CUDA"

@@ -47,6 +47,15 @@ struct ModelFidelity {
 std::vector<float> probe_logits(const Model& model, const Header& header,
                                 const std::vector<Layer>& layers);
 
+// Checks that `model` is the one the reference was captured with: its probe logits after the
+// reference cache (probe_logits) must match the ones kv-capture stored in the header, to within
+// a mean KL of kModelCheckKl. An f32 cache gives them bit for bit; stories260K's f16 cache, KL
+// 1.5e-7 (its keys and values rounded); the same model with its attention norms scaled by 1.02,
+// 6e-4. kvtk's GGUF and llama2.c loaders give identical logits. Error(Exit::data) otherwise;
+// nothing to check without stored logits.
+constexpr double kModelCheckKl = 1e-4;
+void check_model_reproduces_capture(const Header& reference, const std::vector<float>& logits);
+
 // Compares two probe logit tables [P, vocab] (reference first) for the probe tokens.
 ModelFidelity compare_logits(const std::vector<float>& ref, const std::vector<float>& cand,
                              int64_t vocab, const std::vector<int32_t>& probe_tokens);
