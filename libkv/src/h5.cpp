@@ -6,9 +6,16 @@
 
 namespace kv::h5 {
 
-void silence_errors() {
+void init_library() {
   static std::once_flag once;
-  std::call_once(once, [] { H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr); });
+  std::call_once(once, [] {
+    // No clean-up at exit: after a close that failed (disk full, a file size limit), HDF5
+    // 1.10's own clean-up crashes on the half-closed file (SIGSEGV in H5F__close_cb, after our
+    // error message). Every file is closed or discarded explicitly before then; the kernel
+    // releases the rest. Must come before anything else initializes the library.
+    H5dont_atexit();
+    H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+  });
 }
 
 hid_t check(hid_t id, Exit code, const std::string& what) {

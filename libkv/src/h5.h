@@ -47,8 +47,9 @@ class Handle {
   Closer closer_ = nullptr;
 };
 
-// Silences HDF5's automatic error printing for this process (idempotent).
-void silence_errors();
+// Prepares HDF5 for this process (idempotent; before any other HDF5 call): no automatic error
+// printing, and no clean-up at exit (see h5.cpp).
+void init_library();
 
 // Returns `id` if >= 0, else throws Error(code, what).
 hid_t check(hid_t id, Exit code, const std::string& what);

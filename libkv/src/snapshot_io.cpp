@@ -77,7 +77,7 @@ void register_zstd_filter() {
 namespace {
 
 void init_hdf5() {
-  h5::silence_errors();
+  h5::init_library();
   register_zstd_filter();
 }
 
@@ -90,9 +90,12 @@ std::string layer_name(int l) {
 constexpr size_t kChunkBytes = size_t(1) << 20;  // DESIGN: chunks of 256 KiB to 4 MiB
 
 // Writes an n-D dataset (dims.size() in 1..3) from memory laid out as `type`, with the codec.
+// A failed write says why (errno: a full disk, a file size limit), as HDF5's own error does not.
 void write_dataset(hid_t loc, const std::string& name, hid_t type, std::vector<hsize_t> dims,
                    const void* data, const Codec& codec) {
   const std::string what = "cannot write dataset '" + name + "'";
+  errno = 0;
+  auto failed = [&] { return Error(Exit::io, what + (errno ? ": " + errno_text() : "")); };
   Handle space(h5::check(H5Screate_simple(int(dims.size()), dims.data(), nullptr), Exit::io, what),
                H5Sclose);
   Handle dcpl(H5Pcreate(H5P_DATASET_CREATE), H5Pclose);
@@ -115,10 +118,10 @@ void write_dataset(hid_t loc, const std::string& name, hid_t type, std::vector<h
       H5Pset_deflate(dcpl, unsigned(codec.level));
     }
   }
-  Handle ds(h5::check(H5Dcreate2(loc, name.c_str(), type, space, H5P_DEFAULT, dcpl, H5P_DEFAULT),
-                      Exit::io, what),
-            H5Dclose);
-  if (n > 0) h5::check(H5Dwrite(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data), Exit::io, what);
+  Handle ds(H5Dcreate2(loc, name.c_str(), type, space, H5P_DEFAULT, dcpl, H5P_DEFAULT), H5Dclose);
+  if (!ds.valid()) throw failed();
+  if (n > 0 && H5Dwrite(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0) throw failed();
+  if (H5Dclose(ds.release()) < 0) throw failed();  // (the close writes what HDF5 held back)
 }
 
 void write_tensor(hid_t loc, const std::string& name, const Tensor& t, std::vector<hsize_t> dims,
@@ -1136,6 +1139,7 @@ struct SnapshotWriter::Impl {
 
   void open_output();
   void write_header();
+  void write_layer_data(int l, const Layer& layer);
   void discard();
 };
 
@@ -1287,6 +1291,11 @@ SnapshotWriter::SnapshotWriter(const std::string& path, const Header& header, Wr
   try {
     impl_->open_output();
     impl_->write_header();
+  } catch (const Error& e) {
+    impl_->discard();
+    if (e.code() != Exit::io) throw;
+    throw Error(Exit::io, str(path == "-" ? std::string("stdout") : "'" + path + "'", ": ",
+                              e.what()));
   } catch (...) {
     impl_->discard();
     throw;
@@ -1297,13 +1306,9 @@ SnapshotWriter::~SnapshotWriter() {
   if (!impl_->finished) impl_->discard();
 }
 
-void SnapshotWriter::write_layer(const Layer& layer) {
-  Impl& w = *impl_;
+void SnapshotWriter::Impl::write_layer_data(int l, const Layer& layer) {
+  Impl& w = *this;
   const Header& h = w.header;
-  if (w.next_layer >= h.model.n_layers)
-    throw Error(Exit::software, str("more layers written than the header's ", h.model.n_layers));
-  const int l = w.next_layer;
-  validate_layer(h, l, layer, /*check_values=*/false);
   Handle g = create_group(w.layers, layer_name(l));
   const Codec& codec = w.options.codec;
   const auto D = hsize_t(h.model.head_dim), H = hsize_t(h.model.n_q_heads);
@@ -1344,6 +1349,22 @@ void SnapshotWriter::write_layer(const Layer& layer) {
   }
   if (h.has_probe())
     write_tensor(g, "probe_q", layer.probe_q, {H, hsize_t(h.probe_tokens.size()), D}, codec);
+}
+
+void SnapshotWriter::write_layer(const Layer& layer) {
+  Impl& w = *impl_;
+  const Header& h = w.header;
+  if (w.next_layer >= h.model.n_layers)
+    throw Error(Exit::software, str("more layers written than the header's ", h.model.n_layers));
+  const int l = w.next_layer;
+  validate_layer(h, l, layer, /*check_values=*/false);
+  try {
+    w.write_layer_data(l, layer);
+  } catch (const Error& e) {
+    if (e.code() != Exit::io) throw;
+    const std::string where = w.target == "-" ? std::string("stdout") : "'" + w.target + "'";
+    throw Error(Exit::io, str(where, ": layer ", l, ": ", e.what()));
+  }
   ++w.next_layer;
 }
 
@@ -1370,7 +1391,9 @@ void SnapshotWriter::finish() {
     if (w.owns_fd) ::close(w.direct_fd);
     w.direct_fd = -1;
   } else {
-    if (H5Fclose(w.file.release()) < 0) throw Error(Exit::io, "cannot write " + where);
+    errno = 0;  // HDF5's error stack says "write failed"; errno says why
+    if (H5Fclose(w.file.release()) < 0)
+      throw Error(Exit::io, "cannot write " + where + (errno ? ": " + errno_text() : ""));
     if (::rename(w.temp_path.c_str(), w.target.c_str()) != 0)
       throw Error(Exit::cant_create, "cannot create " + where + ": " + errno_text());
     w.temp_path.clear();

@@ -33,6 +33,22 @@ expect_code 64 kv-synth -n 10 --window 11 -o partial.kv.h5
 [ ! -e partial.kv.h5 ] && [ -z "$(ls -A . | grep -v -E '^(good|cut|text)\.kv\.h5$|^ro$|^out$|^err$')" ] \
   && pass "no partial output" || fail "left behind: $(ls -A)"
 
+# A write that fails part way (a file size limit; the disk filling up alike): 74 with the reason,
+# one line, no crash in HDF5's clean-up, nothing left behind, an existing output kept whole.
+cp good.kv.h5 kept.kv.h5
+(
+  trap '' XFSZ
+  ulimit -f 8
+  kv-synth -n 2000 -o big.kv.h5 2> big.err; echo "new $?" > codes
+  kv-synth -n 2000 -o kept.kv.h5 2> kept.err; echo "kept $?" >> codes
+)
+grep -q "^new 74$" codes && [ "$(wc -l < big.err)" = 1 ] && grep -qE "^kv-synth: .*'big.kv.h5'.*: File too large$" big.err \
+  && pass "size limit: 74, one line with the reason" || fail "size limit: $(cat codes big.err)"
+grep -q "^kept 74$" codes && cmp -s good.kv.h5 kept.kv.h5 && [ ! -e big.kv.h5 ] \
+  && [ -z "$(ls -A | grep -i tmp)" ] && pass "size limit: nothing left, the old output whole" \
+  || fail "size limit leftovers: $(cat codes; ls -A)"
+rm -f kept.kv.h5 big.err kept.err codes
+
 expect_code 64 kv-synth --bogus
 expect_err_line "^kv-synth: The following argument was not expected: --bogus \(see kv-synth --help\)$"
 expect_code 64 kv-synth --codec lz4 -o x.kv.h5
