@@ -52,7 +52,7 @@ std::string csv_field(const std::string& s) {
 }
 
 void print_report(const std::string& path, std::string metric, const std::string& plot_path) {
-  if (kv::same_file(plot_path, path))
+  if (kv::same_file(path, plot_path))
     throw kv::Error(kv::Exit::usage,
                     kv::str("--plot '", plot_path, "' is the results file; choose another name"));
   std::vector<kv::ResultRow> rows = kv::read_results(path, metric);
@@ -168,7 +168,7 @@ int main(int argc, char** argv) {
       throw kv::Error(kv::Exit::usage,
                       "the reference and the candidate cannot both be read from stdin");
     for (const std::string& in : {ref_path, input})
-      if (kv::same_file(append_path, in))
+      if (kv::same_file(in, append_path))
         throw kv::Error(kv::Exit::usage, kv::str("--append '", append_path, "' is the ",
                                                  in == ref_path ? "reference" : "candidate",
                                                  " snapshot; choose another name"));

@@ -75,12 +75,15 @@ void append_to_file(const std::string& path, const std::string& text) {
   if (::close(fd) != 0) throw Error(Exit::io, str("cannot append to '", path, "': ", errno_text()));
 }
 
-bool same_file(const std::string& a, const std::string& b) {
-  if (a.empty() || b.empty() || a == "-" || b == "-") return false;
-  struct stat sa {
-  }, sb{};
-  return ::stat(a.c_str(), &sa) == 0 && ::stat(b.c_str(), &sb) == 0 && sa.st_dev == sb.st_dev &&
-         sa.st_ino == sb.st_ino;
+bool same_file(const std::string& input, const std::string& output) {
+  if (input.empty() || output.empty()) return false;
+  // "-" is the standard stream: stdin as an input, stdout as an output.
+  auto lookup = [](const std::string& path, int fd, struct stat& st) {
+    return path == "-" ? ::fstat(fd, &st) == 0 : ::stat(path.c_str(), &st) == 0;
+  };
+  struct stat in {}, out {};
+  return lookup(input, 0, in) && lookup(output, 1, out) && S_ISREG(in.st_mode) &&
+         in.st_dev == out.st_dev && in.st_ino == out.st_ino;
 }
 
 }  // namespace kv

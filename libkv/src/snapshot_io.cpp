@@ -1156,6 +1156,10 @@ void SnapshotWriter::Impl::open_output() {
   if (options.codec.kind == Codec::Kind::none)
     h5::check(H5Pset_alignment(fapl, kAlignThreshold, kAlignment), Exit::software,
               "cannot set the HDF5 alignment");
+  if (!options.force && same_file(options.input_path, target))
+    throw Error(Exit::usage, "output " + where +
+                                 " is the input file; choose another name "
+                                 "(or --force to replace it)");
   struct stat st {};
   bool exists = target != "-" && ::stat(target.c_str(), &st) == 0;
   if (target == "-") {
@@ -1186,10 +1190,6 @@ void SnapshotWriter::Impl::open_output() {
     if (!file.valid()) throw Error(Exit::software, "cannot create an in-memory HDF5 file");
     return;
   }
-  if (exists && !options.force && same_file(options.input_path, target))
-    throw Error(Exit::usage, "output " + where +
-                                 " is the input file; choose another name "
-                                 "(or --force to replace it)");
   std::string dir = ".", base = target;
   if (auto slash = target.rfind('/'); slash != std::string::npos) {
     dir = slash == 0 ? "/" : target.substr(0, slash);

@@ -1,6 +1,7 @@
 // kv-eval report's pieces: the results reader (checks, Pareto front), the SVG chart (any label,
 // any finite value), and the whole-or-nothing file writes behind --append and --plot.
 #include <gtest/gtest.h>
+#include <fcntl.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -195,5 +196,14 @@ TEST(File, SameFileFollowsLinksNotNames) {
   EXPECT_TRUE(kv::same_file(dir + "/a", dir + "/./a"));
   EXPECT_FALSE(kv::same_file(dir + "/a", dir + "/b"));
   EXPECT_FALSE(kv::same_file(dir + "/a", dir + "/missing"));
-  EXPECT_FALSE(kv::same_file("-", "-"));
+  // "-" as the input is stdin: a tool reading IN from stdin must not write -o IN.
+  const int saved = ::dup(0);
+  const int in = ::open((dir + "/a").c_str(), O_RDONLY);
+  ASSERT_GE(in, 0);
+  ASSERT_EQ(::dup2(in, 0), 0);
+  EXPECT_TRUE(kv::same_file("-", dir + "/link"));
+  EXPECT_FALSE(kv::same_file("-", dir + "/b"));
+  ::dup2(saved, 0);
+  ::close(in);
+  ::close(saved);
 }

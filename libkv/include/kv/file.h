@@ -21,8 +21,10 @@ inline void write_file_atomically(const std::string& path, const std::string& te
 // when it cannot be opened, 74 when a write fails.
 void append_to_file(const std::string& path, const std::string& text);
 
-// Whether two paths name the same existing file (same device and inode); false if either is
-// missing or is "-" (stdin/stdout).
-bool same_file(const std::string& a, const std::string& b);
+// Whether an output would land on an input: both name the same existing regular file (same
+// device and inode, so links and other spellings count). "-" is stdin as the input and stdout
+// as the output, so `tool - -o IN < IN` and `tool IN >> IN` are caught too. False if either is
+// empty or missing.
+bool same_file(const std::string& input, const std::string& output);
 
 }  // namespace kv
