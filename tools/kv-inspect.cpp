@@ -6,6 +6,7 @@
 #include "common/tool.h"
 #include "kv/backend.h"
 #include "kv/error.h"
+#include "kv/file.h"
 #include "kv/json.h"
 #include "kv/plot.h"
 #include "kv/stats.h"
@@ -71,6 +72,9 @@ int main(int argc, char** argv) {
 
   return tool.run(argc, argv, [&] {
     const kvk::Ops& ops = kv::select_backend(tool.device);
+    if (kv::same_file(input, plot))
+      throw kv::Error(kv::Exit::usage,
+                      kv::str("--plot '", plot, "' is the input snapshot; choose another name"));
     kv::SnapshotReader reader(input, tool.read_options());
     const kv::Header& h = reader.header();
     const kv::ModelInfo& m = h.model;
@@ -162,10 +166,7 @@ int main(int argc, char** argv) {
                                                m.head_dim, ")");
       std::string svg =
           kv::svg_heatmap(heat, heat_labels, title, x, only_head >= 0 ? 0 : m.head_dim);
-      std::ofstream out(plot);
-      out << svg;
-      out.close();
-      if (!out) throw kv::Error(kv::Exit::cant_create, "cannot write '" + plot + "'");
+      kv::write_file_atomically(plot, svg);
     }
 
     const double ratio = dense_f16 ? double(kv_stored) / double(dense_f16) : 0.0;

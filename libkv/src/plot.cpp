@@ -13,7 +13,7 @@ void viridis(float t, int rgb[3]) {
   static const int stops[9][3] = {{68, 1, 84},    {71, 44, 122},  {59, 81, 139},
                                   {44, 113, 142}, {33, 144, 141}, {39, 173, 129},
                                   {92, 200, 99},  {170, 220, 50}, {253, 231, 37}};
-  t = std::clamp(t, 0.0f, 1.0f) * 8.0f;
+  t = (t >= 0.0f ? std::min(t, 1.0f) : 0.0f) * 8.0f;  // (NaN: 0, not an index out of range)
   int i = std::min(int(t), 7);
   float f = t - float(i);
   for (int c = 0; c < 3; ++c)
@@ -76,10 +76,14 @@ std::string svg_heatmap(const std::vector<std::vector<float>>& cells,
                         const std::vector<std::string>& row_labels, const std::string& title,
                         const std::string& x_label, int x_group) {
   const size_t rows = cells.size(), cols = rows ? cells[0].size() : 0;
-  float lo = INFINITY, hi = -INFINITY;
+  float lo = INFINITY, hi = -INFINITY;  // over the finite cells (NaN and Inf: drawn grey)
   for (const auto& r : cells)
-    for (float x : r) lo = std::min(lo, x), hi = std::max(hi, x);
-  if (!(hi > lo)) hi = lo + 1;
+    for (float x : r)
+      if (std::isfinite(x)) lo = std::min(lo, x), hi = std::max(hi, x);
+  if (!std::isfinite(lo))
+    lo = 0, hi = 1;  // no finite cell at all
+  else if (!(hi > lo))
+    hi = lo + 1;
   // Cells stretch to a fixed plot width so wide layers (8 heads x 128 channels) stay readable.
   const double left = 70, top = 40, plot_w = 900,
                cell_h = std::clamp(600.0 / std::max<size_t>(rows, 1), 6.0, 24.0);
@@ -98,8 +102,8 @@ std::string svg_heatmap(const std::vector<std::vector<float>>& cells,
         format("<text x=\"%.0f\" y=\"%.1f\" text-anchor=\"end\">%s</text>\n", left - 6,
                y + cell_h * 0.75, xml_escape(r < row_labels.size() ? row_labels[r] : "").c_str());
     for (size_t c = 0; c < cols; ++c) {
-      int rgb[3];
-      viridis((cells[r][c] - lo) / (hi - lo), rgb);
+      int rgb[3] = {128, 128, 128};
+      if (std::isfinite(cells[r][c])) viridis((cells[r][c] - lo) / (hi - lo), rgb);
       svg += format(
           "<rect x=\"%.2f\" y=\"%.2f\" width=\"%.2f\" height=\"%.2f\" "
           "fill=\"#%02x%02x%02x\"/>\n",

@@ -49,6 +49,19 @@ grep -q "^kept 74$" codes && cmp -s good.kv.h5 kept.kv.h5 && [ ! -e big.kv.h5 ] 
   || fail "size limit leftovers: $(cat codes; ls -A)"
 rm -f kept.kv.h5 big.err kept.err codes
 
+# An input never becomes the output, also through stdin and stdout.
+cp good.kv.h5 in.kv.h5
+expect_code 64 sh -c 'kv-evict -s window -r 0.5 -o in.kv.h5 < in.kv.h5'
+expect_err_line "output 'in.kv.h5' is the input file"
+expect_code 64 sh -c 'kv-evict -s window -r 0.5 in.kv.h5 >> in.kv.h5'
+expect_err_line "output stdout is the input file"
+cmp -s good.kv.h5 in.kv.h5 && pass "input untouched through stdin and stdout" || fail "in.kv.h5 changed"
+expect_code 64 kv-inspect --plot in.kv.h5 in.kv.h5
+cmp -s good.kv.h5 in.kv.h5 && pass "kv-inspect --plot onto its input: refused" || fail "in.kv.h5 changed by --plot"
+expect_code 74 sh -c 'kv-inspect in.kv.h5 > /dev/full'
+expect_err_line "^kv-inspect: cannot write to stdout: No space left on device$"
+rm -f in.kv.h5
+
 expect_code 64 kv-synth --bogus
 expect_err_line "^kv-synth: The following argument was not expected: --bogus \(see kv-synth --help\)$"
 expect_code 64 kv-synth --codec lz4 -o x.kv.h5

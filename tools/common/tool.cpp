@@ -64,6 +64,7 @@ kv::WriteOptions Tool::write_options(const std::string& input_path) const {
 }
 
 void Tool::check_output() const {
+  kv::Codec::parse(codec);  // a bad --codec, before any work
   if (output == "-") {
     if (isatty(1) && !force)
       throw kv::Error(kv::Exit::usage,
@@ -129,6 +130,11 @@ int Tool::run(int argc, char** argv, const std::function<void()>& body) {
   if (threads > 0) omp_set_num_threads(threads);
   try {
     body();
+    // Text on stdout (tables, JSON, generated text) is buffered: a full disk or a closed pipe
+    // shows only now, and must not pass for success.
+    std::cout.flush();
+    if (std::fflush(stdout) != 0 || std::ferror(stdout) || !std::cout)
+      throw kv::Error(kv::Exit::io, "cannot write to stdout: " + kv::errno_text());
     report_peak_rss(name_);
     return 0;
   } catch (const kv::Error& e) {
