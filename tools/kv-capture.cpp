@@ -1,7 +1,9 @@
 // kv-capture: run a real model over a prompt and write its KV cache with side data.
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -11,16 +13,29 @@
 #include "common/tool.h"
 #include "kv/capture.h"
 #include "kv/error.h"
+#include "kv/file.h"
+#include "kv/json.h"
 #include "kv/str.h"
 
 namespace {
 
 std::string read_text(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode))
+    throw kv::Error(kv::Exit::no_input, "cannot open '" + path + "': Is a directory");
   std::ifstream in(path, std::ios::binary);
   if (!in) throw kv::Error(kv::Exit::no_input, "cannot open '" + path + "': " + kv::errno_text());
   std::ostringstream ss;
   ss << in.rdbuf();
+  if (in.bad()) throw kv::Error(kv::Exit::io, "cannot read '" + path + "': " + kv::errno_text());
   return ss.str();
+}
+
+// Text the tokenizer and the snapshot's /text take: no NUL (HDF5 strings end there).
+std::string checked_text(std::string text, const std::string& what) {
+  if (const size_t at = text.find('\0'); at != std::string::npos)
+    throw kv::Error(kv::Exit::data, kv::str(what, " holds a NUL byte (at byte ", at, ")"));
+  return text;
 }
 
 std::vector<int32_t> read_token_ids(const std::string& path) {
@@ -100,6 +115,16 @@ int main(int argc, char** argv) {
       model_path = env_model;
     }
     if (!ppl && (generate == 0 || tool.output != "-")) tool.check_output();  // fail before the model runs
+    if (!ppl && !tool.force)  // the snapshot must not land on a file this run reads
+      for (const auto& [path, what] : {std::pair{&model_path, "the model (-m)"},
+                                       {&tokenizer_path, "the tokenizer (--tokenizer)"},
+                                       {&text_file, "the prompt file (-f)"},
+                                       {&tokens_file, "the token file (--tokens)"},
+                                       {&probe_file, "the probe file (--probe-file)"}})
+        if (kv::same_file(*path, tool.output))
+          throw kv::Error(kv::Exit::usage,
+                          kv::str("output ", tool.output == "-" ? "stdout" : "'" + tool.output + "'",
+                                  " is ", what, "; choose another name (or --force to replace it)"));
     auto model = kv::Model::load(model_path, tokenizer_path);
     const kv::ModelConfig& c = model->config();
     const int64_t cap = ctx ? std::min<int64_t>(ctx, c.context) : c.context;
@@ -118,10 +143,15 @@ int main(int argc, char** argv) {
       auto t0 = std::chrono::steady_clock::now();
       double value = kv::perplexity(*model, docs, &scored);
       double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      if (tool.json)
-        std::printf("{\"model\":\"%s\",\"paragraphs\":%zu,\"tokens_scored\":%lld,\"perplexity\":%.6f,\"seconds\":%.3f}\n",
-                    c.name.c_str(), docs.size(), (long long)scored, value, secs);
-      else
+      if (!std::isfinite(value))
+        throw kv::Error(kv::Exit::data, kv::str("the model's perplexity is ", value,
+                                                ": its weights or settings are not usable"));
+      if (tool.json) {
+        kv::Json j = kv::Json::object();
+        j.set("model", c.name).set("paragraphs", int64_t(docs.size()));
+        j.set("tokens_scored", scored).set("perplexity", value).set("seconds", secs);
+        std::printf("%s\n", j.dump().c_str());
+      } else
         std::printf("perplexity %.4f over %lld tokens of %zu paragraphs (%s, %.1f tokens/s)\n", value,
                     (long long)scored, docs.size(), c.name.c_str(), double(scored) / secs);
       return;
@@ -133,8 +163,8 @@ int main(int argc, char** argv) {
     if (!tokens_file.empty()) {
       all = read_token_ids(tokens_file);
     } else {
-      if (!text_file.empty()) text = read_text(text_file);
-      else if (p_opt->count()) text = prompt_text;
+      if (!text_file.empty()) text = checked_text(read_text(text_file), "'" + text_file + "'");
+      else if (p_opt->count()) text = checked_text(prompt_text, "the prompt");
       else throw kv::Error(kv::Exit::usage, "no prompt: pass -p TEXT, -f FILE or --tokens FILE");
       all = model->tokenizer().encode(text, true);
     }
@@ -142,7 +172,8 @@ int main(int argc, char** argv) {
       throw kv::Error(kv::Exit::data, "the prompt is empty (no tokens besides BOS)");
     std::vector<int32_t> probe_tokens;
     if (!probe_file.empty()) {
-      probe_tokens = model->tokenizer().encode(read_text(probe_file), false);
+      probe_tokens =
+          model->tokenizer().encode(checked_text(read_text(probe_file), "'" + probe_file + "'"), false);
       if (probe && int64_t(probe_tokens.size()) > probe) probe_tokens.resize(size_t(probe));
     }
     const int64_t from_input = probe_file.empty() ? probe : 0;
@@ -162,7 +193,8 @@ int main(int argc, char** argv) {
       std::string s = model->has_tokenizer() ? model->tokenizer().decode(out) : "";
       if (!model->has_tokenizer())
         for (int32_t id : out) s += std::to_string(id) + " ";
-      std::printf("%s\n", s.c_str());
+      s += "\n";
+      std::fwrite(s.data(), 1, s.size(), stdout);  // (whole: a token may decode to a NUL)
       std::fflush(stdout);
       if (tool.output == "-") return;  // stdout carried the text: no snapshot without -o
     }

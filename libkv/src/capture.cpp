@@ -5,6 +5,7 @@
 
 #include "kv/error.h"
 #include "kv/str.h"
+#include "kvk/ops.h"
 
 namespace kv {
 
@@ -24,6 +25,13 @@ Tensor first_columns(const std::vector<float>& m, int64_t rows, int64_t stride, 
   std::vector<float> out(size_t(rows * cols));
   for (int64_t r = 0; r < rows; ++r) std::copy_n(&m[size_t(r * stride)], cols, &out[size_t(r * cols)]);
   return Tensor::from_f32(DType::f32, rows, cols, out.data());
+}
+
+// A corrupt model (NaN/Inf in its weights or settings) runs without complaint: say so.
+void require_finite(const float* x, size_t n, const char* what) {
+  if (kvk::count_nonfinite(DType::f32, x, n))
+    throw Error(Exit::data, str("the model computed NaN/Inf in ", what,
+                                ": its weights or settings are not usable (a corrupt file?)"));
 }
 
 }  // namespace
@@ -96,6 +104,19 @@ Snapshot capture(const Model& model, const std::vector<int32_t>& prompt,
     if (options.probe_logits) h.probe_logits = Tensor::from_f32(DType::f32, P, c.vocab, probe_logits.data());
     for (int l = 0; l < c.n_layers; ++l)
       snap.layers[size_t(l)].probe_q = by_head(session.queries[size_t(l)], P, Hq, D);
+    require_finite(probe_logits.data(), probe_logits.size(), "the probe's logits");
+  }
+  // A model whose weights or settings hold NaN/Inf (a corrupt file) runs without complaint and
+  // writes a cache every reader rejects: say so here, naming the first place it shows.
+  for (int l = 0; l < c.n_layers; ++l) {
+    const Layer& layer = snap.layers[size_t(l)];
+    for (const auto& [t, what] : {std::pair{&layer.k, "keys"}, {&layer.v, "values"},
+                                  {&layer.window_q, "window queries"},
+                                  {&layer.attn_acc, "attention statistics"},
+                                  {&layer.probe_q, "probe queries"}})
+      if (kvk::count_nonfinite(t->dtype(), t->data(), t->size()))
+        throw Error(Exit::data, str("the model computed NaN/Inf ", what, " in layer ", l,
+                                    ": its weights or settings are not usable (a corrupt file?)"));
   }
   return snap;
 }
@@ -105,6 +126,7 @@ std::vector<int32_t> continue_greedy(const Model& model, Session& session,
   std::vector<int32_t> out;
   const int eos = model.has_tokenizer() ? model.tokenizer().eos() : -1;
   while (int64_t(out.size()) < steps) {
+    require_finite(logits.data(), logits.size(), "the next-token logits");
     const int32_t next = int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
     out.push_back(next);
     if (next == eos || int64_t(out.size()) >= steps || session.n_past() >= session.capacity()) break;
@@ -115,7 +137,9 @@ std::vector<int32_t> continue_greedy(const Model& model, Session& session,
 
 std::vector<int32_t> generate_greedy(const Model& model, const std::vector<int32_t>& prompt, int64_t steps) {
   if (prompt.empty()) throw Error(Exit::usage, "the prompt is empty");
-  const int64_t cap = std::min<int64_t>(model.config().context, int64_t(prompt.size()) + steps);
+  // (steps first capped, so the sum cannot overflow)
+  const int64_t cap = std::min<int64_t>(
+      model.config().context, int64_t(prompt.size()) + std::min<int64_t>(steps, model.config().context));
   if (int64_t(prompt.size()) > cap)
     throw Error(Exit::usage, str("the prompt (", prompt.size(), " tokens) exceeds the model's context"));
   Session session(model, cap);

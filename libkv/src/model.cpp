@@ -164,32 +164,40 @@ void Model::load_gguf(const std::string& path) {
   const std::string arch = g.has("general.architecture") ? g.get("general.architecture").as_string("general.architecture") : "";
   if (arch != "llama")
     bad(where + ": unsupported architecture '" + arch + "' (kvtk runs llama-family models: Llama 1/2/3, Mistral, TinyLlama, stories)");
-  auto geti = [&](const std::string& key, int64_t def, bool required) -> int64_t {
+  // A shape value: a 64-bit field in GGUF, an int here (2^32 + 5 layers must not become 5).
+  auto geti = [&](const std::string& key, int64_t def, bool required) -> int {
     const std::string k = "llama." + key;
     if (!g.has(k)) {
       if (required) bad(where + ": missing metadata '" + k + "'");
-      return def;
+      return int(def);
     }
-    return g.get(k).as_int(k);
+    const int64_t v = g.get(k).as_int(k);
+    if (v < 0 || v > (int64_t(1) << 24))
+      bad(str(where, ": metadata '", k, "' is ", v, ", outside [0, 2^24]"));
+    return int(v);
   };
   ModelConfig& c = config_;
   c.arch = "llama";
   // Converters often leave general.name as the architecture ("llama"); the file name says more.
   c.name = g.has("general.name") ? g.get("general.name").as_string("general.name") : "";
   if (c.name.empty() || c.name == arch) c.name = file_stem(path);
-  c.n_layers = int(geti("block_count", 0, true));
-  c.dim = int(geti("embedding_length", 0, true));
-  c.hidden = int(geti("feed_forward_length", 0, true));
-  c.n_heads = int(geti("attention.head_count", 0, true));
-  c.n_kv_heads = int(geti("attention.head_count_kv", c.n_heads, false));
-  c.context = int(geti("context_length", 0, true));
+  c.n_layers = geti("block_count", 0, true);
+  c.dim = geti("embedding_length", 0, true);
+  c.hidden = geti("feed_forward_length", 0, true);
+  c.n_heads = geti("attention.head_count", 0, true);
+  c.n_kv_heads = geti("attention.head_count_kv", c.n_heads, false);
+  c.context = geti("context_length", 0, true);
   if (c.n_heads <= 0 || c.dim <= 0 || c.dim % c.n_heads)
     bad(str(where, ": embedding_length ", c.dim, " is not a positive multiple of head_count ", c.n_heads));
   c.head_dim = c.dim / c.n_heads;
-  c.rope_dims = int(geti("rope.dimension_count", c.head_dim, false));
+  c.rope_dims = geti("rope.dimension_count", c.head_dim, false);
   if (g.has("llama.rope.freq_base")) c.rope_theta = g.get("llama.rope.freq_base").as_float("llama.rope.freq_base");
   if (g.has("llama.attention.layer_norm_rms_epsilon"))
     c.norm_eps = float(g.get("llama.attention.layer_norm_rms_epsilon").as_float("llama.attention.layer_norm_rms_epsilon"));
+  if (!(c.norm_eps > 0) || !std::isfinite(c.norm_eps) || !(c.rope_theta > 0) ||
+      !std::isfinite(c.rope_theta))
+    bad(str(where, ": layer_norm_rms_epsilon ", c.norm_eps, " and rope.freq_base ", c.rope_theta,
+            " must be finite and positive"));
   const GgufTensor* embd = g.find_tensor("token_embd.weight");
   if (!embd || embd->dims.size() != 2) bad(where + ": tensor 'token_embd.weight' is missing");
   c.vocab = int(embd->dims[1]);
@@ -288,9 +296,13 @@ void Model::load_llama2c(const std::string& path, const std::string& tokenizer_p
   int64_t need = int64_t(c.vocab) * D + L * per_layer + D;
   if (format_ == "llama2.c legacy") need += int64_t(c.context) * c.head_dim;  // freq_cis_real/imag
   if (!shared) need += int64_t(c.vocab) * D;
-  if (int64_t(map_size_) < int64_t(header) + need * 4)
-    bad(str(where, ": llama2.c checkpoint is truncated (", map_size_, " bytes, the header implies ",
-            int64_t(header) + need * 4, ")"));
+  // Exactly: a header field changed (hidden_dim 1, 3 layers instead of 5) would otherwise read
+  // a prefix of the weights as a smaller model.
+  if (int64_t(map_size_) != int64_t(header) + need * 4)
+    bad(str(where, ": llama2.c checkpoint is ", map_size_, " bytes where its header implies ",
+            int64_t(header) + need * 4, int64_t(map_size_) < int64_t(header) + need * 4
+                                            ? " (truncated)"
+                                            : " (a header field is wrong, or bytes follow)"));
   const float* f = reinterpret_cast<const float*>(base + header);
   auto take = [&](int64_t rows, int64_t cols) {
     Weight w{GgmlType::F32, reinterpret_cast<const uint8_t*>(f), rows, cols};

@@ -153,8 +153,14 @@ Tokenizer Tokenizer::from_llama2c(const std::string& path, int vocab_size) {
     scores.push_back(score);
     off += size_t(len);
   }
-  // Trailing bytes are ignored, as llama2.c does (the checkpoint may use fewer tokens).
-  return Tokenizer(std::move(pieces), std::move(scores), 1, 2);
+  // llama2.c itself ignores what follows; here it means a tokenizer of another vocabulary (a
+  // 1024-token file with a 512-token model), which would decode the wrong pieces silently.
+  Tokenizer t(std::move(pieces), std::move(scores), 1, 2);
+  if (off != size)
+    throw Error(Exit::data, path + ": " + std::to_string(size - off) + " bytes follow token " +
+                                std::to_string(vocab_size - 1) + ": a tokenizer of more tokens "
+                                "than the model's " + std::to_string(vocab_size) + "?");
+  return t;
 }
 
 Tokenizer Tokenizer::from_gguf(const GgufFile& gguf) {

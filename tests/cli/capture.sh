@@ -300,4 +300,44 @@ if [ "$(id -u)" != 0 ]; then
   chmod 755 ro
 fi
 
+# Inputs are never overwritten: the snapshot may not land on the model, the prompt or the
+# tokenizer (by name or through stdout), and no output is left behind.
+cp "$GGUF" m.gguf
+expect_code 64 kv-capture -m m.gguf "${P[@]}" -o m.gguf
+expect_err_line "is the model \(-m\); choose another name"
+cmp -s m.gguf "$GGUF" && pass "-o onto the model: model untouched" || fail "model changed"
+expect_code 64 sh -c 'kv-capture -m m.gguf -f text.txt >> text.txt'
+expect_err_line "output stdout is the prompt file \(-f\)"
+[ "$(cat text.txt)" = "Once upon a time there was a text file." ] && pass "stdout onto the prompt: prompt untouched" || fail "text.txt changed"
+# A directory as a text file is "cannot open" (66); a NUL byte in the prompt is bad data.
+mkdir -p adir
+bad 66 "cannot open 'adir': Is a directory" -m "$GGUF" -f adir
+printf 'Once upon\0 a time' > nul.txt
+bad 65 "'nul.txt' holds a NUL byte \(at byte 9\)" -m "$GGUF" -f nul.txt
+# A bad --codec is refused before the model runs (nothing on stdout).
+bad 64 "unknown codec 'lz4'" -m "$GGUF" "${P[@]}" --generate 5 --codec lz4
+# Text on stdout that cannot be written is an error, not success.
+expect_code 74 sh -c "kv-capture -m '$GGUF' -p 'Once upon a time' --generate 5 > /dev/full"
+expect_err_line "cannot write to stdout"
+# --generate beyond the context stops at it (no overflow of N + the prompt).
+kv-capture -m "$BIN" --tokenizer "$TOK" "${P[@]}" --generate 9223372036854775806 > long.txt 2> err.txt \
+  && [ "$(wc -w < long.txt)" -gt 50 ] && pass "--generate 2^63-2: stops at the context" || fail "huge --generate: $(cat err.txt)"
+if [ $have_bin = 1 ]; then
+  # A model whose weights hold NaN: 65 naming what it computed, no snapshot (not one that every
+  # reader then rejects). The .bin's first floats after the 28-byte header are token embeddings.
+  /usr/bin/python3 - "$BIN" <<'PY'
+import struct, sys
+data = bytearray(open(sys.argv[1], "rb").read())
+dim = struct.unpack("i", data[:4])[0]
+for t in range(512):  # every token's first channel
+    data[28 + 4 * t * dim: 32 + 4 * t * dim] = struct.pack("f", float("nan"))
+open("nan.bin", "wb").write(data)
+open("longer.bin", "wb").write(bytes(open(sys.argv[1], "rb").read()) + b"\0\0\0\0")
+open("tok_more.bin", "wb").write(open(sys.argv[1].replace("stories260K.bin", "tok512.bin"), "rb").read() + b"xy")
+PY
+  bad 65 "the model computed NaN/Inf" -m nan.bin --tokenizer "$TOK" "${P[@]}"
+  bad 65 "header implies .*bytes follow" -m longer.bin --tokenizer "$TOK" "${P[@]}"
+  bad 65 "2 bytes follow token 511" -m "$BIN" --tokenizer tok_more.bin "${P[@]}"
+fi
+
 finish

@@ -367,15 +367,20 @@ const std::vector<std::pair<std::string, float>> kSmallBin = {
     {" hi", -5}};
 
 TEST(TokenizerBin, ReadsPiecesAndScores) {
-  const std::string path = write_temp("small.bin", bin_image(kSmallBin, 3) + "trailing bytes");
+  const std::string path = write_temp("small.bin", bin_image(kSmallBin, 3));
   Tokenizer t = Tokenizer::from_llama2c(path, 8);
   EXPECT_EQ(t.vocab_size(), 8);
   EXPECT_EQ(t.piece(7), " hi");
   EXPECT_EQ(t.piece(1), "\n<s>\n");
   EXPECT_EQ(t.encode("hi", true), (Ids{1, 7}));
   EXPECT_EQ(t.decode(t.encode("hi hi", true)), "hi hi");
-  // A smaller vocabulary than the file holds reads only the first tokens.
-  EXPECT_EQ(Tokenizer::from_llama2c(path, 6).vocab_size(), 6);
+  // The file must hold the model's vocabulary exactly (llama2.c would read the first tokens of a
+  // larger one, the pieces of another vocabulary).
+  expect_error([&] { Tokenizer::from_llama2c(path, 6); }, Exit::data,
+               {path, "bytes follow token 5", "more tokens than the model's 6"});
+  const std::string trailing = write_temp("trailing.bin", bin_image(kSmallBin, 3) + "xy");
+  expect_error([&] { Tokenizer::from_llama2c(trailing, 8); }, Exit::data,
+               {trailing, "2 bytes follow token 7"});
 }
 
 TEST(TokenizerBin, TruncatedAnywhereIsDataError) {
