@@ -20,9 +20,23 @@ Json& Json::push(Json value) {
   return *this;
 }
 
+// A JSON string of `s`; bytes that are not UTF-8 (a prompt or command line in another
+// encoding) become U+FFFD, as a JSON text must be UTF-8 (RFC 8259).
 static void escape(const std::string& s, std::string& out) {
   out += '"';
-  for (unsigned char c : s) {
+  for (size_t i = 0; i < s.size();) {
+    const size_t n = utf8_length(s, i);
+    if (n == 0) {
+      out += "\\ufffd";
+      ++i;
+      continue;
+    }
+    if (n > 1) {
+      out.append(s, i, n);
+      i += n;
+      continue;
+    }
+    const unsigned char c = static_cast<unsigned char>(s[i++]);
     switch (c) {
       case '"': out += "\\\""; break;
       case '\\': out += "\\\\"; break;

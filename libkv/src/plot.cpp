@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <cstdio>
 
+#include "kv/str.h"
+
 namespace kv {
 
 namespace {
@@ -18,24 +20,6 @@ void viridis(float t, int rgb[3]) {
   float f = t - float(i);
   for (int c = 0; c < 3; ++c)
     rgb[c] = int(std::lround(stops[i][c] * (1 - f) + stops[i + 1][c] * f));
-}
-
-// The length of the well-formed UTF-8 sequence at s[i] (1-4), or 0 if there is none there.
-size_t utf8_length(const std::string& s, size_t i) {
-  const auto b = [&](size_t k) { return uint8_t(s[i + k]); };
-  const uint8_t c = b(0);
-  const size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
-  if (n == 0 || i + n > s.size()) return 0;
-  for (size_t k = 1; k < n; ++k)
-    if ((b(k) & 0xc0) != 0x80) return 0;
-  const uint32_t cp =
-      n == 1   ? c
-      : n == 2 ? (c & 0x1fu) << 6 | (b(1) & 0x3fu)
-      : n == 3 ? (c & 0x0fu) << 12 | (b(1) & 0x3fu) << 6 | (b(2) & 0x3fu)
-               : (c & 0x07u) << 18 | (b(1) & 0x3fu) << 12 | (b(2) & 0x3fu) << 6 | (b(3) & 0x3fu);
-  const uint32_t least[5] = {0, 0, 0x80, 0x800, 0x10000};  // overlong forms are not UTF-8
-  if (cp < least[n] || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return 0;
-  return n;
 }
 
 // Text as XML character data: markup characters escaped, and what XML 1.0 cannot hold (control

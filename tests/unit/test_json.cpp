@@ -425,10 +425,10 @@ TEST(JsonEquality, Structural) {
 
 // ---- round trips -----------------------------------------------------------------------------
 
-// Every byte value 0..255 in one string: control characters, quotes, backslashes, non-UTF-8.
+// Every ASCII byte 0..127 in one string: control characters, quotes, backslashes.
 std::string all_bytes() {
   std::string s;
-  for (int c = 0; c < 256; ++c) s += char(c);
+  for (int c = 0; c < 128; ++c) s += char(c);
   return s;
 }
 
@@ -488,7 +488,7 @@ Json random_value(std::mt19937_64& rng, int depth) {
     }
     case 4: {
       std::string s(rng() % 12, '\0');
-      for (char& c : s) c = char(rng() % 4 == 0 ? rng() % 256 : 'a' + rng() % 26);
+      for (char& c : s) c = char(rng() % 4 == 0 ? rng() % 128 : 'a' + rng() % 26);
       return Json(s);
     }
     case 5: {
@@ -499,10 +499,20 @@ Json random_value(std::mt19937_64& rng, int depth) {
     default: {
       Json o = Json::object();
       for (size_t n = rng() % 5; n > 0; --n)
-        o.set(std::string(1, char(rng() % 256)), random_value(rng, depth + 1));
+        o.set(std::string(1, char(rng() % 128)), random_value(rng, depth + 1));
       return o;
     }
   }
+}
+
+TEST(JsonRoundTrip, BytesThatAreNotUtf8BecomeReplacementCharacters) {
+  // A JSON text must be UTF-8 (RFC 8259): a prompt or command line in another encoding is
+  // written with U+FFFD where its stray bytes were; well-formed UTF-8 passes unchanged.
+  const std::string text = Json(std::string("a\xff b\xc3\xa9 \xc0\xaf \xed\xa0\x80 \xe2\x82")).dump();
+  EXPECT_EQ(text, "\"a\\ufffd b\xc3\xa9 \\ufffd\\ufffd \\ufffd\\ufffd\\ufffd \\ufffd\\ufffd\"");
+  EXPECT_EQ(Json::parse(text).string(),
+            "a\xef\xbf\xbd b\xc3\xa9 \xef\xbf\xbd\xef\xbf\xbd \xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd "
+            "\xef\xbf\xbd\xef\xbf\xbd");
 }
 
 TEST(JsonRoundTrip, RandomValues) {
