@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <sstream>
 
 #include "common/tool.h"
@@ -94,17 +95,17 @@ int main(int argc, char** argv) {
       ->default_val("f16")
       ->check(CLI::IsMember({"f32", "f16", "bf16"}));
   app.add_option("--window", window, "Store the post-RoPE queries of the last W prompt tokens (SnapKV, PyramidKV, AdaKV)")
-      ->default_val(0)->check(CLI::NonNegativeNumber);
+      ->default_val(0)->check(CLI::Range(0, 1 << 24));
   app.add_flag("--attn-stats", attn_stats, "Store per layer and query head the attention each token received, summed over all later prompt queries (H2O) and from the last query (TOVA)");
   app.add_option("--probe", probe, "Teacher-force the N tokens that follow the prompt and store their tokens, queries and logits (for kv-eval)")
-      ->default_val(0)->check(CLI::NonNegativeNumber);
+      ->default_val(0)->check(CLI::Range(int64_t(0), int64_t(1) << 24));
   app.add_option("--probe-file", probe_file, "Take the probe tokens from FILE's text instead of the input's continuation");
   app.add_option("--ctx", ctx, "Cap the prompt at N tokens (the rest of the input can feed --probe)")
-      ->check(CLI::PositiveNumber);
+      ->check(CLI::Range(int64_t(1), int64_t(1) << 24));
   app.add_option("--generate", generate, "Print a greedy continuation of N tokens of the prompt as text on stdout (the snapshot then needs -o)")
-      ->default_val(0)->check(CLI::NonNegativeNumber);
+      ->default_val(0)->check(CLI::Range(int64_t(0), std::numeric_limits<int64_t>::max()));
   app.add_flag("--perplexity", ppl, "Print the teacher-forced perplexity of the first --paragraphs blank-line-separated paragraphs of -f FILE (each with BOS, capped at --ctx or the context) and exit");
-  app.add_option("--paragraphs", n_paragraphs, "Paragraphs scored by --perplexity")->default_val(50)->check(CLI::PositiveNumber);
+  app.add_option("--paragraphs", n_paragraphs, "Paragraphs scored by --perplexity")->default_val(50)->check(CLI::Range(int64_t(1), int64_t(1) << 30));
   tool.add_output_options();
   tool.add_json_option();
 

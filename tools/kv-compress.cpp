@@ -94,9 +94,9 @@ int main(int argc, char** argv) {
                  "kv-compress(1))")
       ->check(CLI::IsMember({"uniform", "kivi", "q8_0", "q4_0", "fp8", "svd", "kvquant", "mikv"}));
   app.add_flag("-d,--decode", decode_back, "Decode encoded k and v back to dense values");
-  app.add_option("--dtype", dtype, "-d: dtype of the decoded values")
-      ->default_val("f16")
-      ->check(CLI::IsMember({"f16", "bf16", "f32"}));
+  auto* dtype_option = app.add_option("--dtype", dtype, "-d: dtype of the decoded values")
+                           ->default_val("f16")
+                           ->check(CLI::IsMember({"f16", "bf16", "f32"}));
   app.add_option("--tensors", tensors, "Which to encode (or decode): k, v or kv")
       ->default_val("kv")
       ->check(CLI::IsMember({"k", "v", "kv"}));
@@ -154,6 +154,8 @@ int main(int argc, char** argv) {
                                            " fixes the axes (keys per channel, values per "
                                            "token); use --scheme uniform --axis to choose one");
     o.check_applicable(decode_back);
+    if (dtype_option->count() && !decode_back)
+      throw kv::Error(kv::Exit::usage, "--dtype is the dtype -d decodes to; without -d it does nothing");
     if (o.pre_rope->count() && o.given.pre_rope && tensors == "v")
       throw kv::Error(kv::Exit::usage, "--pre-rope applies to keys; --tensors v encodes none");
     tool.check_output();

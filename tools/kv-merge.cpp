@@ -36,13 +36,14 @@ int main(int argc, char** argv) {
       app.add_option("--groups", groups, "heads: the KV heads after merging; divides the KV heads");
   int start = -1;
   double slerp = 0.6;
-  app.add_option("--start", start,
-                 "minicache: the first layer of the first merged pair (default: the middle "
-                 "layer, n_layers / 2)");
-  app.add_option("--slerp", slerp,
-                 "minicache: interpolation t of the shared direction between the pair's two "
-                 "unit vectors, in [0, 1]")
-      ->default_val(0.6);
+  auto* start_option = app.add_option("--start", start,
+                                      "minicache: the first layer of the first merged pair "
+                                      "(default: the middle layer, n_layers / 2)")
+                           ->check(CLI::Range(0, 1 << 20));
+  auto* slerp_option = app.add_option("--slerp", slerp,
+                                      "minicache: interpolation t of the shared direction "
+                                      "between the pair's two unit vectors, in [0, 1]")
+                           ->default_val(0.6);
   tool.add_output_options();
 
   return tool.run(argc, argv, [&] {
@@ -50,6 +51,8 @@ int main(int argc, char** argv) {
     kv::SnapshotReader reader(input, tool.read_options());
     kv::Header header = reader.header();
     kv::Layer in, out;
+    if (method != "minicache" && (start_option->count() || slerp_option->count()))
+      throw kv::Error(kv::Exit::usage, "--start and --slerp are for --method minicache");
     if (method == "heads") {
       if (selection.given() || tau->count())
         throw kv::Error(kv::Exit::usage,
@@ -107,7 +110,6 @@ int main(int argc, char** argv) {
       tool.progress_done();
       return;
     }
-    if (start >= 0) throw kv::Error(kv::Exit::usage, "--start is for --method minicache");
     o.method = kv::parse_merge_method(method);
     if (method == "cluster" && !tau->count()) o.tau = 0.9;
     o.select = selection.resolve();

@@ -146,9 +146,10 @@ void run_tier(kvt::Tool& tool, const std::string& input, const std::vector<std::
   kv::place_pages(pages, tiers);
   // Pass 2: the snapshot, its disk pages in the store.
   tool.stamp(header);
+  const kv::WriteOptions write_options = tool.write_options(reader.path());  // (before the store)
   std::unique_ptr<kv::PageStore> store;
   if (disk >= 0) store = std::make_unique<kv::PageStore>(tiers[size_t(disk)].dir, true);
-  kv::SnapshotWriter writer(tool.output, header, tool.write_options(reader.path()));
+  kv::SnapshotWriter writer(tool.output, header, write_options);
   double write_seconds = 0, disk_bytes = 0;
   for (int l = 0; l < m.n_layers; ++l) {
     tool.progress("layer", m.n_layers + l, 2 * m.n_layers);
@@ -228,6 +229,9 @@ void run_share(kvt::Tool& tool, const std::vector<std::string>& inputs, const st
       throw kv::Error(kv::Exit::usage,
                       "two inputs are named '" + name + "'; OUTDIR needs distinct names");
   }
+  // Everything that can be checked before a directory is made: the codec and every input.
+  kv::Codec::parse(tool.codec);
+  for (const std::string& in : inputs) kv::SnapshotReader(in, verbatim(tool));
   if (::mkdir(out_dir.c_str(), 0777) != 0 && errno != EEXIST)
     throw kv::Error(kv::Exit::cant_create, "cannot create '" + out_dir + "': " + kv::errno_text());
   kv::PageStore store(dir, true);

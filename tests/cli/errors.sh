@@ -62,6 +62,19 @@ expect_code 74 sh -c 'kv-inspect in.kv.h5 > /dev/full'
 expect_err_line "^kv-inspect: cannot write to stdout: No space left on device$"
 rm -f in.kv.h5
 
+# Options that would do nothing are refused, and a refused run leaves no directory behind.
+expect_code 64 kv-merge -m heads --groups 1 --start 1 good.kv.h5 -o m.kv.h5
+expect_err_line "--start and --slerp are for --method minicache"
+expect_code 64 kv-merge -m minicache --start -3 good.kv.h5 -o m.kv.h5
+expect_code 64 kv-compress -s q8_0 --dtype f32 good.kv.h5 -o c.kv.h5
+expect_err_line "--dtype is the dtype -d decodes to"
+expect_code 64 kv-evict -s window --sink -1 -b 8 good.kv.h5 -o e.kv.h5
+expect_code 64 kv-offload tier -t gpu:20KiB -t disk:store1 --codec foo good.kv.h5 -o o.kv.h5
+expect_code 66 kv-offload share --store store2 -O out2 missing.kv.h5
+expect_code 64 kv-offload share --store store3 -O out3 --codec foo good.kv.h5
+[ ! -e store1 ] && [ ! -e store2 ] && [ ! -e out2 ] && [ ! -e store3 ] && [ ! -e out3 ] && [ ! -e m.kv.h5 ] \
+  && [ ! -e c.kv.h5 ] && [ ! -e e.kv.h5 ] && [ ! -e o.kv.h5 ] && pass "refused runs left nothing" || fail "left: $(ls -A)"
+
 expect_code 64 kv-synth --bogus
 expect_err_line "^kv-synth: The following argument was not expected: --bogus \(see kv-synth --help\)$"
 expect_code 64 kv-synth --codec lz4 -o x.kv.h5

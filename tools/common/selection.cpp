@@ -25,10 +25,12 @@ void SelectionOptions::add(CLI::App& app, const std::string& verb, bool required
       app.add_option("-r,--ratio", o_.ratio, "Fraction of each head's entries to keep, in (0, 1]")
           ->excludes(budget_);
   app.add_option("--sink", o_.sink,
-                 "First entries of each head always kept (default: 4 for window, else 0)");
+                 "First entries of each head always kept (default: 4 for window, else 0)")
+      ->check(CLI::Range(0, 1 << 30));
   app.add_option("--recent", o_.recent,
                  "Most recent entries always kept (default: half the budget for h2o, else 0; "
-                 "window without a budget keeps --sink + --recent)");
+                 "window without a budget keeps --sink + --recent)")
+      ->check(CLI::Range(0, 1 << 30));
   app.add_option("--group-agg", group_agg_,
                  "How the query heads of a KV group combine their attention: mean or max")
       ->default_val("mean")
