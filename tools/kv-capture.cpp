@@ -64,8 +64,10 @@ std::vector<std::string> paragraphs(const std::string& text) {
     cur.clear();
   };
   while (std::getline(in, line)) {
-    if (line.find_first_not_of(" \t\r") == std::string::npos) flush();
-    else cur += (cur.empty() ? "" : "\n") + line;
+    if (line.find_first_not_of(" \t\r") == std::string::npos)
+      flush();
+    else
+      cur += (cur.empty() ? "" : "\n") + line;
   }
   flush();
   return out;
@@ -79,43 +81,67 @@ int main(int argc, char** argv) {
                  "its KV cache (post-RoPE keys, values) with side data for strategies and "
                  "evaluation.");
   auto& app = tool.app();
-  std::string model_path, tokenizer_path, prompt_text, text_file, tokens_file, probe_file, dtype = "f16";
+  std::string model_path, tokenizer_path, prompt_text, text_file, tokens_file, probe_file,
+      dtype = "f16";
   int window = 0;
   int64_t probe = 0, generate = 0, ctx = 0, n_paragraphs = 50;
   bool attn_stats = false, ppl = false;
   const char* env_model = std::getenv("KV_MODEL");
-  app.add_option("-m,--model", model_path, "Model file: GGUF v2/v3 or llama2.c checkpoint (default: $KV_MODEL)");
+  app.add_option("-m,--model", model_path,
+                 "Model file: GGUF v2/v3 or llama2.c checkpoint (default: $KV_MODEL)");
   app.add_option("--tokenizer", tokenizer_path, "tokenizer.bin for a llama2.c checkpoint");
   auto* p_opt = app.add_option("-p,--prompt", prompt_text, "Prompt text");
   auto* f_opt = app.add_option("-f,--file", text_file, "Read the prompt text from FILE");
-  auto* t_opt = app.add_option("--tokens", tokens_file, "Read whitespace-separated token ids from FILE (no tokenizer, no BOS added)");
+  auto* t_opt =
+      app.add_option("--tokens", tokens_file,
+                     "Read whitespace-separated token ids from FILE (no tokenizer, no BOS added)");
   p_opt->excludes(f_opt)->excludes(t_opt);
   f_opt->excludes(t_opt);
   app.add_option("--dtype", dtype, "Storage type of k and v: f32, f16, bf16")
       ->default_val("f16")
       ->check(CLI::IsMember({"f32", "f16", "bf16"}));
-  app.add_option("--window", window, "Store the post-RoPE queries of the last W prompt tokens (SnapKV, PyramidKV, AdaKV)")
-      ->default_val(0)->check(CLI::Range(0, 1 << 24));
-  app.add_flag("--attn-stats", attn_stats, "Store per layer and query head the attention each token received, summed over all later prompt queries (H2O) and from the last query (TOVA)");
-  app.add_option("--probe", probe, "Teacher-force the N tokens that follow the prompt and store their tokens, queries and logits (for kv-eval)")
-      ->default_val(0)->check(CLI::Range(int64_t(0), int64_t(1) << 24));
-  app.add_option("--probe-file", probe_file, "Take the probe tokens from FILE's text instead of the input's continuation");
-  app.add_option("--ctx", ctx, "Cap the prompt at N tokens (the rest of the input can feed --probe)")
+  app.add_option(
+         "--window", window,
+         "Store the post-RoPE queries of the last W prompt tokens (SnapKV, PyramidKV, AdaKV)")
+      ->default_val(0)
+      ->check(CLI::Range(0, 1 << 24));
+  app.add_flag("--attn-stats", attn_stats,
+               "Store per layer and query head the attention each token received, summed over all "
+               "later prompt queries (H2O) and from the last query (TOVA)");
+  app.add_option("--probe", probe,
+                 "Teacher-force the N tokens that follow the prompt and store their tokens, "
+                 "queries and logits (for kv-eval)")
+      ->default_val(0)
+      ->check(CLI::Range(int64_t(0), int64_t(1) << 24));
+  app.add_option("--probe-file", probe_file,
+                 "Take the probe tokens from FILE's text instead of the input's continuation");
+  app.add_option("--ctx", ctx,
+                 "Cap the prompt at N tokens (the rest of the input can feed --probe)")
       ->check(CLI::Range(int64_t(1), int64_t(1) << 24));
-  app.add_option("--generate", generate, "Print a greedy continuation of N tokens of the prompt as text on stdout (the snapshot then needs -o)")
-      ->default_val(0)->check(CLI::Range(int64_t(0), std::numeric_limits<int64_t>::max()));
-  app.add_flag("--perplexity", ppl, "Print the teacher-forced perplexity of the first --paragraphs blank-line-separated paragraphs of -f FILE (each with BOS, capped at --ctx or the context) and exit");
-  app.add_option("--paragraphs", n_paragraphs, "Paragraphs scored by --perplexity")->default_val(50)->check(CLI::Range(int64_t(1), int64_t(1) << 30));
+  app.add_option("--generate", generate,
+                 "Print a greedy continuation of N tokens of the prompt as text on stdout (the "
+                 "snapshot then needs -o)")
+      ->default_val(0)
+      ->check(CLI::Range(int64_t(0), std::numeric_limits<int64_t>::max()));
+  app.add_flag("--perplexity", ppl,
+               "Print the teacher-forced perplexity of the first --paragraphs blank-line-separated "
+               "paragraphs of -f FILE (each with BOS, capped at --ctx or the context) and exit");
+  app.add_option("--paragraphs", n_paragraphs, "Paragraphs scored by --perplexity")
+      ->default_val(50)
+      ->check(CLI::Range(int64_t(1), int64_t(1) << 30));
   tool.add_output_options();
   tool.add_json_option();
 
   return tool.run(argc, argv, [&] {
     if (model_path.empty()) {
       if (!env_model || !*env_model)
-        throw kv::Error(kv::Exit::usage, "no model: pass -m FILE (a GGUF file or llama2.c checkpoint) or set KV_MODEL");
+        throw kv::Error(
+            kv::Exit::usage,
+            "no model: pass -m FILE (a GGUF file or llama2.c checkpoint) or set KV_MODEL");
       model_path = env_model;
     }
-    if (!ppl && (generate == 0 || tool.output != "-")) tool.check_output();  // fail before the model runs
+    if (!ppl && (generate == 0 || tool.output != "-"))
+      tool.check_output();    // fail before the model runs
     if (!ppl && !tool.force)  // the snapshot must not land on a file this run reads
       for (const auto& [path, what] : {std::pair{&model_path, "the model (-m)"},
                                        {&tokenizer_path, "the tokenizer (--tokenizer)"},
@@ -123,9 +149,10 @@ int main(int argc, char** argv) {
                                        {&tokens_file, "the token file (--tokens)"},
                                        {&probe_file, "the probe file (--probe-file)"}})
         if (kv::same_file(*path, tool.output))
-          throw kv::Error(kv::Exit::usage,
-                          kv::str("output ", tool.output == "-" ? "stdout" : "'" + tool.output + "'",
-                                  " is ", what, "; choose another name (or --force to replace it)"));
+          throw kv::Error(
+              kv::Exit::usage,
+              kv::str("output ", tool.output == "-" ? "stdout" : "'" + tool.output + "'", " is ",
+                      what, "; choose another name (or --force to replace it)"));
     auto model = kv::Model::load(model_path, tokenizer_path);
     const kv::ModelConfig& c = model->config();
     const int64_t cap = ctx ? std::min<int64_t>(ctx, c.context) : c.context;
@@ -153,8 +180,8 @@ int main(int argc, char** argv) {
         j.set("tokens_scored", scored).set("perplexity", value).set("seconds", secs);
         std::printf("%s\n", j.dump().c_str());
       } else
-        std::printf("perplexity %.4f over %lld tokens of %zu paragraphs (%s, %.1f tokens/s)\n", value,
-                    (long long)scored, docs.size(), c.name.c_str(), double(scored) / secs);
+        std::printf("perplexity %.4f over %lld tokens of %zu paragraphs (%s, %.1f tokens/s)\n",
+                    value, (long long)scored, docs.size(), c.name.c_str(), double(scored) / secs);
       return;
     }
 
@@ -164,30 +191,37 @@ int main(int argc, char** argv) {
     if (!tokens_file.empty()) {
       all = read_token_ids(tokens_file);
     } else {
-      if (!text_file.empty()) text = checked_text(read_text(text_file), "'" + text_file + "'");
-      else if (p_opt->count()) text = checked_text(prompt_text, "the prompt");
-      else throw kv::Error(kv::Exit::usage, "no prompt: pass -p TEXT, -f FILE or --tokens FILE");
+      if (!text_file.empty())
+        text = checked_text(read_text(text_file), "'" + text_file + "'");
+      else if (p_opt->count())
+        text = checked_text(prompt_text, "the prompt");
+      else
+        throw kv::Error(kv::Exit::usage, "no prompt: pass -p TEXT, -f FILE or --tokens FILE");
       all = model->tokenizer().encode(text, true);
     }
     if (all.empty() || (all.size() == 1 && tokens_file.empty()))
       throw kv::Error(kv::Exit::data, "the prompt is empty (no tokens besides BOS)");
     std::vector<int32_t> probe_tokens;
     if (!probe_file.empty()) {
-      probe_tokens =
-          model->tokenizer().encode(checked_text(read_text(probe_file), "'" + probe_file + "'"), false);
+      probe_tokens = model->tokenizer().encode(
+          checked_text(read_text(probe_file), "'" + probe_file + "'"), false);
       if (probe && int64_t(probe_tokens.size()) > probe) probe_tokens.resize(size_t(probe));
     }
     const int64_t from_input = probe_file.empty() ? probe : 0;
     int64_t T = int64_t(all.size()) - from_input;
     if (ctx) T = std::min<int64_t>(T, ctx);
     if (T < 1 || T + from_input > int64_t(all.size()))
-      throw kv::Error(kv::Exit::usage, kv::str("the input has ", all.size(), " tokens; a prompt plus --probe ", probe, " needs more"));
+      throw kv::Error(kv::Exit::usage,
+                      kv::str("the input has ", all.size(), " tokens; a prompt plus --probe ",
+                              probe, " needs more"));
     if (T > c.context)
-      throw kv::Error(kv::Exit::usage, kv::str("the prompt has ", T, " tokens but the model's context is ", c.context,
-                                               "; cap it with --ctx N"));
+      throw kv::Error(kv::Exit::usage,
+                      kv::str("the prompt has ", T, " tokens but the model's context is ",
+                              c.context, "; cap it with --ctx N"));
     std::vector<int32_t> prompt(all.begin(), all.begin() + T);
     if (probe_file.empty()) probe_tokens.assign(all.begin() + T, all.begin() + T + from_input);
-    std::string prompt_text_out = tokens_file.empty() && model->has_tokenizer() ? model->tokenizer().decode(prompt) : "";
+    std::string prompt_text_out =
+        tokens_file.empty() && model->has_tokenizer() ? model->tokenizer().decode(prompt) : "";
 
     if (generate > 0) {
       auto out = kv::generate_greedy(*model, prompt, generate);
@@ -201,20 +235,25 @@ int main(int argc, char** argv) {
     }
 
     kv::CaptureOptions opt;
-    opt.dtype = dtype == "f32" ? kv::DType::f32 : dtype == "bf16" ? kv::DType::bf16 : kv::DType::f16;
+    opt.dtype = dtype == "f32"    ? kv::DType::f32
+                : dtype == "bf16" ? kv::DType::bf16
+                                  : kv::DType::f16;
     opt.window = window;
     opt.attn_stats = attn_stats;
     auto t0 = std::chrono::steady_clock::now();
     opt.progress = [&](int64_t done, int64_t total) {
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      tool.progress(kv::str("prefill ", int64_t(double(done) / std::max(s, 1e-9)), " tokens/s, tokens"), done, total);
+      tool.progress(
+          kv::str("prefill ", int64_t(double(done) / std::max(s, 1e-9)), " tokens/s, tokens"), done,
+          total);
     };
     kv::Snapshot snap = kv::capture(*model, prompt, probe_tokens, prompt_text_out, opt);
     double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     tool.progress_done();
     if (!tool.quiet && isatty(2))
-      std::fprintf(stderr, "kv-capture: %lld tokens in %.2f s (%.1f tokens/s)\n", (long long)(T + int64_t(probe_tokens.size())),
-                   secs, double(T + int64_t(probe_tokens.size())) / secs);
+      std::fprintf(stderr, "kv-capture: %lld tokens in %.2f s (%.1f tokens/s)\n",
+                   (long long)(T + int64_t(probe_tokens.size())), secs,
+                   double(T + int64_t(probe_tokens.size())) / secs);
     tool.stamp(snap.header);
     kv::write_snapshot(tool.output, snap, tool.write_options(""));
   });

@@ -155,7 +155,8 @@ int main(int argc, char** argv) {
                                            "token); use --scheme uniform --axis to choose one");
     o.check_applicable(decode_back);
     if (dtype_option->count() && !decode_back)
-      throw kv::Error(kv::Exit::usage, "--dtype is the dtype -d decodes to; without -d it does nothing");
+      throw kv::Error(kv::Exit::usage,
+                      "--dtype is the dtype -d decodes to; without -d it does nothing");
     if (o.pre_rope->count() && o.given.pre_rope && tensors == "v")
       throw kv::Error(kv::Exit::usage, "--pre-rope applies to keys; --tensors v encodes none");
     tool.check_output();

@@ -23,7 +23,8 @@ Tensor by_head(const std::vector<float>& rows, int64_t n_pos, int64_t heads, int
 // The first `cols` columns of a [rows][stride] matrix.
 Tensor first_columns(const std::vector<float>& m, int64_t rows, int64_t stride, int64_t cols) {
   std::vector<float> out(size_t(rows * cols));
-  for (int64_t r = 0; r < rows; ++r) std::copy_n(&m[size_t(r * stride)], cols, &out[size_t(r * cols)]);
+  for (int64_t r = 0; r < rows; ++r)
+    std::copy_n(&m[size_t(r * stride)], cols, &out[size_t(r * cols)]);
   return Tensor::from_f32(DType::f32, rows, cols, out.data());
 }
 
@@ -50,10 +51,12 @@ Snapshot capture(const Model& model, const std::vector<int32_t>& prompt,
   const int64_t T = int64_t(prompt.size()), P = int64_t(probe.size());
   if (T == 0) throw Error(Exit::usage, "the prompt is empty");
   if (T + P > c.context)
-    throw Error(Exit::usage, str("prompt (", T, " tokens) plus probe (", P, ") exceed the model's context of ",
-                                 c.context, " tokens; cap the prompt with --ctx N"));
+    throw Error(Exit::usage,
+                str("prompt (", T, " tokens) plus probe (", P, ") exceed the model's context of ",
+                    c.context, " tokens; cap the prompt with --ctx N"));
   if (options.window < 0 || options.window > T)
-    throw Error(Exit::usage, str("--window ", options.window, " is longer than the prompt (", T, " tokens)"));
+    throw Error(Exit::usage,
+                str("--window ", options.window, " is longer than the prompt (", T, " tokens)"));
   const int64_t W = options.window, Hq = c.n_heads, Hkv = c.n_kv_heads, D = c.head_dim;
 
   Session session(model, T + P);
@@ -101,7 +104,8 @@ Snapshot capture(const Model& model, const std::vector<int32_t>& prompt,
     session.forward(probe.data(), P, probe_logits, true);
     h.probe_tokens = probe;
     for (int64_t i = 0; i < P; ++i) h.probe_positions.push_back(int32_t(T + i));
-    if (options.probe_logits) h.probe_logits = Tensor::from_f32(DType::f32, P, c.vocab, probe_logits.data());
+    if (options.probe_logits)
+      h.probe_logits = Tensor::from_f32(DType::f32, P, c.vocab, probe_logits.data());
     for (int l = 0; l < c.n_layers; ++l)
       snap.layers[size_t(l)].probe_q = by_head(session.queries[size_t(l)], P, Hq, D);
     require_finite(probe_logits.data(), probe_logits.size(), "the probe's logits");
@@ -110,7 +114,8 @@ Snapshot capture(const Model& model, const std::vector<int32_t>& prompt,
   // writes a cache every reader rejects: say so here, naming the first place it shows.
   for (int l = 0; l < c.n_layers; ++l) {
     const Layer& layer = snap.layers[size_t(l)];
-    for (const auto& [t, what] : {std::pair{&layer.k, "keys"}, {&layer.v, "values"},
+    for (const auto& [t, what] : {std::pair{&layer.k, "keys"},
+                                  {&layer.v, "values"},
                                   {&layer.window_q, "window queries"},
                                   {&layer.attn_acc, "attention statistics"},
                                   {&layer.probe_q, "probe queries"}})
@@ -129,29 +134,35 @@ std::vector<int32_t> continue_greedy(const Model& model, Session& session,
     require_finite(logits.data(), logits.size(), "the next-token logits");
     const int32_t next = int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
     out.push_back(next);
-    if (next == eos || int64_t(out.size()) >= steps || session.n_past() >= session.capacity()) break;
+    if (next == eos || int64_t(out.size()) >= steps || session.n_past() >= session.capacity())
+      break;
     session.forward(&next, 1, logits, false);
   }
   return out;
 }
 
-std::vector<int32_t> generate_greedy(const Model& model, const std::vector<int32_t>& prompt, int64_t steps) {
+std::vector<int32_t> generate_greedy(const Model& model, const std::vector<int32_t>& prompt,
+                                     int64_t steps) {
   if (prompt.empty()) throw Error(Exit::usage, "the prompt is empty");
   // (steps first capped, so the sum cannot overflow)
-  const int64_t cap = std::min<int64_t>(
-      model.config().context, int64_t(prompt.size()) + std::min<int64_t>(steps, model.config().context));
+  const int64_t cap =
+      std::min<int64_t>(model.config().context,
+                        int64_t(prompt.size()) + std::min<int64_t>(steps, model.config().context));
   if (int64_t(prompt.size()) > cap)
-    throw Error(Exit::usage, str("the prompt (", prompt.size(), " tokens) exceeds the model's context"));
+    throw Error(Exit::usage,
+                str("the prompt (", prompt.size(), " tokens) exceeds the model's context"));
   Session session(model, cap);
   std::vector<float> logits;
   std::vector<int32_t> out = prompt;
   session.forward(prompt.data(), int64_t(prompt.size()), logits, false);
-  const std::vector<int32_t> more = continue_greedy(model, session, logits, cap - int64_t(prompt.size()));
+  const std::vector<int32_t> more =
+      continue_greedy(model, session, logits, cap - int64_t(prompt.size()));
   out.insert(out.end(), more.begin(), more.end());
   return out;
 }
 
-double perplexity(const Model& model, const std::vector<std::vector<int32_t>>& docs, int64_t* n_scored) {
+double perplexity(const Model& model, const std::vector<std::vector<int32_t>>& docs,
+                  int64_t* n_scored) {
   double nll = 0;
   int64_t count = 0;
   const int64_t V = model.config().vocab;
@@ -160,7 +171,8 @@ double perplexity(const Model& model, const std::vector<std::vector<int32_t>>& d
     Session session(model, int64_t(doc.size()));
     std::vector<float> logits;
     session.forward(doc.data(), int64_t(doc.size()), logits, true);
-    for (size_t i = 0; i + 1 < doc.size(); ++i) nll -= log_prob(&logits[i * size_t(V)], V, doc[i + 1]);
+    for (size_t i = 0; i + 1 < doc.size(); ++i)
+      nll -= log_prob(&logits[i * size_t(V)], V, doc[i + 1]);
     count += int64_t(doc.size()) - 1;
   }
   if (n_scored) *n_scored = count;

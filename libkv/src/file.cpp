@@ -81,7 +81,8 @@ bool same_file(const std::string& input, const std::string& output) {
   auto lookup = [](const std::string& path, int fd, struct stat& st) {
     return path == "-" ? ::fstat(fd, &st) == 0 : ::stat(path.c_str(), &st) == 0;
   };
-  struct stat in {}, out {};
+  struct stat in {
+  }, out{};
   return lookup(input, 0, in) && lookup(output, 1, out) && S_ISREG(in.st_mode) &&
          in.st_dev == out.st_dev && in.st_ino == out.st_ino;
 }

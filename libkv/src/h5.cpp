@@ -43,9 +43,12 @@ hid_t file_type(DType t) {
   static const hid_t f16 = make_half(5, 10, 15);
   static const hid_t bf16 = make_half(8, 7, 127);
   switch (t) {
-    case DType::f16: return f16;
-    case DType::bf16: return bf16;
-    case DType::f32: break;
+    case DType::f16:
+      return f16;
+    case DType::bf16:
+      return bf16;
+    case DType::f32:
+      break;
   }
   return H5T_IEEE_F32LE;
 }
@@ -59,9 +62,13 @@ DType dtype_of(hid_t type, const std::string& what) {
   throw Error(Exit::data, what + " is not stored as little-endian f32, f16 or bf16");
 }
 
-bool exists(hid_t loc, const std::string& name) { return H5Lexists(loc, name.c_str(), H5P_DEFAULT) > 0; }
+bool exists(hid_t loc, const std::string& name) {
+  return H5Lexists(loc, name.c_str(), H5P_DEFAULT) > 0;
+}
 
-bool has_attr(hid_t obj, const char* name) { return H5Aexists(obj, name) > 0; }
+bool has_attr(hid_t obj, const char* name) {
+  return H5Aexists(obj, name) > 0;
+}
 
 namespace {
 void write_attr_raw(hid_t obj, const char* name, hid_t type, hid_t space, const void* data) {

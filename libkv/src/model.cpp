@@ -67,7 +67,9 @@ void linear(const float* X, int64_t B, const Weight& W, float* Y) {
 
 namespace {
 
-[[noreturn]] void bad(const std::string& msg) { throw Error(Exit::data, msg); }
+[[noreturn]] void bad(const std::string& msg) {
+  throw Error(Exit::data, msg);
+}
 
 std::string file_stem(const std::string& path) {
   std::string base = path.substr(path.find_last_of('/') + 1);
@@ -121,8 +123,9 @@ const Tokenizer& Model::tokenizer() const {
   if (!tokenizer_ && !tokenizer_error_.empty())
     throw Error(Exit::data, tokenizer_error_ + "; pass token ids with --tokens FILE instead");
   if (!tokenizer_)
-    throw Error(Exit::usage, "this model has no tokenizer: pass --tokenizer FILE (a llama2.c "
-                             "tokenizer.bin) or token ids with --tokens FILE");
+    throw Error(Exit::usage,
+                "this model has no tokenizer: pass --tokenizer FILE (a llama2.c "
+                "tokenizer.bin) or token ids with --tokens FILE");
   return *tokenizer_;
 }
 
@@ -161,9 +164,12 @@ void Model::load_gguf(const std::string& path) {
   gguf_ = std::make_unique<GgufFile>(path);
   const GgufFile& g = *gguf_;
   const std::string where = "'" + path + "'";
-  const std::string arch = g.has("general.architecture") ? g.get("general.architecture").as_string("general.architecture") : "";
+  const std::string arch = g.has("general.architecture")
+                               ? g.get("general.architecture").as_string("general.architecture")
+                               : "";
   if (arch != "llama")
-    bad(where + ": unsupported architecture '" + arch + "' (kvtk runs llama-family models: Llama 1/2/3, Mistral, TinyLlama, stories)");
+    bad(where + ": unsupported architecture '" + arch +
+        "' (kvtk runs llama-family models: Llama 1/2/3, Mistral, TinyLlama, stories)");
   // A shape value: a 64-bit field in GGUF, an int here (2^32 + 5 layers must not become 5).
   auto geti = [&](const std::string& key, int64_t def, bool required) -> int {
     const std::string k = "llama." + key;
@@ -188,12 +194,15 @@ void Model::load_gguf(const std::string& path) {
   c.n_kv_heads = geti("attention.head_count_kv", c.n_heads, false);
   c.context = geti("context_length", 0, true);
   if (c.n_heads <= 0 || c.dim <= 0 || c.dim % c.n_heads)
-    bad(str(where, ": embedding_length ", c.dim, " is not a positive multiple of head_count ", c.n_heads));
+    bad(str(where, ": embedding_length ", c.dim, " is not a positive multiple of head_count ",
+            c.n_heads));
   c.head_dim = c.dim / c.n_heads;
   c.rope_dims = geti("rope.dimension_count", c.head_dim, false);
-  if (g.has("llama.rope.freq_base")) c.rope_theta = g.get("llama.rope.freq_base").as_float("llama.rope.freq_base");
+  if (g.has("llama.rope.freq_base"))
+    c.rope_theta = g.get("llama.rope.freq_base").as_float("llama.rope.freq_base");
   if (g.has("llama.attention.layer_norm_rms_epsilon"))
-    c.norm_eps = float(g.get("llama.attention.layer_norm_rms_epsilon").as_float("llama.attention.layer_norm_rms_epsilon"));
+    c.norm_eps = float(g.get("llama.attention.layer_norm_rms_epsilon")
+                           .as_float("llama.attention.layer_norm_rms_epsilon"));
   if (!(c.norm_eps > 0) || !std::isfinite(c.norm_eps) || !(c.rope_theta > 0) ||
       !std::isfinite(c.rope_theta))
     bad(str(where, ": layer_norm_rms_epsilon ", c.norm_eps, " and rope.freq_base ", c.rope_theta,
@@ -201,9 +210,11 @@ void Model::load_gguf(const std::string& path) {
   const GgufTensor* embd = g.find_tensor("token_embd.weight");
   if (!embd || embd->dims.size() != 2) bad(where + ": tensor 'token_embd.weight' is missing");
   c.vocab = int(embd->dims[1]);
-  if (c.n_layers <= 0 || c.hidden <= 0 || c.n_kv_heads <= 0 || c.n_heads % c.n_kv_heads || c.context <= 0)
-    bad(str(where, ": inconsistent shape (block_count ", c.n_layers, ", feed_forward_length ", c.hidden,
-            ", head_count ", c.n_heads, ", head_count_kv ", c.n_kv_heads, ", context_length ", c.context, ")"));
+  if (c.n_layers <= 0 || c.hidden <= 0 || c.n_kv_heads <= 0 || c.n_heads % c.n_kv_heads ||
+      c.context <= 0)
+    bad(str(where, ": inconsistent shape (block_count ", c.n_layers, ", feed_forward_length ",
+            c.hidden, ", head_count ", c.n_heads, ", head_count_kv ", c.n_kv_heads,
+            ", context_length ", c.context, ")"));
   const int64_t kv_dim = int64_t(c.n_kv_heads) * c.head_dim;
   token_embd_ = weight_from_gguf(g, "token_embd.weight", c.vocab, c.dim);
   output_norm_ = weight_from_gguf(g, "output_norm.weight", 1, c.dim);
@@ -257,7 +268,8 @@ void Model::load_llama2c(const std::string& path, const std::string& tokenizer_p
   if (magic == 0x616b3432) {  // "ak42": llama2.c export v1+
     if (map_size_ < 256) bad(where + ": llama2.c v1 header is truncated");
     const int32_t version = read_i32(4);
-    if (version != 1) bad(str(where, ": llama2.c export version ", version, " is not supported (v1 fp32 only)"));
+    if (version != 1)
+      bad(str(where, ": llama2.c export version ", version, " is not supported (v1 fp32 only)"));
     p0 = 8;
     header = 256;
     shared = base[8 + 7 * 4] != 0;
@@ -278,10 +290,10 @@ void Model::load_llama2c(const std::string& path, const std::string& tokenizer_p
     vocab = std::abs(vocab);
   }
   c.vocab = vocab;
-  const bool sane = c.dim > 0 && c.hidden > 0 && c.n_layers > 0 && c.n_heads > 0 && c.n_kv_heads > 0 &&
-                    c.vocab > 0 && c.context > 0 && c.dim % c.n_heads == 0 && c.n_heads % c.n_kv_heads == 0 &&
-                    c.dim <= 65536 && c.hidden <= 1 << 20 && c.n_layers <= 1024 && c.vocab <= 1 << 22 &&
-                    c.context <= 1 << 24;
+  const bool sane = c.dim > 0 && c.hidden > 0 && c.n_layers > 0 && c.n_heads > 0 &&
+                    c.n_kv_heads > 0 && c.vocab > 0 && c.context > 0 && c.dim % c.n_heads == 0 &&
+                    c.n_heads % c.n_kv_heads == 0 && c.dim <= 65536 && c.hidden <= 1 << 20 &&
+                    c.n_layers <= 1024 && c.vocab <= 1 << 22 && c.context <= 1 << 24;
   if (!sane)
     bad(where + " is neither a GGUF file nor a llama2.c checkpoint with a sane header (dim " +
         std::to_string(c.dim) + ", layers " + std::to_string(c.n_layers) + ", heads " +
@@ -290,7 +302,8 @@ void Model::load_llama2c(const std::string& path, const std::string& tokenizer_p
   c.rope_dims = c.head_dim;
   c.name = file_stem(path);
   c.tied_output = shared;
-  const int64_t D = c.dim, Hd = c.hidden, L = c.n_layers, kv_dim = int64_t(c.n_kv_heads) * c.head_dim;
+  const int64_t D = c.dim, Hd = c.hidden, L = c.n_layers,
+                kv_dim = int64_t(c.n_kv_heads) * c.head_dim;
   // Total floats the layout needs, checked before any pointer is formed.
   const int64_t per_layer = D + D * D + 2 * D * kv_dim + D * D + D + 3 * D * Hd;
   int64_t need = int64_t(c.vocab) * D + L * per_layer + D;
@@ -300,9 +313,10 @@ void Model::load_llama2c(const std::string& path, const std::string& tokenizer_p
   // a prefix of the weights as a smaller model.
   if (int64_t(map_size_) != int64_t(header) + need * 4)
     bad(str(where, ": llama2.c checkpoint is ", map_size_, " bytes where its header implies ",
-            int64_t(header) + need * 4, int64_t(map_size_) < int64_t(header) + need * 4
-                                            ? " (truncated)"
-                                            : " (a header field is wrong, or bytes follow)"));
+            int64_t(header) + need * 4,
+            int64_t(map_size_) < int64_t(header) + need * 4
+                ? " (truncated)"
+                : " (a header field is wrong, or bytes follow)"));
   const float* f = reinterpret_cast<const float*>(base + header);
   auto take = [&](int64_t rows, int64_t cols) {
     Weight w{GgmlType::F32, reinterpret_cast<const uint8_t*>(f), rows, cols};
@@ -348,9 +362,11 @@ void Model::load_llama2c(const std::string& path, const std::string& tokenizer_p
 void Model::check_shapes() const {
   const ModelConfig& c = config_;
   if (c.rope_dims <= 0 || c.rope_dims > c.head_dim || c.rope_dims % 2)
-    bad(str("'", c.name, "': rope dimension count ", c.rope_dims, " must be even and at most head_dim ", c.head_dim));
+    bad(str("'", c.name, "': rope dimension count ", c.rope_dims,
+            " must be even and at most head_dim ", c.head_dim));
   if (tokenizer_ && tokenizer_->vocab_size() != c.vocab)
-    bad(str("tokenizer has ", tokenizer_->vocab_size(), " tokens but the model's vocabulary is ", c.vocab));
+    bad(str("tokenizer has ", tokenizer_->vocab_size(), " tokens but the model's vocabulary is ",
+            c.vocab));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -391,10 +407,13 @@ void Session::load(const Header& header, const std::vector<Layer>& layers) {
   const ModelInfo& m = header.model;
   if (m.n_layers != c_.n_layers || m.n_q_heads != c_.n_heads || m.n_kv_heads != c_.n_kv_heads ||
       m.head_dim != c_.head_dim || int64_t(layers.size()) != c_.n_layers)
-    throw Error(Exit::data, str("the snapshot's model shape (", m.n_layers, " layers, ", m.n_q_heads, "/",
-                                m.n_kv_heads, " heads, head_dim ", m.head_dim, ") is not this model's"));
+    throw Error(Exit::data,
+                str("the snapshot's model shape (", m.n_layers, " layers, ", m.n_q_heads, "/",
+                    m.n_kv_heads, " heads, head_dim ", m.head_dim, ") is not this model's"));
   const int64_t T = header.n_tokens, D = c_.head_dim;
-  if (T > capacity_) throw Error(Exit::usage, str("the snapshot's ", T, " tokens exceed the session's capacity ", capacity_));
+  if (T > capacity_)
+    throw Error(Exit::usage,
+                str("the snapshot's ", T, " tokens exceed the session's capacity ", capacity_));
   // Entries go to the slots of their positions. A position a head no longer holds is masked out
   // and a merged entry's logit gets + log(mass), through a per-slot bias that stays empty (no
   // cost) for full, unmerged caches.
@@ -412,7 +431,8 @@ void Session::load(const Header& header, const std::vector<Layer>& layers) {
       for (int64_t i = layer.head_offsets[size_t(h)]; i < layer.head_offsets[size_t(h) + 1]; ++i) {
         const int64_t pos = layer.positions[size_t(i)];
         if (pos < 0 || pos >= T)
-          throw Error(Exit::data, str("layer ", l, " head ", h, ": position ", pos, " is outside [0, ", T, ")"));
+          throw Error(Exit::data, str("layer ", l, " head ", h, ": position ", pos,
+                                      " is outside [0, ", T, ")"));
         std::copy_n(&k[size_t(i * D)], D, &k_[size_t(l)][size_t((h * capacity_ + pos) * D)]);
         std::copy_n(&v[size_t(i * D)], D, &v_[size_t(l)][size_t((h * capacity_ + pos) * D)]);
         if (bias) bias[pos] = layer.mass.empty() ? 0.0f : std::log(layer.mass[size_t(i)]);
@@ -429,12 +449,15 @@ const float* Session::value(int l, int h, int64_t pos) const {
   return &v_[size_t(l)][(size_t(h) * size_t(capacity_) + size_t(pos)) * size_t(c_.head_dim)];
 }
 
-void Session::forward(const int32_t* tokens, int64_t n, std::vector<float>& logits, bool all_logits) {
+void Session::forward(const int32_t* tokens, int64_t n, std::vector<float>& logits,
+                      bool all_logits) {
   if (n_past_ + n > capacity_)
-    throw Error(Exit::usage, str("sequence of ", n_past_ + n, " tokens exceeds the session's capacity ", capacity_));
+    throw Error(Exit::usage, str("sequence of ", n_past_ + n,
+                                 " tokens exceeds the session's capacity ", capacity_));
   for (int64_t i = 0; i < n; ++i)
     if (tokens[i] < 0 || tokens[i] >= c_.vocab)
-      throw Error(Exit::data, str("token id ", tokens[i], " is outside the vocabulary [0, ", c_.vocab, ")"));
+      throw Error(Exit::data,
+                  str("token id ", tokens[i], " is outside the vocabulary [0, ", c_.vocab, ")"));
   const int64_t D = c_.dim, Hd = c_.head_dim, Hq = c_.n_heads, Hkv = c_.n_kv_heads, G = Hq / Hkv;
   const int64_t kv_dim = Hkv * Hd, hidden = c_.hidden, V = c_.vocab;
   const float inv_sqrt = float(1.0 / std::sqrt(double(Hd)));
@@ -458,11 +481,13 @@ void Session::forward(const int32_t* tokens, int64_t n, std::vector<float>& logi
     att.resize(size_t(B * D));
     hb.resize(size_t(B * hidden));
     hb2.resize(size_t(B * hidden));
-    for (int64_t t = 0; t < B; ++t) model_.token_embd().rows_f32(tokens[b0 + t], 1, &x[size_t(t * D)]);
+    for (int64_t t = 0; t < B; ++t)
+      model_.token_embd().rows_f32(tokens[b0 + t], 1, &x[size_t(t * D)]);
 
     for (int l = 0; l < c_.n_layers; ++l) {
       const LayerWeights& w = model_.layer(l);
-      for (int64_t t = 0; t < B; ++t) rmsnorm(&x[size_t(t * D)], w.attn_norm, c_.norm_eps, D, &xb[size_t(t * D)]);
+      for (int64_t t = 0; t < B; ++t)
+        rmsnorm(&x[size_t(t * D)], w.attn_norm, c_.norm_eps, D, &xb[size_t(t * D)]);
       linear(xb.data(), B, w.wq, q.data());
       linear(xb.data(), B, w.wk, k.data());
       linear(xb.data(), B, w.wv, v.data());
@@ -475,7 +500,8 @@ void Session::forward(const int32_t* tokens, int64_t n, std::vector<float>& logi
           float* kr = &k[size_t(t * kv_dim + h * Hd)];
           rope.apply(kr, pos, true);
           std::memcpy(&kc[size_t((h * capacity_ + pos) * Hd)], kr, size_t(Hd) * 4);
-          std::memcpy(&vc[size_t((h * capacity_ + pos) * Hd)], &v[size_t(t * kv_dim + h * Hd)], size_t(Hd) * 4);
+          std::memcpy(&vc[size_t((h * capacity_ + pos) * Hd)], &v[size_t(t * kv_dim + h * Hd)],
+                      size_t(Hd) * 4);
         }
         if (pos >= capture.queries_from) {
           auto& rec = queries[size_t(l)];
@@ -486,7 +512,8 @@ void Session::forward(const int32_t* tokens, int64_t n, std::vector<float>& logi
       // Causal attention; one thread per query head, so per-head statistics need no locks.
       float* acc = capture.attn_stats ? attn_acc[size_t(l)].data() : nullptr;
       float* last = capture.attn_stats ? attn_last[size_t(l)].data() : nullptr;
-      const float* bias = bias_.empty() || bias_[size_t(l)].empty() ? nullptr : bias_[size_t(l)].data();
+      const float* bias =
+          bias_.empty() || bias_[size_t(l)].empty() ? nullptr : bias_[size_t(l)].data();
       const bool threaded = double(B) * double(p0 + B) * double(Hq * Hd) > double(1 << 20);
 #pragma omp parallel for schedule(static) if (threaded)
       for (int64_t h = 0; h < Hq; ++h) {
@@ -504,7 +531,8 @@ void Session::forward(const int32_t* tokens, int64_t n, std::vector<float>& logi
             mx = std::max(mx, score[size_t(j)]);
           }
           double z = 0;
-          for (int64_t j = 0; j <= pos; ++j) z += (score[size_t(j)] = std::exp(score[size_t(j)] - mx));
+          for (int64_t j = 0; j <= pos; ++j)
+            z += (score[size_t(j)] = std::exp(score[size_t(j)] - mx));
           const float inv_z = float(1.0 / z);
           float* out = &att[size_t(t * D + h * Hd)];
           std::fill(out, out + Hd, 0.0f);
@@ -523,11 +551,13 @@ void Session::forward(const int32_t* tokens, int64_t n, std::vector<float>& logi
       }
       for (int64_t t = 0; t < B; ++t)
         if (p0 + t >= capture.queries_from)
-          attn_outputs[size_t(l)].insert(attn_outputs[size_t(l)].end(), &att[size_t(t * D)], &att[size_t(t * D + D)]);
+          attn_outputs[size_t(l)].insert(attn_outputs[size_t(l)].end(), &att[size_t(t * D)],
+                                         &att[size_t(t * D + D)]);
       tmp.resize(size_t(B * D));
       linear(att.data(), B, w.wo, tmp.data());
       for (size_t i = 0; i < tmp.size(); ++i) x[i] += tmp[i];
-      for (int64_t t = 0; t < B; ++t) rmsnorm(&x[size_t(t * D)], w.ffn_norm, c_.norm_eps, D, &xb[size_t(t * D)]);
+      for (int64_t t = 0; t < B; ++t)
+        rmsnorm(&x[size_t(t * D)], w.ffn_norm, c_.norm_eps, D, &xb[size_t(t * D)]);
       linear(xb.data(), B, w.w_gate, hb.data());
       linear(xb.data(), B, w.w_up, hb2.data());
       for (size_t i = 0; i < hb.size(); ++i) {
@@ -542,7 +572,8 @@ void Session::forward(const int32_t* tokens, int64_t n, std::vector<float>& logi
     // Logits: every row, or only the last token of the last batch.
     const int64_t first = all_logits ? 0 : B - 1;
     if (!all_logits && b0 + B < n) continue;
-    for (int64_t t = first; t < B; ++t) rmsnorm(&x[size_t(t * D)], model_.output_norm(), c_.norm_eps, D, &xb[size_t(t * D)]);
+    for (int64_t t = first; t < B; ++t)
+      rmsnorm(&x[size_t(t * D)], model_.output_norm(), c_.norm_eps, D, &xb[size_t(t * D)]);
     float* out = all_logits ? &logits[size_t(b0 * V)] : logits.data();
     linear(&xb[size_t(first * D)], B - first, model_.output(), out);
   }

@@ -1294,8 +1294,8 @@ SnapshotWriter::SnapshotWriter(const std::string& path, const Header& header, Wr
   } catch (const Error& e) {
     impl_->discard();
     if (e.code() != Exit::io) throw;
-    throw Error(Exit::io, str(path == "-" ? std::string("stdout") : "'" + path + "'", ": ",
-                              e.what()));
+    throw Error(Exit::io,
+                str(path == "-" ? std::string("stdout") : "'" + path + "'", ": ", e.what()));
   } catch (...) {
     impl_->discard();
     throw;

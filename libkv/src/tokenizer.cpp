@@ -90,11 +90,11 @@ void Tokenizer::index(const std::vector<int64_t>* types) {
     throw Error(Exit::data, "tokenizer has " + std::to_string(n) + " pieces but " +
                                 std::to_string(types->size()) + " token types");
   if (bos_ < 0 || size_t(bos_) >= n)
-    throw Error(Exit::data, "BOS token id " + std::to_string(bos_) + " is outside the vocabulary (" +
-                                std::to_string(n) + " tokens)");
+    throw Error(Exit::data, "BOS token id " + std::to_string(bos_) +
+                                " is outside the vocabulary (" + std::to_string(n) + " tokens)");
   if (eos_ < 0 || size_t(eos_) >= n)
-    throw Error(Exit::data, "EOS token id " + std::to_string(eos_) + " is outside the vocabulary (" +
-                                std::to_string(n) + " tokens)");
+    throw Error(Exit::data, "EOS token id " + std::to_string(eos_) +
+                                " is outside the vocabulary (" + std::to_string(n) + " tokens)");
   if (unk_ < 0 || size_t(unk_) >= n) unk_ = 0;
 
   lookup_.clear();
@@ -120,8 +120,8 @@ void Tokenizer::index(const std::vector<int64_t>* types) {
 
 Tokenizer Tokenizer::from_llama2c(const std::string& path, int vocab_size) {
   if (vocab_size <= 0)
-    throw Error(Exit::data, path + ": vocabulary size " + std::to_string(vocab_size) +
-                                " is not positive");
+    throw Error(Exit::data,
+                path + ": vocabulary size " + std::to_string(vocab_size) + " is not positive");
   const std::vector<uint8_t> data = read_file(path);
   const size_t size = data.size();
   if (size < 4)
@@ -137,8 +137,8 @@ Tokenizer Tokenizer::from_llama2c(const std::string& path, int vocab_size) {
   scores.reserve(size_t(vocab_size));
   size_t off = 4;
   for (int i = 0; i < vocab_size; ++i) {
-    const std::string where = path + ": token " + std::to_string(i) + " of " +
-                              std::to_string(vocab_size) + ": ";
+    const std::string where =
+        path + ": token " + std::to_string(i) + " of " + std::to_string(vocab_size) + ": ";
     if (size - off < 8)
       throw Error(Exit::data, where + "truncated: score and length need 8 bytes, " +
                                   std::to_string(size - off) + " left");
@@ -158,8 +158,10 @@ Tokenizer Tokenizer::from_llama2c(const std::string& path, int vocab_size) {
   Tokenizer t(std::move(pieces), std::move(scores), 1, 2);
   if (off != size)
     throw Error(Exit::data, path + ": " + std::to_string(size - off) + " bytes follow token " +
-                                std::to_string(vocab_size - 1) + ": a tokenizer of more tokens "
-                                "than the model's " + std::to_string(vocab_size) + "?");
+                                std::to_string(vocab_size - 1) +
+                                ": a tokenizer of more tokens "
+                                "than the model's " +
+                                std::to_string(vocab_size) + "?");
   return t;
 }
 
@@ -194,9 +196,9 @@ Tokenizer Tokenizer::from_gguf(const GgufFile& gguf) {
   if (gguf.has(scores_key)) {
     const GgufValue::Array& a = gguf.get(scores_key).as_array(scores_key);
     if (a.size() != pieces.size())
-      throw Error(Exit::data, gguf.name() + ": " + scores_key + " has " +
-                                  std::to_string(a.size()) + " entries but " + tokens_key +
-                                  " has " + std::to_string(pieces.size()));
+      throw Error(Exit::data, gguf.name() + ": " + scores_key + " has " + std::to_string(a.size()) +
+                                  " entries but " + tokens_key + " has " +
+                                  std::to_string(pieces.size()));
     for (size_t i = 0; i < a.size(); ++i) scores[i] = float(a[i].as_float(scores_key));
   }
 
@@ -205,9 +207,9 @@ Tokenizer Tokenizer::from_gguf(const GgufFile& gguf) {
   if (gguf.has(types_key)) {
     const GgufValue::Array& a = gguf.get(types_key).as_array(types_key);
     if (a.size() != pieces.size())
-      throw Error(Exit::data, gguf.name() + ": " + types_key + " has " +
-                                  std::to_string(a.size()) + " entries but " + tokens_key +
-                                  " has " + std::to_string(pieces.size()));
+      throw Error(Exit::data, gguf.name() + ": " + types_key + " has " + std::to_string(a.size()) +
+                                  " entries but " + tokens_key + " has " +
+                                  std::to_string(pieces.size()));
     types.reserve(a.size());
     for (const GgufValue& v : a) types.push_back(v.as_int(types_key));
   }
@@ -278,8 +280,8 @@ std::vector<int32_t> Tokenizer::encode(const std::string& text, bool add_bos) co
   // has changed or they are no longer neighbours; each merge queues the two new pairs.
   struct Pair {
     float score;
-    int32_t left, right;     // symbol indices
-    int32_t lid, rid, id;    // the ids the pair was built from, and the merged id
+    int32_t left, right;   // symbol indices
+    int32_t lid, rid, id;  // the ids the pair was built from, and the merged id
   };
   struct Lower {
     bool operator()(const Pair& a, const Pair& b) const {

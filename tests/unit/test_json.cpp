@@ -508,7 +508,8 @@ Json random_value(std::mt19937_64& rng, int depth) {
 TEST(JsonRoundTrip, BytesThatAreNotUtf8BecomeReplacementCharacters) {
   // A JSON text must be UTF-8 (RFC 8259): a prompt or command line in another encoding is
   // written with U+FFFD where its stray bytes were; well-formed UTF-8 passes unchanged.
-  const std::string text = Json(std::string("a\xff b\xc3\xa9 \xc0\xaf \xed\xa0\x80 \xe2\x82")).dump();
+  const std::string text =
+      Json(std::string("a\xff b\xc3\xa9 \xc0\xaf \xed\xa0\x80 \xe2\x82")).dump();
   EXPECT_EQ(text, "\"a\\ufffd b\xc3\xa9 \\ufffd\\ufffd \\ufffd\\ufffd\\ufffd \\ufffd\\ufffd\"");
   EXPECT_EQ(Json::parse(text).string(),
             "a\xef\xbf\xbd b\xc3\xa9 \xef\xbf\xbd\xef\xbf\xbd \xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd "

@@ -1,7 +1,7 @@
 // kv-eval report's pieces: the results reader (checks, Pareto front), the SVG chart (any label,
 // any finite value), and the whole-or-nothing file writes behind --append and --plot.
-#include <gtest/gtest.h>
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>

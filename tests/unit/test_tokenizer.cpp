@@ -32,7 +32,8 @@ namespace {
 // helpers
 
 // Runs `f`, which must throw kv::Error with `code` and a message containing every one of `parts`.
-void expect_error(const std::function<void()>& f, Exit code, const std::vector<std::string>& parts) {
+void expect_error(const std::function<void()>& f, Exit code,
+                  const std::vector<std::string>& parts) {
   try {
     f();
     ADD_FAILURE() << "no error thrown (expected " << int(code) << ")";
@@ -106,12 +107,12 @@ std::vector<std::string> tricky_strings() {
       "line one\nline two\n\nline four\n",
       "\n\nstarts with newlines",
       "tabs\tand\r\ncarriage returns",
-      "caf\xC3\xA9 \xE2\x98\x95",                          // "café ☕"
-      "\xF0\x9F\x98\x80 emoji \xF0\x9F\x8C\x8D",           // 4-byte code points
-      "\xE2\x96\x81 literal U+2581",                       // SentencePiece's space, as text
+      "caf\xC3\xA9 \xE2\x98\x95",                 // "café ☕"
+      "\xF0\x9F\x98\x80 emoji \xF0\x9F\x8C\x8D",  // 4-byte code points
+      "\xE2\x96\x81 literal U+2581",              // SentencePiece's space, as text
       "<s> </s> <unk> <0x41> look like special pieces",
       std::string("nul\0byte", 8),
-      "\xFF\xFE invalid \x80 utf-8 \xC3 \xE2\x98",         // stray and truncated sequences
+      "\xFF\xFE invalid \x80 utf-8 \xC3 \xE2\x98",  // stray and truncated sequences
       "a\x80\x80\x80\x80\x80 long continuation run",
       "\xC2\xA0non-breaking\xC2\xA0space \xE2\x80\x9Cquoted\xE2\x80\x9D",
       "Once upon a time",
@@ -181,14 +182,14 @@ struct Llama2cReference {
   }
 };
 
-#define NEED_MODELS()                                                        \
-  const std::string models = env_dir("KV_MODELS_DIR");                       \
-  if (models.empty()) GTEST_SKIP() << "KV_MODELS_DIR is not set";            \
+#define NEED_MODELS()                                             \
+  const std::string models = env_dir("KV_MODELS_DIR");            \
+  if (models.empty()) GTEST_SKIP() << "KV_MODELS_DIR is not set"; \
   const std::string tok_path = models + "/tok512.bin";
 
-#define NEED_DATA()                                                          \
-  const std::string data_dir = env_dir("KV_DATA_DIR");                       \
-  if (data_dir.empty()) GTEST_SKIP() << "KV_DATA_DIR is not set";            \
+#define NEED_DATA()                                               \
+  const std::string data_dir = env_dir("KV_DATA_DIR");            \
+  if (data_dir.empty()) GTEST_SKIP() << "KV_DATA_DIR is not set"; \
   const std::string val_path = data_dir + "/tinystories_val.txt";
 
 // ---------------------------------------------------------------------------------------------
@@ -196,8 +197,8 @@ struct Llama2cReference {
 
 // " "=3 a=4 b=5 c=6 ab=7 bc=8 " a"=9 " ab"=10. "abc" starts as [" ", a, b, c].
 std::vector<std::pair<std::string, float>> abc_vocab(float ab, float bc) {
-  return {{" ", -10}, {"a", -10}, {"b", -10}, {"c", -10}, {"ab", ab}, {"bc", bc},
-          {" a", -3},  {" ab", -4}};
+  return {{" ", -10}, {"a", -10}, {"b", -10}, {"c", -10},
+          {"ab", ab}, {"bc", bc}, {" a", -3}, {" ab", -4}};
 }
 
 TEST(TokenizerTiny, MergesHighestScoreFirst) {
@@ -224,14 +225,20 @@ TEST(TokenizerTiny, TiesGoToTheLeftmostPair) {
 TEST(TokenizerTiny, MergesAreGreedyNotLongestMatch) {
   // "ab" (-1) merges before "bcd" can form from "bc" (-2) + "d", so "abcd" ends as
   // [" ", ab, c, d] -> " ab" (-4) -> [" ab", c, d]; "cd" is no piece, and "bcd" never forms.
-  Tokenizer t = tiny({{" ", -10}, {"a", -10}, {"b", -10}, {"c", -10}, {"d", -10}, {"ab", -1},
-                      {"bc", -2}, {"bcd", 5}, {" ab", -4}},
+  Tokenizer t = tiny({{" ", -10},
+                      {"a", -10},
+                      {"b", -10},
+                      {"c", -10},
+                      {"d", -10},
+                      {"ab", -1},
+                      {"bc", -2},
+                      {"bcd", 5},
+                      {" ab", -4}},
                      false);
   EXPECT_EQ(t.encode("abcd", false), (Ids{11, 6, 7}));
   // Without "ab", bc merges, then bcd (score 5), then " a" is no piece: [" ", a, bcd].
-  Tokenizer u = tiny({{" ", -10}, {"a", -10}, {"b", -10}, {"c", -10}, {"d", -10}, {"bc", -2},
-                      {"bcd", 5}},
-                     false);
+  Tokenizer u = tiny(
+      {{" ", -10}, {"a", -10}, {"b", -10}, {"c", -10}, {"d", -10}, {"bc", -2}, {"bcd", 5}}, false);
   EXPECT_EQ(u.encode("abcd", false), (Ids{3, 4, 9}));
 }
 
@@ -291,8 +298,8 @@ TEST(TokenizerTiny, NoByteTokensMeansUnknown) {
 TEST(TokenizerTiny, Decode) {
   Tokenizer t = tiny({{" ", 0}, {"c", 0}, {" ca", -2}, {"\n", 0}}, true);
   const int32_t space = 259, c = 260, ca = 261;
-  EXPECT_EQ(t.decode(1, ca), "ca");      // after BOS the dummy-prefix space goes
-  EXPECT_EQ(t.decode(c, ca), " ca");     // elsewhere it stays
+  EXPECT_EQ(t.decode(1, ca), "ca");   // after BOS the dummy-prefix space goes
+  EXPECT_EQ(t.decode(c, ca), " ca");  // elsewhere it stays
   EXPECT_EQ(t.decode(-1, ca), " ca");
   EXPECT_EQ(t.decode(1, space), "");
   EXPECT_EQ(t.decode(1, c), "c");
@@ -300,8 +307,8 @@ TEST(TokenizerTiny, Decode) {
   EXPECT_EQ(t.decode(c, 3 + 0x0A), "\n");
   EXPECT_EQ(t.decode(c, 3), std::string(1, '\0'));
   EXPECT_EQ(t.decode(c, 3 + 0xFF), "\xFF");
-  EXPECT_EQ(t.decode(1, 3 + ' '), "");   // a <0x20> after BOS is the dummy prefix too
-  EXPECT_EQ(t.decode(c, 1), "");         // control tokens print nothing
+  EXPECT_EQ(t.decode(1, 3 + ' '), "");  // a <0x20> after BOS is the dummy prefix too
+  EXPECT_EQ(t.decode(c, 1), "");        // control tokens print nothing
   EXPECT_EQ(t.decode(c, 2), "");
   EXPECT_EQ(t.decode(c, 0), "<unk>");
   EXPECT_EQ(t.decode(Ids{1, ca, c, 3 + 0xC3, 3 + 0xA9, 2}), "cac\xC3\xA9");
@@ -315,8 +322,14 @@ TEST(TokenizerTiny, Decode) {
 
 TEST(TokenizerTiny, RoundTripsRandomBytes) {
   // Any byte string survives encode -> decode when the vocabulary has byte tokens.
-  Tokenizer t = tiny({{" ", 0}, {"a", 0}, {"b", 0}, {"ab", -1}, {" a", -2}, {"ba", -3},
-                      {"\xC3\xA9", 0}, {" \xC3\xA9", -1}},
+  Tokenizer t = tiny({{" ", 0},
+                      {"a", 0},
+                      {"b", 0},
+                      {"ab", -1},
+                      {" a", -2},
+                      {"ba", -3},
+                      {"\xC3\xA9", 0},
+                      {" \xC3\xA9", -1}},
                      true);
   std::mt19937 rng(7);
   const std::string alphabet = std::string("ab \n\xC3\xA9\xE2\x98\x95\x80\xFF", 12);
@@ -329,12 +342,21 @@ TEST(TokenizerTiny, RoundTripsRandomBytes) {
 }
 
 TEST(TokenizerTiny, ConstructorValidates) {
-  expect_error([] { Tokenizer({"<unk>", "<s>", "</s>"}, {0, 0}, 1, 2); }, Exit::data,
-               {"3 pieces but 2 scores"});
-  expect_error([] { Tokenizer({"<unk>", "<s>"}, {0, 0}, 1, 2); }, Exit::data,
-               {"EOS token id 2", "outside"});
-  expect_error([] { Tokenizer({"<unk>", "<s>", "</s>"}, {0, 0, 0}, -1, 2); }, Exit::data,
-               {"BOS token id -1"});
+  expect_error(
+      [] {
+        Tokenizer({"<unk>", "<s>", "</s>"}, {0, 0}, 1, 2);
+      },
+      Exit::data, {"3 pieces but 2 scores"});
+  expect_error(
+      [] {
+        Tokenizer({"<unk>", "<s>"}, {0, 0}, 1, 2);
+      },
+      Exit::data, {"EOS token id 2", "outside"});
+  expect_error(
+      [] {
+        Tokenizer({"<unk>", "<s>", "</s>"}, {0, 0, 0}, -1, 2);
+      },
+      Exit::data, {"BOS token id -1"});
   expect_error([] { Tokenizer({}, {}, 0, 0); }, Exit::data, {"empty"});
 }
 
@@ -363,8 +385,8 @@ std::string write_temp(const std::string& name, const std::string& bytes) {
 }
 
 const std::vector<std::pair<std::string, float>> kSmallBin = {
-    {"<unk>", 0}, {"\n<s>\n", 0}, {"\n</s>\n", 0}, {" ", -1}, {"h", -2}, {"i", -3}, {"hi", -4},
-    {" hi", -5}};
+    {"<unk>", 0}, {"\n<s>\n", 0}, {"\n</s>\n", 0}, {" ", -1},
+    {"h", -2},    {"i", -3},      {"hi", -4},      {" hi", -5}};
 
 TEST(TokenizerBin, ReadsPiecesAndScores) {
   const std::string path = write_temp("small.bin", bin_image(kSmallBin, 3));
@@ -404,7 +426,8 @@ TEST(TokenizerBin, TruncatedAnywhereIsDataError) {
   }
   // A vocabulary larger than the file holds runs out at the first missing token.
   const std::string path = write_temp("short.bin", full);
-  expect_error([&] { Tokenizer::from_llama2c(path, 9); }, Exit::data, {"token 8 of 9", "truncated"});
+  expect_error([&] { Tokenizer::from_llama2c(path, 9); }, Exit::data,
+               {"token 8 of 9", "truncated"});
 }
 
 TEST(TokenizerBin, BadLengthsAreDataErrors) {
@@ -522,9 +545,10 @@ TEST(TokenizerStories, EncodeSpeed) {
   const double ms_prompt = time_ms(prompt, &n1);
   const double ms10 = time_ms(all.substr(0, 10000), &n10);
   const double ms100 = time_ms(all.substr(0, 100000), &n100);
-  std::printf("encode: %zu-token prompt %.3f ms; 10 KB -> %zu tokens %.3f ms; 100 KB -> %zu "
-              "tokens %.3f ms\n",
-              n1, ms_prompt, n10, ms10, n100, ms100);
+  std::printf(
+      "encode: %zu-token prompt %.3f ms; 10 KB -> %zu tokens %.3f ms; 100 KB -> %zu "
+      "tokens %.3f ms\n",
+      n1, ms_prompt, n10, ms10, n100, ms100);
   // Loose guards against quadratic behaviour (sanitizer builds are several times slower).
   EXPECT_LT(ms10, 100.0);
   EXPECT_LT(ms100, 1000.0);
@@ -556,8 +580,8 @@ kv::GgufWriter tiny_gguf(const std::string& model) {
     types.push_back(6);
   }
   const std::string sp = "\xE2\x96\x81";
-  for (const std::string& p : {sp, sp + "a", std::string("a"), std::string("b"),
-                               std::string("ab"), sp + "ab", std::string("b") + sp})
+  for (const std::string& p : {sp, sp + "a", std::string("a"), std::string("b"), std::string("ab"),
+                               sp + "ab", std::string("b") + sp})
     tokens.push_back(p), types.push_back(1);
   std::vector<float> scores(tokens.size(), 0.0f);
   scores[tokens.size() - 6] = -3;  // ▁a
@@ -590,7 +614,9 @@ TEST(TokenizerGguf, TinyVocabulary) {
 TEST(TokenizerGguf, DefaultsAndOptionalKeys) {
   kv::GgufWriter img;
   img.set_string("tokenizer.ggml.model", "llama");
-  img.set_strings("tokenizer.ggml.tokens", {"<unk>", "<s>", "</s>", "\xE2\x96\x81", "a", "\xE2\x96\x81" "a"});
+  img.set_strings("tokenizer.ggml.tokens", {"<unk>", "<s>", "</s>", "\xE2\x96\x81", "a",
+                                            "\xE2\x96\x81"
+                                            "a"});
   ParsedGguf g(img);
   Tokenizer t = Tokenizer::from_gguf(*g.file);  // no scores, no types: BOS 1, EOS 2
   EXPECT_EQ(t.bos(), 1);

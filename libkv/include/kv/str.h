@@ -22,11 +22,11 @@ inline size_t utf8_length(const std::string& s, size_t i) {
   if (n == 0 || i + n > s.size()) return 0;
   for (size_t k = 1; k < n; ++k)
     if ((b(k) & 0xc0) != 0x80) return 0;
-  const uint32_t cp = n == 1   ? c
-                      : n == 2 ? (c & 0x1fu) << 6 | (b(1) & 0x3fu)
-                      : n == 3 ? (c & 0x0fu) << 12 | (b(1) & 0x3fu) << 6 | (b(2) & 0x3fu)
-                               : (c & 0x07u) << 18 | (b(1) & 0x3fu) << 12 | (b(2) & 0x3fu) << 6 |
-                                     (b(3) & 0x3fu);
+  const uint32_t cp =
+      n == 1   ? c
+      : n == 2 ? (c & 0x1fu) << 6 | (b(1) & 0x3fu)
+      : n == 3 ? (c & 0x0fu) << 12 | (b(1) & 0x3fu) << 6 | (b(2) & 0x3fu)
+               : (c & 0x07u) << 18 | (b(1) & 0x3fu) << 12 | (b(2) & 0x3fu) << 6 | (b(3) & 0x3fu);
   const uint32_t least[5] = {0, 0, 0x80, 0x800, 0x10000};
   if (cp < least[n] || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return 0;
   return n;
