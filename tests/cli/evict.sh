@@ -88,6 +88,12 @@ expect_code 64 kv-evict -b 10 s.kv.h5 -o x.kv.h5
 expect_code 64 kv-evict -s snapkv -b 10 s.kv.h5 -o x.kv.h5
 expect_err_line "keeps 10 entries, fewer than the 16 the snapkv score always keeps"
 expect_code 64 kv-evict -s snapkv -b 50 --kernel 4 s.kv.h5 -o x.kv.h5
+# An option of another score or allocation is refused, not silently ignored.
+expect_code 64 kv-evict -s h2o -b 50 --kernel 7 s.kv.h5 -o x.kv.h5
+expect_err_line "--kernel is for --score snapkv"
+expect_code 64 kv-evict -s h2o -b 50 --alpha 0.5 s.kv.h5 -o x.kv.h5
+expect_err_line "--alpha is for --alloc adaptive"
+expect_code 64 kv-evict -s window -b 50 --seed 3 s.kv.h5 -o x.kv.h5
 expect_code 64 kv-evict -s h2o -b 50 --json s.kv.h5
 expect_err_line "--json prints the selection on stdout"
 kv-synth --preset stories260k -n 100 -o plain.kv.h5

@@ -1,5 +1,7 @@
 #include "common/selection.h"
 
+#include <tuple>
+
 #include "kv/error.h"
 #include "kv/str.h"
 
@@ -35,15 +37,18 @@ void SelectionOptions::add(CLI::App& app, const std::string& verb, bool required
                  "How the query heads of a KV group combine their attention: mean or max")
       ->default_val("mean")
       ->check(CLI::IsMember({"mean", "max"}));
-  app.add_option("--pool", pool_, "snapkv: pooling of the votes along the tokens, avg or max")
-      ->default_val("avg")
-      ->check(CLI::IsMember({"avg", "max"}));
-  app.add_option("--kernel", o_.kernel, "snapkv: pooling width (odd)")->default_val(5);
-  app.add_option("--beta", o_.beta, "pyramid: how steep the schedule is (>= 1)")->default_val(20);
-  app.add_option("--alpha", o_.alpha,
-                 "adaptive: fraction of the budget every head keeps of its own")
-      ->default_val(0.2);
-  app.add_option("--seed", o_.seed, "random: seed (same seed, same selection)")->default_val(1);
+  pool_option_ =
+      app.add_option("--pool", pool_, "snapkv: pooling of the votes along the tokens, avg or max")
+          ->default_val("avg")
+          ->check(CLI::IsMember({"avg", "max"}));
+  kernel_ = app.add_option("--kernel", o_.kernel, "snapkv: pooling width (odd)")->default_val(5);
+  beta_ = app.add_option("--beta", o_.beta, "pyramid: how steep the schedule is (>= 1)")
+              ->default_val(20);
+  alpha_ = app.add_option("--alpha", o_.alpha,
+                          "adaptive: fraction of the budget every head keeps of its own")
+               ->default_val(0.2);
+  seed_ =
+      app.add_option("--seed", o_.seed, "random: seed (same seed, same selection)")->default_val(1);
 }
 
 kv::EvictOptions SelectionOptions::resolve() {
@@ -53,6 +58,15 @@ kv::EvictOptions SelectionOptions::resolve() {
   if (ratio_->count() && !(o_.ratio > 0 && o_.ratio <= 1))
     throw kv::Error(kv::Exit::usage, kv::str("--ratio ", o_.ratio, " must be in (0, 1]"));
   if (score_.empty()) throw kv::Error(kv::Exit::usage, "--score is required");
+  for (const auto& [option, owner, used] :
+       {std::tuple{pool_option_, "--score snapkv", score_ == "snapkv"},
+        {kernel_, "--score snapkv", score_ == "snapkv"},
+        {seed_, "--score random", score_ == "random"},
+        {beta_, "--alloc pyramid", alloc_ == "pyramid"},
+        {alpha_, "--alloc adaptive", alloc_ == "adaptive"}})
+    if (option->count() && !used)
+      throw kv::Error(kv::Exit::usage,
+                      option->get_name() + " is for " + owner + "; this run would ignore it");
   o_.score = kv::parse_evict_score(score_);
   o_.alloc = kv::parse_evict_alloc(alloc_);
   o_.group_agg = kv::parse_group_agg(group_agg_);
