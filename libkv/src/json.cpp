@@ -20,6 +20,24 @@ Json& Json::push(Json value) {
   return *this;
 }
 
+// U+FFFD in UTF-8: what a byte that is not UTF-8 becomes, in dump() and in parse() alike (so
+// dump -> parse -> dump is a fixed point).
+static constexpr char kReplacement[] = "\xEF\xBF\xBD";
+
+// Appends `n` raw bytes of text, each byte that is not part of well-formed UTF-8 as U+FFFD.
+static void append_checked_utf8(std::string_view s, size_t from, size_t n, std::string& out) {
+  for (size_t i = from; i < from + n;) {
+    const size_t k = utf8_length(s, i);
+    if (k == 0 || i + k > from + n) {
+      out += kReplacement;
+      ++i;
+    } else {
+      out.append(s, i, k);
+      i += k;
+    }
+  }
+}
+
 // A JSON string of `s`; bytes that are not UTF-8 (a prompt or command line in another
 // encoding) become U+FFFD, as a JSON text must be UTF-8 (RFC 8259).
 static void escape(const std::string& s, std::string& out) {
@@ -27,7 +45,7 @@ static void escape(const std::string& s, std::string& out) {
   for (size_t i = 0; i < s.size();) {
     const size_t n = utf8_length(s, i);
     if (n == 0) {
-      out += "\\ufffd";
+      out += kReplacement;
       ++i;
       continue;
     }
@@ -316,7 +334,7 @@ class Parser {
         if (c == '"' || c == '\\' || c < 0x20) break;
         ++p_;
       }
-      out.append(t_.data() + run, p_ - run);
+      append_checked_utf8(t_, run, p_ - run, out);
       if (at_end()) fail_at("unterminated string", start);
       const unsigned char c = static_cast<unsigned char>(t_[p_]);
       if (c == '"') {

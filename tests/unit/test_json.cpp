@@ -182,10 +182,10 @@ TEST(JsonParse, StringEscapes) {
   EXPECT_EQ(Json::parse(R"("\uFFFF")").string(), "\xEF\xBF\xBF");
   EXPECT_EQ(Json::parse(R"("\u001f")").string(), "\x1f");
   EXPECT_EQ(Json::parse(R"("a\u0000b")").string(), std::string("a\0b", 3));
-  // Raw UTF-8 (and any other byte >= 0x20) passes through unchanged.
+  // Raw UTF-8 (and DEL) passes through unchanged; a byte that is not UTF-8 reads as U+FFFD.
   EXPECT_EQ(Json::parse("\"caf\xC3\xA9 \xE2\x82\xAC \xF0\x9F\x98\x80\"").string(),
             "caf\xC3\xA9 \xE2\x82\xAC \xF0\x9F\x98\x80");
-  EXPECT_EQ(Json::parse("\"\x7F\xFF\x80\"").string(), "\x7F\xFF\x80");
+  EXPECT_EQ(Json::parse("\"\x7F\xFF\x80\"").string(), "\x7F\xEF\xBF\xBD\xEF\xBF\xBD");
 }
 
 TEST(JsonParse, SurrogatePairs) {
@@ -507,13 +507,14 @@ Json random_value(std::mt19937_64& rng, int depth) {
 
 TEST(JsonRoundTrip, BytesThatAreNotUtf8BecomeReplacementCharacters) {
   // A JSON text must be UTF-8 (RFC 8259): a prompt or command line in another encoding is
-  // written with U+FFFD where its stray bytes were; well-formed UTF-8 passes unchanged.
-  const std::string text =
-      Json(std::string("a\xff b\xc3\xa9 \xc0\xaf \xed\xa0\x80 \xe2\x82")).dump();
-  EXPECT_EQ(text, "\"a\\ufffd b\xc3\xa9 \\ufffd\\ufffd \\ufffd\\ufffd\\ufffd \\ufffd\\ufffd\"");
-  EXPECT_EQ(Json::parse(text).string(),
-            "a\xef\xbf\xbd b\xc3\xa9 \xef\xbf\xbd\xef\xbf\xbd \xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd "
-            "\xef\xbf\xbd\xef\xbf\xbd");
+  // written with U+FFFD where its stray bytes were, and read so too; well-formed UTF-8 passes.
+  const std::string bad("a\xff b\xc3\xa9 \xc0\xaf \xed\xa0\x80 \xe2\x82");
+  const std::string fixed =
+      "a\xef\xbf\xbd b\xc3\xa9 \xef\xbf\xbd\xef\xbf\xbd \xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd "
+      "\xef\xbf\xbd\xef\xbf\xbd";
+  EXPECT_EQ(Json(bad).dump(), "\"" + fixed + "\"");
+  EXPECT_EQ(Json::parse("\"" + bad + "\"").string(), fixed);
+  EXPECT_EQ(Json::parse(Json(bad).dump()).dump(), Json(bad).dump()) << "a fixed point";
 }
 
 TEST(JsonRoundTrip, RandomValues) {

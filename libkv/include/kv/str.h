@@ -3,6 +3,7 @@
 #include <cstdint>
 #include <sstream>
 #include <string>
+#include <string_view>
 
 namespace kv {
 template <class... Args>
@@ -15,7 +16,7 @@ std::string str(const Args&... args) {
 // The length (1-4) of the well-formed UTF-8 sequence that starts at s[i], or 0 if none does
 // (a stray byte, an overlong form, a surrogate, past U+10FFFF): what JSON and XML writers need
 // to keep text from the outside (labels, prompts, command lines) valid.
-inline size_t utf8_length(const std::string& s, size_t i) {
+inline size_t utf8_length(std::string_view s, size_t i) {
   const auto b = [&](size_t k) { return uint8_t(s[i + k]); };
   const uint8_t c = b(0);
   const size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
