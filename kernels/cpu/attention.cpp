@@ -193,12 +193,40 @@ __attribute__((target(KVK_AVX512), always_inline)) inline v16 load_row16(const v
   }
 }
 
+// Values as add_values, 16 channels a pass on AVX-512 (the weights broadcast from memory), while
+// the next chunk's V rows (`ahead`, `ahead_bytes`) are prefetched into L2: the pass covers
+// dtype_size * 16 bytes of them a row step, a prefetch for each new line. Spread over the value
+// pass, these requests no longer pile up with the K rows' in the score pass, where a core ran
+// out of room for outstanding misses: from memory, 2 threads, 22.4-23.4 -> 25.9-27.5 GB/s, the
+// same speed in L2 (bench/README.md).
+template <DType type, int G>
+__attribute__((target(KVK_AVX512), always_inline)) inline void add_values_avx512(
+    const void* v, int64_t c0, int64_t C, int d, const float (&s)[G][kChunk], float* out,
+    const char* ahead, size_t ahead_bytes) {
+  constexpr size_t kStepBytes = dtype_size(type) * kLanes;  // of `ahead`, per row step
+  const size_t last_line = ahead_bytes > 0 ? (ahead_bytes - 1) / 64 * 64 : 0;
+  size_t at = 0;
+  for (int i = 0; i < d; i += kLanes) {
+    v16 acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = load16(out + g * d + i);
+    for (int64_t jj = 0; jj < C; ++jj) {
+      if (ahead_bytes > 0 && at % 64 == 0)
+        __builtin_prefetch(ahead + std::min(at, last_line), 0, kIntoL2);
+      at += kStepBytes;
+      const v16 x = load_row16<type>(v, (c0 + jj) * d + i);
+      for (int g = 0; g < G; ++g) acc[g] += v16(_mm512_set1_ps(s[g][jj])) * x;
+    }
+    for (int g = 0; g < G; ++g) store16(out + g * d + i, acc[g]);
+  }
+}
+
 // As attend_avx2, with the scores on AVX-512 (d a multiple of 16): R = 16 / G keys at a time,
 // 16 accumulators (one per key and query) of 16 channels, so every converted K vector serves
 // all G queries and no accumulator waits on another; sum_lanes_16 then yields the block's 16
-// scores at once where attend_avx2 reduces each one alone. The prefetches of the block's V rows
-// and of the K rows kAhead further are spread over the channel steps. About 20% faster than
-// attend_avx2 on one core with K and V in L2 (bench/README.md); values as there.
+// scores at once where attend_avx2 reduces each one alone. The next chunk's K rows are
+// prefetched over the channel steps (and the first chunk's V rows; later chunks' V rows in the
+// value pass before them). About 20% faster than attend_avx2 on one core with K and V in L2
+// (bench/README.md).
 template <DType type, int G>
 __attribute__((target(KVK_AVX512))) void attend_avx512(const void* k, const void* v, int64_t n,
                                                        int d, const float* q, float scale,
@@ -218,10 +246,10 @@ __attribute__((target(KVK_AVX512))) void attend_avx512(const void* k, const void
     for (int64_t j = 0; j < C; j += R) {
       const int rows = int(std::min<int64_t>(R, C - j));
       const char* vblock = static_cast<const char*>(v) + size_t(c0 + j) * row_bytes;
-      const int64_t ahead = c0 + j + kAhead;
+      const int64_t ahead = c0 + j + kChunk;
       const char* kblock =
           ahead < n ? static_cast<const char*>(k) + size_t(ahead) * row_bytes : nullptr;
-      const size_t vbytes = size_t(rows) * row_bytes;
+      const size_t vbytes = c0 == 0 ? size_t(rows) * row_bytes : 0;
       const size_t kbytes = ahead < n ? size_t(std::min<int64_t>(R, n - ahead)) * row_bytes : 0;
       size_t line = 0;
       v16 acc[kLanes];  // acc[g * R + r]: query g against key j + r
@@ -250,7 +278,10 @@ __attribute__((target(KVK_AVX512))) void attend_avx512(const void* k, const void
     }
     float unused[G];
     softmax_chunk<G>(s, C, m, l, out, d, unused);
-    add_values<type, G>(v, c0, C, d, s, out);
+    const int64_t next = c0 + kChunk;
+    add_values_avx512<type, G>(v, c0, C, d, s, out,
+                               static_cast<const char*>(v) + size_t(next) * row_bytes,
+                               next < n ? size_t(std::min(kChunk, n - next)) * row_bytes : 0);
   }
   normalize_outputs(out, l, G, d);
 }
