@@ -1,5 +1,6 @@
 #include "kv/snapshot.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
@@ -120,8 +121,31 @@ std::string quote_command_line(int argc, const char* const* argv) {
                                    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
                                    "0123456789-_./=:,+@%") == std::string::npos;
     if (i) out += ' ';
+    const bool control = std::any_of(a.begin(), a.end(), [](char c) {
+      return static_cast<unsigned char>(c) < 0x20 || c == 0x7f;
+    });
     if (plain) {
       out += a;
+    } else if (control) {
+      // Bash's $'...' with escapes, so a record (and the history) stays one line: a newline
+      // in an argument split kv-inspect's provenance list and the history's lines.
+      out += "$'";
+      for (char c : a) {
+        const auto u = static_cast<unsigned char>(c);
+        if (c == '\\' || c == '\'')
+          out += std::string("\\") + c;
+        else if (c == '\n')
+          out += "\\n";
+        else if (c == '\t')
+          out += "\\t";
+        else if (c == '\r')
+          out += "\\r";
+        else if (u < 0x20 || u == 0x7f)
+          out += str("\\x", "0123456789abcdef"[u >> 4], "0123456789abcdef"[u & 15]);
+        else
+          out += c;
+      }
+      out += '\'';
     } else {
       out += '\'';
       for (char c : a) out += c == '\'' ? std::string("'\\''") : std::string(1, c);

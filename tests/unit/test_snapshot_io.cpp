@@ -55,24 +55,24 @@ TEST_P(RoundTrip, PipeGivesIdenticalData) {
   kvtest::expect_same(snap, back);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    AllDtypesAndCodecs, RoundTrip,
-    ::testing::Values(RoundTripCase{DType::f32, false, false, "none"},
-                      RoundTripCase{DType::f16, false, false, "none"},
-                      RoundTripCase{DType::bf16, false, false, "none"},
-                      RoundTripCase{DType::f16, true, true, "none"},
-                      RoundTripCase{DType::f32, true, true, "zstd"},
-                      RoundTripCase{DType::f16, true, true, "zstd,19"},
-                      RoundTripCase{DType::bf16, true, true, "deflate"},
-                      RoundTripCase{DType::f16, false, true, "deflate,1"}),
-    [](const auto& info) {
-      std::string name = std::string(kvk::dtype_name(info.param.dtype)) +
-                         (info.param.side_data ? "_side" : "") +
-                         (info.param.ragged ? "_ragged" : "") + "_" + info.param.codec;
-      for (char& ch : name)
-        if (ch == ',') ch = '_';
-      return name;
-    });
+INSTANTIATE_TEST_SUITE_P(AllDtypesAndCodecs, RoundTrip,
+                         ::testing::Values(RoundTripCase{DType::f32, false, false, "none"},
+                                           RoundTripCase{DType::f16, false, false, "none"},
+                                           RoundTripCase{DType::bf16, false, false, "none"},
+                                           RoundTripCase{DType::f16, true, true, "none"},
+                                           RoundTripCase{DType::f32, true, true, "zstd"},
+                                           RoundTripCase{DType::f16, true, true, "zstd,19"},
+                                           RoundTripCase{DType::bf16, true, true, "deflate"},
+                                           RoundTripCase{DType::f16, false, true, "deflate,1"}),
+                         [](const auto& info) {
+                           std::string name = std::string(kvk::dtype_name(info.param.dtype)) +
+                                              (info.param.side_data ? "_side" : "") +
+                                              (info.param.ragged ? "_ragged" : "") + "_" +
+                                              info.param.codec;
+                           for (char& ch : name)
+                             if (ch == ',') ch = '_';
+                           return name;
+                         });
 
 TEST(SnapshotIo, EmptyHeadsAndEmptyLayerRoundTrip) {
   kv::Snapshot snap = kvtest::tiny_snapshot(DType::f16, false, false);
@@ -96,7 +96,8 @@ TEST(SnapshotIo, IdenticalInputsGiveByteIdenticalFiles) {
   kv::write_snapshot(a, snap);
   kv::write_snapshot(b, snap);
   std::ifstream fa(a, std::ios::binary), fb(b, std::ios::binary);
-  std::string da((std::istreambuf_iterator<char>(fa)), {}), db((std::istreambuf_iterator<char>(fb)), {});
+  std::string da((std::istreambuf_iterator<char>(fa)), {}),
+      db((std::istreambuf_iterator<char>(fb)), {});
   EXPECT_FALSE(da.empty());
   EXPECT_EQ(da, db);
 }
@@ -126,7 +127,8 @@ TEST(SnapshotIo, ZstdShrinksCompressibleData) {
     std::vector<float> zeros(l.k.size(), 0.0f);
     l.k = kv::Tensor::from_f32(DType::f32, l.k.rows(), l.k.cols(), zeros.data());
   }
-  const std::string plain = kvtest::temp_dir() + "/plain.kv.h5", z = kvtest::temp_dir() + "/z.kv.h5";
+  const std::string plain = kvtest::temp_dir() + "/plain.kv.h5",
+                    z = kvtest::temp_dir() + "/z.kv.h5";
   kv::write_snapshot(plain, snap);
   kv::WriteOptions w;
   w.codec = kv::Codec::parse("zstd");
@@ -149,6 +151,10 @@ TEST(SnapshotIo, ProvenanceChainsRecords) {
   EXPECT_EQ(h.provenance[2].id, "kv-evict.1");
   EXPECT_EQ(h.provenance[2].previous, "kv-evict");
   EXPECT_EQ(h.provenance[1].command_line, "kv-evict --ratio 0.25 'in file.kv.h5'");
+  // Control characters keep a record on one line (bash's $'...' reads it back the same).
+  const char* odd[] = {"kv-capture", "-p", "two\nlines\tand 'quote' \\ \x01", "it's"};
+  EXPECT_EQ(kv::quote_command_line(4, odd),
+            "kv-capture -p $'two\\nlines\\tand \\'quote\\' \\\\ \\x01' 'it'\\''s'");
   // History: newest line first, NCO style "Www Mmm dd hh:mm:ss yyyy: command".
   EXPECT_NE(h.history.find(": kv-evict --ratio 0.25"), std::string::npos);
   EXPECT_LT(h.history.find("kv-evict"), h.history.find("kv-synth"));

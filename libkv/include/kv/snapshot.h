@@ -106,7 +106,8 @@ void check_side_values(int layer_index, const Layer& layer);
 
 // Appends a provenance record for `program` run with argv, and the matching history line.
 void append_provenance(Header& h, const std::string& program, int argc, const char* const* argv);
-// Shell-quoted command line from argv.
+// Shell-quoted command line from argv, on one line: arguments with control characters (a
+// newline) in bash's $'...' form.
 std::string quote_command_line(int argc, const char* const* argv);
 
 // Bytes the entries of a layer would take as dense f16 k and v (the reference for ratios).
