@@ -25,13 +25,6 @@ const CLI::Validator kNonEmpty(
     [](std::string& s) { return s.empty() ? std::string("must not be empty") : std::string(); }, "",
     "non-empty");
 
-// One number by a printf format.
-std::string fmt(const char* f, double v) {
-  std::string out(size_t(std::snprintf(nullptr, 0, f, v)), '\0');
-  std::snprintf(out.data(), out.size() + 1, f, v);
-  return out;
-}
-
 // `s` left-aligned in at least `width` columns (longer text is kept whole).
 std::string pad(std::string s, size_t width) {
   if (s.size() < width) s.append(width - s.size(), ' ');
@@ -65,9 +58,9 @@ void print_report(const std::string& path, std::string metric, const std::string
   std::vector<std::string> labels;
   std::vector<bool> front;
   for (const auto& r : rows) {
-    out +=
-        kv::str("  ", pad(r.label, 28), fmt(" %15.1f", r.bytes_per_token), fmt(" %9.4f", r.ratio),
-                fmt(" %12.6f", r.metric), "  ", r.pareto ? "*" : "", "\n");
+    out += kv::str("  ", pad(r.label, 28), kv::format(" %15.1f", r.bytes_per_token),
+                   kv::format(" %9.4f", r.ratio), kv::format(" %12.6f", r.metric), "  ",
+                   r.pareto ? "*" : "", "\n");
     x.push_back(r.bytes_per_token);
     y.push_back(r.metric);
     labels.push_back(r.label);
@@ -340,14 +333,16 @@ int main(int argc, char** argv) {
                    "rel_error,cosine,mass_recall,topk_recall"
                 << (model ? ",ppl_reference,ppl_candidate,kl,top1_agreement" : "") << "\n";
       std::cout << csv_field(label) << "," << csv_field(cand.path()) << "," << cand_entries << ","
-                << cand_bytes << "," << fmt("%.2f", per_token) << ","
-                << fmt("%.6f", double(cand_bytes) / double(ref_bytes)) << ","
-                << fmt("%.6f", total.rel_error / rows) << "," << fmt("%.6f", total.cosine / rows)
-                << "," << fmt("%.6f", total.mass_recall / rows) << ","
-                << fmt("%.6f", total.topk_recall / rows);
+                << cand_bytes << "," << kv::format("%.2f", per_token) << ","
+                << kv::format("%.6f", double(cand_bytes) / double(ref_bytes)) << ","
+                << kv::format("%.6f", total.rel_error / rows) << ","
+                << kv::format("%.6f", total.cosine / rows) << ","
+                << kv::format("%.6f", total.mass_recall / rows) << ","
+                << kv::format("%.6f", total.topk_recall / rows);
       if (model)
-        std::cout << "," << fmt("%.6f", mf.ppl_reference) << "," << fmt("%.6f", mf.ppl_candidate)
-                  << "," << fmt("%.6f", mf.kl) << "," << fmt("%.6f", mf.top1_agreement);
+        std::cout << "," << kv::format("%.6f", mf.ppl_reference) << ","
+                  << kv::format("%.6f", mf.ppl_candidate) << "," << kv::format("%.6f", mf.kl) << ","
+                  << kv::format("%.6f", mf.top1_agreement);
       std::cout << "\n";
     } else {
       std::string out;
@@ -358,38 +353,40 @@ int main(int argc, char** argv) {
         out += kv::str("made by     ", cand.header().provenance.back().command_line, "\n");
       out += kv::str("storage     k+v ", kvt::human_bytes(double(cand_bytes)), " of ",
                      kvt::human_bytes(double(ref_bytes)), " (",
-                     fmt("%.3f", double(cand_bytes) / double(ref_bytes)), " of the reference, ",
-                     fmt("%.3f", double(cand_bytes) / double(dense)), " of dense f16), ",
-                     fmt("%.1f", per_token), " bytes per token\n");
-      out += kv::str("entries     ", cand_entries, " of ", ref_entries, " (",
-                     fmt("%.1f", 100.0 * double(cand_entries) / double(ref_entries)), "%)\n");
+                     kv::format("%.3f", double(cand_bytes) / double(ref_bytes)),
+                     " of the reference, ", kv::format("%.3f", double(cand_bytes) / double(dense)),
+                     " of dense f16), ", kv::format("%.1f", per_token), " bytes per token\n");
       out +=
-          kv::str("attention   rel. error ", fmt("%.4f", total.rel_error / rows), ", cosine ",
-                  fmt("%.4f", total.cosine / rows), ", mass recall ",
-                  fmt("%.4f", total.mass_recall / rows), ", top-", topk, " recall ",
-                  fmt("%.4f", total.topk_recall / rows), "  (", total.rows, " probe query rows)\n");
+          kv::str("entries     ", cand_entries, " of ", ref_entries, " (",
+                  kv::format("%.1f", 100.0 * double(cand_entries) / double(ref_entries)), "%)\n");
+      out += kv::str("attention   rel. error ", kv::format("%.4f", total.rel_error / rows),
+                     ", cosine ", kv::format("%.4f", total.cosine / rows), ", mass recall ",
+                     kv::format("%.4f", total.mass_recall / rows), ", top-", topk, " recall ",
+                     kv::format("%.4f", total.topk_recall / rows), "  (", total.rows,
+                     " probe query rows)\n");
       if (model)
-        out += kv::str("model       perplexity ", fmt("%.4f", mf.ppl_candidate), " (reference ",
-                       fmt("%.4f", mf.ppl_reference), ", ",
-                       fmt("%+.4f", mf.ppl_candidate - mf.ppl_reference), "), KL ",
-                       fmt("%.5f", mf.kl), ", top-1 agreement ", fmt("%.4f", mf.top1_agreement),
-                       "  (", mf.tokens, " probe tokens)\n");
+        out += kv::str("model       perplexity ", kv::format("%.4f", mf.ppl_candidate),
+                       " (reference ", kv::format("%.4f", mf.ppl_reference), ", ",
+                       kv::format("%+.4f", mf.ppl_candidate - mf.ppl_reference), "), KL ",
+                       kv::format("%.5f", mf.kl), ", top-1 agreement ",
+                       kv::format("%.4f", mf.top1_agreement), "  (", mf.tokens, " probe tokens)\n");
       if (generate)
         out += kv::str("generate    common prefix ", common, " of ", generate,
                        " greedy tokens after the first probe token\n",
                        "  reference: ", text(gen_ref), "\n", "  candidate: ", text(gen_cand), "\n");
       if (!task.empty())
-        out +=
-            kv::str("recall      ", fmt("%.3f", recall_cand), " exact with the candidate, ",
-                    fmt("%.3f", recall_ref), " with the reference (", items.size(), " sentences, ",
-                    kv::kRecallCue, "-token cues, ", kv::kRecallTarget, "-token targets)\n");
+        out += kv::str("recall      ", kv::format("%.3f", recall_cand),
+                       " exact with the candidate, ", kv::format("%.3f", recall_ref),
+                       " with the reference (", items.size(), " sentences, ", kv::kRecallCue,
+                       "-token cues, ", kv::kRecallTarget, "-token targets)\n");
       if (speed)
         out += kv::str(
-            "speed       ", on_cuda ? "(cuda) " : "", "decode step ", fmt("%.4f", t_cand * 1e3),
-            " ms (reference ", fmt("%.4f", t_ref * 1e3), " ms, ", fmt("%.2f", t_ref / t_cand),
-            "x); candidate reads ", fmt("%.1f", double(cand_bytes) / t_cand / 1e9),
-            " GB/s = ", fmt("%.0f", 100.0 * double(cand_bytes) / t_cand / 1e9 / bandwidth),
-            "% of the ", fmt("%.1f", bandwidth), " GB/s memory read bandwidth",
+            "speed       ", on_cuda ? "(cuda) " : "", "decode step ",
+            kv::format("%.4f", t_cand * 1e3), " ms (reference ", kv::format("%.4f", t_ref * 1e3),
+            " ms, ", kv::format("%.2f", t_ref / t_cand), "x); candidate reads ",
+            kv::format("%.1f", double(cand_bytes) / t_cand / 1e9),
+            " GB/s = ", kv::format("%.0f", 100.0 * double(cand_bytes) / t_cand / 1e9 / bandwidth),
+            "% of the ", kv::format("%.1f", bandwidth), " GB/s memory read bandwidth",
             on_codes.empty() ? "" : " (timed on its " + on_codes + " codes)", "\n");
       if (per_layer) out += "\n" + table;
       std::cout << out;

@@ -47,13 +47,6 @@ std::string xml_escape(const std::string& s) {
   return out;
 }
 
-// A printf-formatted piece of markup of any length (labels and titles are not cut).
-template <typename... Args>
-std::string format(const char* f, Args... args) {
-  std::string out(size_t(std::snprintf(nullptr, 0, f, args...)), '\0');
-  std::snprintf(out.data(), out.size() + 1, f, args...);
-  return out;
-}
 }  // namespace
 
 std::string svg_heatmap(const std::vector<std::vector<float>>& cells,

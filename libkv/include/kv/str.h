@@ -1,6 +1,8 @@
-// kv::str(a, b, c): concatenates anything streamable (GCC 12 has no <format>); utf8_length.
+// kv::str(a, b, c): concatenates anything streamable (GCC 12 has no <format>); kv::format, a
+// printf into a string of any length; utf8_length.
 #pragma once
 #include <cstdint>
+#include <cstdio>
 #include <sstream>
 #include <string>
 #include <string_view>
@@ -11,6 +13,13 @@ std::string str(const Args&... args) {
   std::ostringstream os;
   (os << ... << args);
   return os.str();
+}
+
+template <class... Args>
+std::string format(const char* f, Args... args) {
+  std::string out(size_t(std::snprintf(nullptr, 0, f, args...)), '\0');
+  std::snprintf(out.data(), out.size() + 1, f, args...);
+  return out;
 }
 
 // The length (1-4) of the well-formed UTF-8 sequence that starts at s[i], or 0 if none does
