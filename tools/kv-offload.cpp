@@ -2,6 +2,7 @@
 //   kv-offload simulate --budget N [--page P] [--score quest|landmark] [--link L] [INPUT]
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -13,6 +14,7 @@
 
 #include "common/tool.h"
 #include "kv/error.h"
+#include "kv/file.h"
 #include "kv/json.h"
 #include "kv/offload.h"
 #include "kv/page_store.h"
@@ -55,6 +57,24 @@ void store_whole(kv::Layer& layer, bool keys, int page_size, kv::PageStore& stor
   (keys ? layer.k_stored : layer.v_stored) = std::make_shared<const kv::Encoded>(std::move(moved));
 }
 
+// Whether `path` is `dir` or lies under it (both made absolute and canonical as far as they
+// exist): a page store this run writes must not hold its output or one of its inputs.
+bool path_within(const std::string& path, const std::string& dir) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::path p = fs::weakly_canonical(fs::absolute(path), ec),
+                 d = fs::weakly_canonical(fs::absolute(dir), ec);
+  const auto [end, at] = std::mismatch(d.begin(), d.end(), p.begin(), p.end());
+  return end == d.end();
+}
+
+void check_outside_store(const std::string& path, const std::string& what,
+                         const std::string& store) {
+  if (path != "-" && path_within(path, store))
+    throw kv::Error(kv::Exit::usage, "the " + what + " '" + path + "' is inside the page store '" +
+                                         store + "' this run writes; keep them apart");
+}
+
 kv::Json stats_json(const kv::SimulateStats& s) {
   kv::Json j = kv::Json::object();
   j.set("rel_error", s.rows ? kv::Json(s.rel_error / double(s.rows)) : kv::Json(nullptr));
@@ -69,15 +89,25 @@ void run_tier(kvt::Tool& tool, const std::string& input, const std::vector<std::
               const std::string& place, bool zstd, const kv::SimulateOptions& o) {
   std::vector<kv::Tier> tiers;
   int disk = -1;
+  std::set<std::string> names;
   for (const std::string& s : specs) {
     tiers.push_back(kv::Tier::parse(s));
     if (tiers.back().disk()) {
       if (disk >= 0) throw kv::Error(kv::Exit::usage, "give at most one disk:DIR tier");
       disk = int(tiers.size()) - 1;
     }
+    if (!names.insert(tiers.back().name).second)
+      throw kv::Error(kv::Exit::usage, "two tiers are named '" + tiers.back().name + "'");
   }
   if (disk >= 0 && disk + 1 != int(tiers.size()))
     throw kv::Error(kv::Exit::usage, "the disk tier is the slowest: give it last");
+  if (zstd && disk < 0)
+    throw kv::Error(kv::Exit::usage,
+                    "--page-codec applies to page files: it needs a disk:DIR tier");
+  if (disk >= 0) {
+    check_outside_store(tool.output, "output", tiers[size_t(disk)].dir);
+    check_outside_store(input, "input", tiers[size_t(disk)].dir);
+  }
   if (o.page_size < 16 || o.page_size > 256)
     throw kv::Error(kv::Exit::usage, kv::str("--page ", o.page_size, " is outside 16..256"));
   if (o.sink_pages < 0 || o.recent_pages < 0)
@@ -149,38 +179,49 @@ void run_tier(kvt::Tool& tool, const std::string& input, const std::vector<std::
   const kv::WriteOptions write_options = tool.write_options(reader.path());  // (before the store)
   std::unique_ptr<kv::PageStore> store;
   if (disk >= 0) store = std::make_unique<kv::PageStore>(tiers[size_t(disk)].dir, true);
-  kv::SnapshotWriter writer(tool.output, header, write_options);
-  double write_seconds = 0, disk_bytes = 0;
-  for (int l = 0; l < m.n_layers; ++l) {
-    tool.progress("layer", m.n_layers + l, 2 * m.n_layers);
-    reader.read_layer(l, layer);
-    const size_t first = layer_first[size_t(l)];
-    const size_t count =
-        (size_t(l) + 1 < layer_first.size() ? layer_first[size_t(l) + 1] : pages.size()) - first;
-    std::vector<uint8_t> external(count, 0);
-    for (size_t i = 0; i < count; ++i) external[i] = pages[first + i].tier == disk;
-    if (store && whole_tensors(layer)) {
-      const double t0 = kvbench_now();
-      if (external[0]) store_whole(layer, true, o.page_size, *store, zstd);
-      if (external[1]) store_whole(layer, false, o.page_size, *store, zstd);
-      write_seconds += kvbench_now() - t0;
-    } else if (store) {
-      const double t0 = kvbench_now();
-      layer.k_stored = std::make_shared<kv::Encoded>(
-          kv::page_out(layer.k, layer.head_offsets, o.page_size, external, *store, zstd, true));
-      layer.v_stored = std::make_shared<kv::Encoded>(
-          kv::page_out(layer.v, layer.head_offsets, o.page_size, external, *store, zstd, false));
-      write_seconds += kvbench_now() - t0;
+  double write_seconds = 0, read_seconds = 0, disk_bytes = 0, read_bytes = 0;
+  try {
+    kv::SnapshotWriter writer(tool.output, header, write_options);
+    for (int l = 0; l < m.n_layers; ++l) {
+      tool.progress("layer", m.n_layers + l, 2 * m.n_layers);
+      reader.read_layer(l, layer);
+      const size_t first = layer_first[size_t(l)];
+      const size_t count =
+          (size_t(l) + 1 < layer_first.size() ? layer_first[size_t(l) + 1] : pages.size()) - first;
+      std::vector<uint8_t> external(count, 0);
+      for (size_t i = 0; i < count; ++i) external[i] = pages[first + i].tier == disk;
+      if (store && whole_tensors(layer)) {
+        const double t0 = kvbench_now();
+        if (external[0]) store_whole(layer, true, o.page_size, *store, zstd);
+        if (external[1]) store_whole(layer, false, o.page_size, *store, zstd);
+        write_seconds += kvbench_now() - t0;
+      } else if (store) {
+        const double t0 = kvbench_now();
+        layer.k_stored = std::make_shared<kv::Encoded>(
+            kv::page_out(layer.k, layer.head_offsets, o.page_size, external, *store, zstd, true));
+        layer.v_stored = std::make_shared<kv::Encoded>(
+            kv::page_out(layer.v, layer.head_offsets, o.page_size, external, *store, zstd, false));
+        write_seconds += kvbench_now() - t0;
+      }
+      writer.write_layer(layer);
     }
-    writer.write_layer(layer);
+    if (store) {
+      // The manifest before the snapshot: a snapshot never names a page its store does not
+      // list. Then every page the snapshot references is read back and checked against its id
+      // (a page file already in the store may have been damaged): the output appears only if
+      // all of them are sound. The read also gives the report's read speed.
+      double t0 = kvbench_now();
+      store->commit();
+      write_seconds += kvbench_now() - t0;
+      t0 = kvbench_now();
+      for (const std::string& id : store->put_ids()) read_bytes += double(store->get(id).size());
+      read_seconds = kvbench_now() - t0;
+    }
+    writer.finish();
+  } catch (...) {
+    if (store) store->rollback();  // the store as it was: no pages or manifest of this run
+    throw;
   }
-  // The manifest before the snapshot: a snapshot never names a page its store does not list.
-  if (store) {
-    const double t0 = kvbench_now();
-    store->commit();
-    write_seconds += kvbench_now() - t0;
-  }
-  writer.finish();
   tool.progress_done();
   if (tool.quiet) return;
   std::vector<int64_t> tier_pages(tiers.size(), 0), tier_bytes(tiers.size(), 0);
@@ -199,18 +240,13 @@ void run_tier(kvt::Tool& tool, const std::string& input, const std::vector<std::
   if (store && disk_bytes > 0) {
     // Measured on this machine: the page files written above, then read back (page cache),
     // beside the modelled NVMe link.
-    const double t0 = kvbench_now();
-    for (const auto& [id, e] : store->entries()) (void)store->get(id);
-    const double read_seconds = kvbench_now() - t0;
-    double store_bytes = 0;
-    for (const auto& [id, e] : store->entries()) store_bytes += double(e.bytes);
     const kv::Link nvme = kv::Link::parse("nvme");
     std::fprintf(stderr,
-                 "kv-offload: disk %s: wrote %s at %.2f GB/s (synced), read the store "
+                 "kv-offload: disk %s: wrote %s at %.2f GB/s (synced), read its %zu pages "
                  "(%s) back at %.2f GB/s; modelled nvme read: %.2f GB/s\n",
                  store->dir().c_str(), kvt::human_bytes(disk_bytes).c_str(),
-                 disk_bytes / write_seconds / 1e9, kvt::human_bytes(store_bytes).c_str(),
-                 store_bytes / read_seconds / 1e9, nvme.gbps);
+                 disk_bytes / write_seconds / 1e9, store->put_ids().size(),
+                 kvt::human_bytes(read_bytes).c_str(), read_bytes / read_seconds / 1e9, nvme.gbps);
   }
 }
 
@@ -229,69 +265,96 @@ void run_share(kvt::Tool& tool, const std::vector<std::string>& inputs, const st
       throw kv::Error(kv::Exit::usage,
                       "two inputs are named '" + name + "'; OUTDIR needs distinct names");
   }
-  // Everything that can be checked before a directory is made: the codec and every input.
+  // Everything that can be checked before a directory is made: the codec, every input and
+  // where its output goes. A run refused here, or failing later, leaves no store, no OUTDIR
+  // and no output of its own behind (the outputs appear together, after the store's manifest).
   kv::Codec::parse(tool.codec);
-  for (const std::string& in : inputs) kv::SnapshotReader(in, verbatim(tool));
-  if (::mkdir(out_dir.c_str(), 0777) != 0 && errno != EEXIST)
-    throw kv::Error(kv::Exit::cant_create, "cannot create '" + out_dir + "': " + kv::errno_text());
+  check_outside_store(out_dir, "OUTDIR", dir);
+  struct stat st {};
+  const bool out_dir_exists = ::stat(out_dir.c_str(), &st) == 0;
+  if (out_dir_exists && !S_ISDIR(st.st_mode))
+    throw kv::Error(kv::Exit::cant_create, "OUTDIR '" + out_dir + "' is not a directory");
+  for (const std::string& in : inputs) {
+    check_outside_store(in, "input", dir);
+    kv::SnapshotReader(in, verbatim(tool));
+    const std::string out = out_dir + "/" + std::filesystem::path(in).filename().string();
+    if (kv::same_file(in, out))
+      throw kv::Error(kv::Exit::usage, "OUTDIR would overwrite the input '" + in + "'");
+  }
   kv::PageStore store(dir, true);
+  bool made_out_dir = false;
+  std::vector<std::unique_ptr<kv::SnapshotWriter>> writers;
+  std::string table = kv::format("%-24s %7s %12s %12s %13s\n", "input", "pages", "k+v bytes",
+                                 "new stored", "prefix pages");
   std::set<std::string> seen_prefix;  // (layer, head-relative) prefix ids of earlier inputs
   double total_bytes = 0, total_stored = 0;
   int64_t total_pages = 0, total_shared = 0;
-  std::printf("%-24s %7s %12s %12s %13s\n", "input", "pages", "k+v bytes", "new stored",
-              "prefix pages");
-  for (const std::string& in : inputs) {
-    kv::SnapshotReader reader(in, verbatim(tool));
-    kv::Header header = reader.header();
-    const std::string out = out_dir + "/" + std::filesystem::path(in).filename().string();
-    if (std::filesystem::exists(out) && std::filesystem::equivalent(out, in))
-      throw kv::Error(kv::Exit::usage, "OUTDIR would overwrite the input '" + in + "'");
-    tool.stamp(header);
-    kv::WriteOptions wo = tool.write_options(reader.path());
-    kv::SnapshotWriter writer(out, header, wo);
-    int64_t pages = 0, shared = 0;
-    double bytes = 0, stored_before = 0, stored_after = 0;
-    for (const auto& [id, e] : store.entries()) stored_before += double(e.stored);
-    std::set<std::string> mine;
-    kv::Layer layer;
-    for (int l = 0; l < header.model.n_layers; ++l) {
-      reader.read_layer(l, layer);
-      if (whole_tensors(layer)) {  // encoded: equal tensors are stored once, as equal pages are
-        bytes += double((layer.k_stored ? layer.k_stored->bytes() : layer.k.bytes()) +
-                        (layer.v_stored ? layer.v_stored->bytes() : layer.v.bytes()));
-        store_whole(layer, true, page_size, store, zstd);
-        store_whole(layer, false, page_size, store, zstd);
-        pages += 2;
-        writer.write_layer(layer);
-        continue;
-      }
-      const std::vector<std::string> ids = kv::page_prefix_ids(header, layer, page_size);
-      for (const std::string& id : ids) {
-        const std::string key =
-            kv::str(header.model.file_sha256, "/", header.model.name, "/", l, "/", id);
-        shared += seen_prefix.count(key);
-        mine.insert(key);
-      }
-      pages += int64_t(ids.size());
-      const std::vector<uint8_t> all(ids.size(), 1);
-      layer.k_stored = std::make_shared<kv::Encoded>(
-          kv::page_out(layer.k, layer.head_offsets, page_size, all, store, zstd, true));
-      layer.v_stored = std::make_shared<kv::Encoded>(
-          kv::page_out(layer.v, layer.head_offsets, page_size, all, store, zstd, false));
-      bytes += double(layer.k.bytes() + layer.v.bytes());
-      writer.write_layer(layer);
+  try {
+    if (!out_dir_exists) {
+      if (::mkdir(out_dir.c_str(), 0777) != 0)
+        throw kv::Error(kv::Exit::cant_create,
+                        "cannot create '" + out_dir + "': " + kv::errno_text());
+      made_out_dir = true;
     }
-    store.commit();  // before the snapshot that references its pages
-    writer.finish();
-    seen_prefix.insert(mine.begin(), mine.end());
-    for (const auto& [id, e] : store.entries()) stored_after += double(e.stored);
-    std::printf("%-24s %7lld %12.0f %12.0f %13lld\n", std::filesystem::path(in).filename().c_str(),
-                (long long)pages, bytes, stored_after - stored_before, (long long)shared);
-    total_pages += pages;
-    total_shared += shared;
-    total_bytes += bytes;
-    total_stored += stored_after - stored_before;
+    for (const std::string& in : inputs) {
+      kv::SnapshotReader reader(in, verbatim(tool));
+      kv::Header header = reader.header();
+      const std::string out = out_dir + "/" + std::filesystem::path(in).filename().string();
+      tool.stamp(header);
+      kv::WriteOptions wo = tool.write_options(reader.path());
+      writers.push_back(std::make_unique<kv::SnapshotWriter>(out, header, wo));
+      kv::SnapshotWriter& writer = *writers.back();
+      int64_t pages = 0, shared = 0;
+      double bytes = 0, stored_before = 0, stored_after = 0;
+      for (const auto& [id, e] : store.entries()) stored_before += double(e.stored);
+      std::set<std::string> mine;
+      kv::Layer layer;
+      for (int l = 0; l < header.model.n_layers; ++l) {
+        reader.read_layer(l, layer);
+        if (whole_tensors(layer)) {  // encoded: equal tensors are stored once, as equal pages
+          bytes += double((layer.k_stored ? layer.k_stored->bytes() : layer.k.bytes()) +
+                          (layer.v_stored ? layer.v_stored->bytes() : layer.v.bytes()));
+          store_whole(layer, true, page_size, store, zstd);
+          store_whole(layer, false, page_size, store, zstd);
+          pages += 2;
+          writer.write_layer(layer);
+          continue;
+        }
+        const std::vector<std::string> ids = kv::page_prefix_ids(header, layer, page_size);
+        for (const std::string& id : ids) {
+          const std::string key =
+              kv::str(header.model.file_sha256, "/", header.model.name, "/", l, "/", id);
+          shared += seen_prefix.count(key);
+          mine.insert(key);
+        }
+        pages += int64_t(ids.size());
+        const std::vector<uint8_t> all(ids.size(), 1);
+        layer.k_stored = std::make_shared<kv::Encoded>(
+            kv::page_out(layer.k, layer.head_offsets, page_size, all, store, zstd, true));
+        layer.v_stored = std::make_shared<kv::Encoded>(
+            kv::page_out(layer.v, layer.head_offsets, page_size, all, store, zstd, false));
+        bytes += double(layer.k.bytes() + layer.v.bytes());
+        writer.write_layer(layer);
+      }
+      seen_prefix.insert(mine.begin(), mine.end());
+      for (const auto& [id, e] : store.entries()) stored_after += double(e.stored);
+      table += kv::format("%-24s %7lld %12.0f %12.0f %13lld\n",
+                          std::filesystem::path(in).filename().c_str(), (long long)pages, bytes,
+                          stored_after - stored_before, (long long)shared);
+      total_pages += pages;
+      total_shared += shared;
+      total_bytes += bytes;
+      total_stored += stored_after - stored_before;
+    }
+    store.commit();  // before the snapshots that reference its pages
+    for (auto& w : writers) w->finish();
+  } catch (...) {
+    writers.clear();  // unfinished outputs are discarded
+    store.rollback();
+    if (made_out_dir) ::rmdir(out_dir.c_str());
+    throw;
   }
+  std::fputs(table.c_str(), stdout);
   std::printf(
       "total: %lld pages (%lld of them prefix pages seen in an earlier input), k+v %s, "
       "stored %s, saved %s (%.1f%%)\n",
@@ -412,6 +475,15 @@ int main(int argc, char** argv) {
   for (CLI::App* sub : {tier, restore, share}) sub->fallthrough();
 
   return tool.run(argc, argv, [&] {
+    // The output options are the tool's (tier and restore write a snapshot); share writes into
+    // OUTDIR and simulate writes none: given to them, they would be ignored.
+    if (sim->parsed() || share->parsed())
+      for (const char* name : {"--output", "--codec", "--force", "--no-provenance"})
+        if (app.get_option(name)->count() > 0 && (sim->parsed() || std::string(name) == "--output"))
+          throw kv::Error(kv::Exit::usage,
+                          kv::str(name, " does not apply to ",
+                                  sim->parsed() ? "simulate, which writes no snapshot"
+                                                : "share, which writes into -O OUTDIR"));
     if (tier->parsed()) return run_tier(tool, input, tier_specs, place, page_codec == "zstd", o);
     if (restore->parsed()) return run_restore(tool, input);
     if (share->parsed())

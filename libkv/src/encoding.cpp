@@ -414,8 +414,7 @@ void decode_uniform(const Encoding& e, const Encoded& enc, const RowLayout& rows
 
 }  // namespace
 
-std::vector<kvk::Kivi2Head> kivi2_heads(const Encoded& k, const Encoded& v,
-                                        const RowLayout& rows) {
+std::vector<kvk::Kivi2Head> kivi2_heads(const Encoded& k, const Encoded& v, const RowLayout& rows) {
   const int D = rows.model.head_dim;
   auto fits = [&](const Encoding& e, const char* axis) {
     return (e.scheme == "kivi" || e.scheme == "uniform") && e.bits == 2 && !e.hadamard &&
@@ -1195,10 +1194,7 @@ void decode_paged(const Encoded& enc, const RowLayout& rows, float* out) {
       const size_t bytes = size_t(n) * row_bytes;
       if (external.bytes[size_t(page)]) {
         const std::string id = PageStore::id_from_bytes(&ids.bytes[size_t(next_id++ * 32)]);
-        const std::vector<uint8_t> data = store->get(id);
-        if (data.size() != bytes)
-          throw Error(Exit::data, str("page ", id, " holds ", data.size(), " bytes; head ", h,
-                                      " needs ", bytes, " there"));
+        const std::vector<uint8_t> data = store->get(id, int64_t(bytes));  // (head h's rows)
         kvk::cpu_ops().to_f32(dt, data.data(), out + r * D, size_t(n) * D);
       } else {
         kvk::cpu_ops().to_f32(dt, next_local, out + r * D, size_t(n) * D);

@@ -108,7 +108,8 @@ void check_simulate_options(const Header& header, const SimulateOptions& o) {
     throw Error(Exit::usage, str("--score '", o.score, "' is not quest or landmark"));
   if (o.sink_pages < 0 || o.recent_pages < 0)
     throw Error(Exit::usage, "--sink-pages and --recent-pages cannot be negative");
-  const int64_t always = int64_t(o.sink_pages + o.recent_pages) * o.page_size;
+  // In 64 bits: two page counts near INT_MAX must not wrap into a budget that fits.
+  const int64_t always = (int64_t(o.sink_pages) + int64_t(o.recent_pages)) * o.page_size;
   if (o.budget < o.page_size)
     throw Error(Exit::usage,
                 str("--budget ", o.budget, " is below one page of ", o.page_size, " tokens"));
@@ -370,9 +371,15 @@ void place_pages(std::vector<PlacedPage>& pages, const std::vector<Tier>& tiers)
       }
     if (p.tier < 0) unplaced += p.bytes;
   }
-  if (unplaced)
-    throw Error(Exit::usage, str("the tiers cannot hold the cache: ", unplaced,
-                                 " bytes of pages do not fit (add a disk:DIR tier)"));
+  if (unplaced) {
+    const bool has_disk =
+        std::any_of(tiers.begin(), tiers.end(), [](const Tier& t) { return t.disk(); });
+    throw Error(Exit::usage,
+                str("the tiers cannot hold the cache: ", unplaced, " bytes of pages do not fit (",
+                    has_disk ? "raise a tier's capacity, or give the disk tier none"
+                             : "add a disk:DIR tier",
+                    ")"));
+  }
 }
 
 Encoded page_out(const Tensor& x, const std::vector<int64_t>& head_offsets, int page_size,

@@ -7,9 +7,8 @@
 
 #include <cerrno>
 #include <cstring>
-#include <fstream>
+#include <filesystem>
 #include <mutex>
-#include <sstream>
 
 #include "kv/error.h"
 #include "kv/file.h"
@@ -22,36 +21,77 @@ namespace {
 
 constexpr const char* kFormat = "kvtk-page-store";
 
-std::string read_file(const std::string& path, const std::string& what) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(Exit::data, what + ": file '" + path + "' is missing");
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
+// The whole file at `path` into `out`, at most `limit` bytes (the size the manifest gives it):
+// false with errno ENOENT when it does not exist, Error(Exit::no_input) naming the reason when it
+// cannot be read (a permission, a directory), Error(Exit::data) when its size is not `limit`.
+bool read_file(const std::string& path, const std::string& what, int64_t size, std::string& out) {
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) {
+    if (errno == ENOENT) return false;
+    throw Error(Exit::no_input, str(what, ": cannot read '", path, "': ", errno_text()));
+  }
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw Error(Exit::no_input, str(what, ": '", path, "' is not a regular file"));
+  }
+  // Checked before reading: a file the manifest does not describe is not read into memory.
+  if (size >= 0 && int64_t(st.st_size) != size) {
+    ::close(fd);
+    throw Error(Exit::data,
+                str(what, ": file has ", st.st_size, " bytes, the manifest says ", size));
+  }
+  out.resize(size_t(st.st_size));
+  size_t done = 0;
+  while (done < out.size()) {
+    const ssize_t r = ::read(fd, out.data() + done, out.size() - done);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) {
+      const std::string why = r < 0 ? errno_text() : "it shrank while being read";
+      ::close(fd);
+      throw Error(Exit::io, str(what, ": cannot read '", path, "': ", why));
+    }
+    done += size_t(r);
+  }
+  ::close(fd);
+  return true;
 }
 
 }  // namespace
 
 PageStore::PageStore(std::string dir, bool writable) : dir_(std::move(dir)) {
-  if (writable) {
-    if (::mkdir(dir_.c_str(), 0777) != 0 && errno != EEXIST)
-      throw Error(Exit::cant_create, str("cannot create page store '", dir_, "': ", errno_text()));
-    const std::string pages = dir_ + "/pages";
-    if (::mkdir(pages.c_str(), 0777) != 0 && errno != EEXIST)
-      throw Error(Exit::cant_create, str("cannot create '", pages, "': ", errno_text()));
-    if (::access(pages.c_str(), W_OK) != 0 || ::access(dir_.c_str(), W_OK) != 0)
-      throw Error(Exit::cant_create, str("page store '", dir_, "' is not writable"));
-  }
   const std::string manifest = dir_ + "/manifest.json";
-  std::ifstream in(manifest, std::ios::binary);
-  if (!in) {
+  struct stat st {};
+  if (writable) {
+    // Nothing is created yet (put and commit make the directories), so a run refused before
+    // its first page leaves no store behind; but a store that cannot be made is an error now.
+    const bool exists = ::stat(dir_.c_str(), &st) == 0;
+    if (exists && !S_ISDIR(st.st_mode))
+      throw Error(Exit::cant_create, str("page store '", dir_, "' is not a directory"));
+    if (!exists) {  // made later: its parent must be a writable directory now
+      std::filesystem::path normal = std::filesystem::path(dir_).lexically_normal();
+      if (!normal.has_filename()) normal = normal.parent_path();  // "store/"
+      const std::string parent = normal.has_parent_path() ? normal.parent_path().string() : ".";
+      const std::string what = str("cannot create page store '", dir_, "': ");
+      if (::stat(parent.c_str(), &st) != 0) throw Error(Exit::cant_create, what + errno_text());
+      if (!S_ISDIR(st.st_mode))
+        throw Error(Exit::cant_create, what + std::strerror(ENOTDIR));
+      if (::access(parent.c_str(), W_OK) != 0) throw Error(Exit::cant_create, what + errno_text());
+    } else if (::access(dir_.c_str(), W_OK) != 0 ||
+               (::stat((dir_ + "/pages").c_str(), &st) == 0 &&
+                (!S_ISDIR(st.st_mode) || ::access((dir_ + "/pages").c_str(), W_OK) != 0))) {
+      throw Error(Exit::cant_create, str("page store '", dir_, "' is not writable"));
+    }
+  }
+  std::string text;
+  if (!read_file(manifest, str("page store '", dir_, "'"), -1, text)) {
     if (!writable) throw Error(Exit::data, str("page store '", dir_, "' has no manifest.json"));
     return;
   }
-  std::stringstream text;
-  text << in.rdbuf();
+  had_manifest_ = true;
+  original_manifest_ = text;
   try {
-    const Json j = Json::parse(text.str());
+    const Json j = Json::parse(text);
     const Json* format = j.find("format");
     if (!format || !format->is_string() || format->string() != kFormat)
       throw Error(Exit::data, "not a kvtk page store manifest");
@@ -105,6 +145,7 @@ std::shared_ptr<const PageStore> PageStore::open_for_reading(const std::string& 
 
 std::string PageStore::put(const void* data, size_t n, bool zstd) {
   const std::string id = sha256_hex(data, n);
+  put_ids_.insert(id);
   // Already stored, unless its file went missing or changed size (then it is written again).
   if (const auto it = entries_.find(id); it != entries_.end()) {
     struct stat st;
@@ -112,10 +153,13 @@ std::string PageStore::put(const void* data, size_t n, bool zstd) {
     if (::stat(path.c_str(), &st) == 0 && int64_t(st.st_size) == it->second.stored) return id;
     entries_.erase(it);
   }
+  make_directories();
   Entry e;
   e.bytes = int64_t(n);
   e.file = "pages/" + id + (zstd ? ".zst" : ".raw");
   const std::string path = dir_ + "/" + e.file;
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) written_.push_back(path);  // new: rollback removes it
   if (zstd) {
     std::vector<uint8_t> out(ZSTD_compressBound(n));
     const size_t m = ZSTD_compress(out.data(), out.size(), data, n, 3);
@@ -130,24 +174,34 @@ std::string PageStore::put(const void* data, size_t n, bool zstd) {
   return id;
 }
 
-std::vector<uint8_t> PageStore::get(const std::string& id) const {
+std::vector<uint8_t> PageStore::get(const std::string& id, int64_t expected_bytes) const {
   const auto it = entries_.find(id);
   const std::string what = str("page store '", dir_, "': page ", id);
   if (it == entries_.end()) throw Error(Exit::data, what + " is not in the manifest");
-  const std::string file = read_file(dir_ + "/" + it->second.file, what);
-  if (int64_t(file.size()) != it->second.stored)
-    throw Error(Exit::data, str(what, ": file has ", file.size(), " bytes, the manifest says ",
-                                it->second.stored));
-  std::vector<uint8_t> out(static_cast<size_t>(it->second.bytes));
-  if (it->second.file.ends_with(".zst")) {
+  const Entry& e = it->second;
+  // Every size is checked before memory is taken for it: an edited manifest or a crafted file
+  // must not make a reader allocate what it says.
+  if (expected_bytes >= 0 && e.bytes != expected_bytes)
+    throw Error(Exit::data,
+                str(what, " holds ", e.bytes, " bytes where ", expected_bytes, " are needed"));
+  const bool zstd = e.file.ends_with(".zst");
+  if (!zstd && e.stored != e.bytes)
+    throw Error(Exit::data, str(what, ": a raw page of ", e.bytes, " bytes stored in ", e.stored));
+  std::string file;
+  if (!read_file(dir_ + "/" + e.file, what, e.stored, file))
+    throw Error(Exit::data, str(what, ": file '", dir_, "/", e.file, "' is missing"));
+  std::vector<uint8_t> out;
+  if (zstd) {
+    const unsigned long long size = ZSTD_getFrameContentSize(file.data(), file.size());
+    if (size != static_cast<unsigned long long>(e.bytes) ||
+        ZSTD_findFrameCompressedSize(file.data(), file.size()) != file.size())
+      throw Error(Exit::data, what + ": not a zstd frame of its size");
+    out.resize(static_cast<size_t>(e.bytes));
     const size_t m = ZSTD_decompress(out.data(), out.size(), file.data(), file.size());
     if (ZSTD_isError(m) || m != out.size())
       throw Error(Exit::data, what + ": not a zstd frame of its size");
   } else {
-    if (it->second.stored != it->second.bytes)
-      throw Error(Exit::data, str(what, ": a raw page of ", it->second.bytes, " bytes stored in ",
-                                  it->second.stored));
-    if (!out.empty()) std::memcpy(out.data(), file.data(), out.size());
+    out.assign(file.begin(), file.end());
   }
   if (sha256_hex(out.data(), out.size()) != id)
     throw Error(Exit::data, what + ": content does not match its id (corrupt page)");
@@ -164,6 +218,7 @@ void PageStore::commit() {
   Json j = Json::object();
   j.set("format", kFormat).set("version", 1).set("pages", std::move(pages));
   const std::string text = j.dump() + "\n";
+  make_directories();
   // The page files reach the disk before the manifest that lists them.
   const int dir_fd = ::open(dir_.c_str(), O_RDONLY | O_DIRECTORY);
   if (dir_fd < 0 || ::syncfs(dir_fd) != 0) {
@@ -172,6 +227,49 @@ void PageStore::commit() {
   }
   ::close(dir_fd);
   write_file_atomically(dir_ + "/manifest.json", text.data(), text.size(), true);
+  committed_ = true;
+}
+
+void PageStore::make_directories() {
+  for (const std::string& d : {dir_, dir_ + "/pages"}) {
+    if (::mkdir(d.c_str(), 0777) == 0)
+      created_.push_back(d);
+    else if (errno != EEXIST)
+      throw Error(Exit::cant_create, str("cannot create '", d, "': ", errno_text()));
+  }
+}
+
+void PageStore::rollback() noexcept {
+  for (const std::string& path : written_) ::unlink(path.c_str());
+  written_.clear();
+  if (committed_) {
+    try {
+      if (had_manifest_)
+        write_file_atomically(dir_ + "/manifest.json", original_manifest_.data(),
+                              original_manifest_.size(), true);
+      else
+        ::unlink((dir_ + "/manifest.json").c_str());
+    } catch (const Error&) {  // best effort: the run fails with its own error anyway
+    }
+    committed_ = false;
+  }
+  for (auto d = created_.rbegin(); d != created_.rend(); ++d) ::rmdir(d->c_str());
+  created_.clear();
+}
+
+std::string PageStore::store_holding(const std::string& path) {
+  if (path.empty() || path == "-") return "";
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::path parent = fs::weakly_canonical(fs::absolute(path, ec), ec).parent_path();
+  if (ec) return "";
+  auto is_store = [&](const fs::path& d) {
+    return fs::is_regular_file(d / "manifest.json", ec) && fs::is_directory(d / "pages", ec);
+  };
+  if (is_store(parent)) return parent.string();
+  if (parent.filename() == "pages" && is_store(parent.parent_path()))
+    return parent.parent_path().string();
+  return "";
 }
 
 void PageStore::append_id_bytes(const std::string& id, std::vector<uint8_t>& out) {

@@ -18,6 +18,7 @@
 #include "h5.h"
 #include "kv/file.h"
 #include "kv/offload.h"
+#include "kv/page_store.h"
 #include "kv/str.h"
 #include "zstd_filter.h"
 
@@ -1049,8 +1050,9 @@ void SnapshotReader::read_layer(int l, Layer& out) {
       } else {
         decode(*code, rows, t->as<float>());
       }
-    } catch (const Error& e) {
-      throw Error(Exit::data, str(where, ": '", name, "': ", e.what()));
+    } catch (const Error& e) {  // bad codes are bad data; a page file that cannot be read is not
+      const bool unreadable = e.code() == Exit::no_input || e.code() == Exit::io;
+      throw Error(unreadable ? e.code() : Exit::data, str(where, ": '", name, "': ", e.what()));
     }
     if (check_values) *bad = kvk::count_nonfinite(DType::f32, t->data(), t->size());
     const Encoding encoding = code->encoding;
@@ -1156,6 +1158,9 @@ void SnapshotWriter::Impl::open_output() {
   if (options.codec.kind == Codec::Kind::none)
     h5::check(H5Pset_alignment(fapl, kAlignThreshold, kAlignment), Exit::software,
               "cannot set the HDF5 alignment");
+  if (const std::string store = PageStore::store_holding(target); !store.empty())
+    throw Error(Exit::usage, "output " + where + " is inside the page store '" + store +
+                                 "'; write it elsewhere");
   if (!options.force && same_file(options.input_path, target))
     throw Error(Exit::usage, "output " + where +
                                  " is the input file; choose another name "

@@ -184,7 +184,7 @@ def check_case(name, inp, page, codec, place, sink, recent, tiers):
     ndisk = cnt[disk] if disk >= 0 else 0
     if ndisk:
         assert len(err) == len(names) + 1 and re.match(
-            r"kv-offload: disk %s: wrote %s at [0-9.]+ GB/s \(synced\), read the store \([0-9.]+ [KMG]?i?B\) "
+            r"kv-offload: disk %s: wrote %s at [0-9.]+ GB/s \(synced\), read its [0-9]+ pages \([0-9.]+ [KMG]?i?B\) "
             r"back at [0-9.]+ GB/s; modelled nvme read: 6\.00 GB/s$" % (re.escape(store), re.escape(hb(byt[disk]))),
             err[-1]), err
     else:
