@@ -1,5 +1,7 @@
 #include "kv/offload.h"
 
+#include <strings.h>
+
 #include <algorithm>
 #include <climits>
 #include <cmath>
@@ -80,7 +82,8 @@ Link Link::parse(const std::string& spec) {
     const double gbps = std::strtod(spec.c_str(), &end);
     const bool first_ok = end == spec.c_str() + comma;
     const double lat = std::strtod(spec.c_str() + comma + 1, &end);
-    if (first_ok && *end == '\0' && gbps > 0 && std::isfinite(gbps) && lat >= 0 &&
+    // At least 1 kB/s: a tinier (or denormal) rate makes every transfer time infinite.
+    if (first_ok && *end == '\0' && gbps >= 1e-6 && std::isfinite(gbps) && lat >= 0 &&
         std::isfinite(lat))
       return {spec, gbps, lat};
   }
@@ -288,13 +291,12 @@ SimulateStats simulate_layer(const Header& header, const Layer& layer, const Sim
 namespace {
 
 int64_t parse_bytes(const std::string& text, const std::string& spec) {
-  size_t used = 0;
-  double v = 0;
-  try {
-    v = std::stod(text, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
+  // Plain decimal digits, with at most one point, then the unit: stod alone would also take
+  // spaces, signs, hex and exponents, none of which a size is written with.
+  const size_t used = std::min(text.find_first_not_of("0123456789."), text.size());
+  double v = -1;
+  if (used > 0 && text[0] != '.' && std::count(text.begin(), text.begin() + long(used), '.') <= 1)
+    v = std::stod(text.substr(0, used));
   const std::string unit = text.substr(used);
   double scale = 0;
   if (unit.empty() || unit == "B")
@@ -311,7 +313,7 @@ int64_t parse_bytes(const std::string& text, const std::string& spec) {
     scale = 1024.0 * 1024;
   else if (unit == "GiB")
     scale = 1024.0 * 1024 * 1024;
-  if (used == 0 || scale == 0 || !(v >= 0) || !std::isfinite(v * scale) || v * scale > 9e18)
+  if (scale == 0 || !(v >= 0) || !std::isfinite(v * scale) || v * scale > 9e18)
     throw Error(Exit::usage, str("tier '", spec, "': capacity '", text,
                                  "' is not a size such as 512MiB or 2GiB"));
   return int64_t(v * scale);
@@ -325,6 +327,11 @@ Tier Tier::parse(const std::string& spec) {
     throw Error(Exit::usage, str("tier '", spec, "' is not NAME:CAPACITY or disk:DIR"));
   Tier t;
   t.name = spec.substr(0, colon);
+  if (t.name.find_first_not_of(
+          "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-") != std::string::npos)
+    throw Error(Exit::usage, str("tier '", spec, "': a name is letters, digits, _ and -"));
+  if (t.name != "disk" && (t.name.size() == 4 && ::strncasecmp(t.name.c_str(), "disk", 4) == 0))
+    throw Error(Exit::usage, str("tier '", spec, "': the page store tier is spelled disk:DIR"));
   const std::string rest = spec.substr(colon + 1);
   if (t.name == "disk") {
     const auto last = rest.rfind(':');
@@ -382,6 +389,14 @@ void place_pages(std::vector<PlacedPage>& pages, const std::vector<Tier>& tiers)
   }
 }
 
+// The store as snapshots name it: absolute and normalized (formats/kvsnap.md 9.6), no trailing
+// separator ("disk:st/" and "disk:st" are one store).
+std::string store_path(const PageStore& store) {
+  std::filesystem::path p = std::filesystem::absolute(store.dir()).lexically_normal();
+  if (!p.has_filename() && p.has_parent_path() && p != p.root_path()) p = p.parent_path();
+  return p.string();
+}
+
 Encoded page_out(const Tensor& x, const std::vector<int64_t>& head_offsets, int page_size,
                  const std::vector<uint8_t>& external, PageStore& store, bool zstd, bool keys) {
   Encoded out;
@@ -389,7 +404,7 @@ Encoded page_out(const Tensor& x, const std::vector<int64_t>& head_offsets, int 
   out.encoding.page_size = page_size;
   out.encoding.dtype = kvk::dtype_name(x.dtype());
   // Absolute, so that the snapshot finds its store from any working directory.
-  out.encoding.store = std::filesystem::absolute(store.dir()).lexically_normal().string();
+  out.encoding.store = store_path(store);
   const size_t row_bytes = size_t(x.cols()) * kvk::dtype_size(x.dtype());
   CodeArray local, flags, ids;
   local.name = "local";
@@ -449,7 +464,7 @@ Encoded put_external(const Encoded& enc, PageStore& store, bool zstd) {
   out.encoding = enc.encoding;
   out.encoding.inner = enc.encoding.scheme;
   out.encoding.scheme = "external";
-  out.encoding.store = std::filesystem::absolute(store.dir()).lexically_normal().string();
+  out.encoding.store = store_path(store);
   CodeArray ids;
   ids.name = "ids";
   PageStore::append_id_bytes(store.put(blob.data(), blob.size(), zstd), ids.bytes);

@@ -30,6 +30,22 @@ expect_code 64 kv-offload tier -t gpu:8KiB -t disk:d3:1KiB cap.kv.h5 -o x.kv.h5
 expect_err_line "raise a tier's capacity, or give the disk tier none"
 [ ! -e d3 ] && [ ! -e x.kv.h5 ] && pass "refused tier made nothing" || fail "left $(ls)"
 
+# Sizes and names as documented, nothing looser (spaces, hex, exponents, signs were taken).
+for t in "gpu: 1MiB" gpu:0x100000 gpu:1e6 gpu:-1 gpu:. gpu:1..2K; do
+  expect_code 64 kv-offload tier -t "$t" cap.kv.h5 -o x.kv.h5
+  expect_err_line "capacity '.*' is not a size such as 512MiB or 2GiB$"
+done
+expect_code 64 kv-offload tier -t DISK:1MiB cap.kv.h5 -o x.kv.h5
+expect_err_line "^kv-offload: tier 'DISK:1MiB': the page store tier is spelled disk:DIR$"
+expect_code 64 kv-offload tier -t "g u:1MiB" cap.kv.h5 -o x.kv.h5
+kv-offload -q tier -t gpu:1.5MiB cap.kv.h5 -o x.kv.h5 && pass "gpu:1.5MiB" || fail "gpu:1.5MiB"
+# A link too slow to give a finite transfer time (a denormal rate printed "stall inf ms").
+expect_code 64 kv-offload simulate -b 64 --link 1e-320,1 cap.kv.h5
+# The store as snapshots name it: absolute, no trailing separator.
+kv-offload -q tier "${tiers[@]}" -t disk:slash/ cap.kv.h5 -o slash.kv.h5 || fail "tier slash/"
+kv-inspect slash.kv.h5 | grep -q "store=$PWD/slash," && pass "store path normalized" ||
+  fail "store path: $(kv-inspect slash.kv.h5 | grep -m1 store=)"
+
 # A store is made only when the run gets that far: refused runs leave no directory.
 mkdir adir
 expect_code 73 kv-offload -q tier "${tiers[@]}" -t disk:new cap.kv.h5 -o adir
