@@ -13,5 +13,5 @@ for preset in release asan; do
 done
 echo "== fuzz targets" >&2
 cmake --preset fuzz -DKV_FUZZ_SECONDS="${KV_FUZZ_SECONDS:-60}" >/dev/null
-cmake --build --preset fuzz --target fuzz_snapshot fuzz_gguf fuzz_json -j "$(nproc)"
+cmake --build --preset fuzz --target fuzz_snapshot fuzz_gguf fuzz_json fuzz_page_store -j "$(nproc)"
 ctest --preset fuzz
