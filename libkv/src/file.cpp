@@ -1,11 +1,16 @@
 #include "kv/file.h"
 
 #include <fcntl.h>
+#include <limits.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
+#include <csignal>
 #include <cstdint>
+#include <cstring>
+#include <mutex>
 
 #include "kv/error.h"
 #include "kv/str.h"
@@ -30,10 +35,88 @@ bool write_all(int fd, const void* data, size_t n) {
   return true;
 }
 
+// The temporary-file registry (file.h). A slot goes free -> written -> live (published with a
+// release store, so the handler never reads a half-written path) -> free again on unregister. The
+// handler claims a live slot (live -> dying) before it unlinks the path: a slot being unlinked is
+// never freed and rewritten under it, even when the handler runs in another thread.
+enum SlotState : int { kFree, kWriting, kLive, kDying };
+struct TempSlot {
+  std::atomic<int> state{kFree};
+  char path[PATH_MAX];
+};
+static_assert(std::atomic<int>::is_always_lock_free, "the signal handler needs lock-free atomics");
+constexpr int kTempSlots = 64;
+TempSlot temp_slots[kTempSlots];
+std::mutex temp_mutex;  // serialises register/unregister; the handler never takes it
+constexpr int kCleanupSignals[] = {SIGINT, SIGTERM, SIGHUP, SIGPIPE};
+
+// Async-signal-safe only: atomics, unlink, sigaction, raise.
+void remove_temp_files_and_die(int sig) {
+  for (TempSlot& slot : temp_slots) {
+    int live = kLive;
+    if (slot.state.compare_exchange_strong(live, kDying, std::memory_order_acquire))
+      ::unlink(slot.path);
+  }
+  // The signal is blocked while its handler runs: raised again with the default action, it ends
+  // the process when the handler returns, so the exit status still says which signal it was.
+  struct sigaction dfl {};
+  dfl.sa_handler = SIG_DFL;
+  sigemptyset(&dfl.sa_mask);
+  ::sigaction(sig, &dfl, nullptr);
+  ::raise(sig);
+}
+
+void install_cleanup_handlers() {
+  struct sigaction act {};
+  act.sa_handler = remove_temp_files_and_die;
+  // The other cleanup signals wait until this handler is done, so a second Ctrl-C or a SIGTERM
+  // right after the SIGINT cannot end the process half way through the unlinks.
+  sigemptyset(&act.sa_mask);
+  for (int sig : kCleanupSignals) sigaddset(&act.sa_mask, sig);
+  act.sa_flags = SA_RESTART;
+  for (int sig : kCleanupSignals) {
+    struct sigaction old {};
+    if (::sigaction(sig, nullptr, &old) == 0 && !(old.sa_flags & SA_SIGINFO) &&
+        old.sa_handler == SIG_DFL)
+      ::sigaction(sig, &act, nullptr);
+  }
+}
+
 }  // namespace
+
+void register_temp_file(const std::string& path) {
+  static std::once_flag installed;
+  std::call_once(installed, install_cleanup_handlers);
+  if (path.empty() || path.size() >= PATH_MAX) return;
+  const std::lock_guard<std::mutex> lock(temp_mutex);
+  for (TempSlot& slot : temp_slots) {
+    int free = kFree;
+    if (!slot.state.compare_exchange_strong(free, kWriting, std::memory_order_relaxed)) continue;
+    std::memcpy(slot.path, path.c_str(), path.size() + 1);
+    slot.state.store(kLive, std::memory_order_release);
+    return;
+  }
+}
+
+void unregister_temp_file(const std::string& path) {
+  const std::lock_guard<std::mutex> lock(temp_mutex);
+  for (TempSlot& slot : temp_slots) {
+    // A slot the handler has claimed (dying) stays as it is: the process is ending.
+    if (slot.state.load(std::memory_order_relaxed) != kLive || path != slot.path) continue;
+    int live = kLive;
+    if (slot.state.compare_exchange_strong(live, kFree, std::memory_order_relaxed)) return;
+  }
+}
 
 void write_file_atomically(const std::string& path, const void* data, size_t n, bool sync) {
   const std::string temp = path + ".tmp" + std::to_string(::getpid());
+  // Registered before it exists, so no signal finds it unregistered; forgotten on every way out,
+  // after the rename or the unlink.
+  register_temp_file(temp);
+  struct Forget {
+    const std::string& path;
+    ~Forget() { unregister_temp_file(path); }
+  } forget{temp};
   const int fd = ::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0666);
   if (fd < 0) throw Error(Exit::cant_create, str("cannot create '", path, "': ", errno_text()));
   if (!write_all(fd, data, n) || (sync && ::fsync(fd) != 0)) {

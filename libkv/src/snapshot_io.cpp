@@ -1205,11 +1205,13 @@ void SnapshotWriter::Impl::open_output() {
   // close() after a truncate, about 0.25 s per GiB. mkstemp() picks a free random name and tells
   // why the directory is unusable; its empty file is removed at once and HDF5 creates the name
   // afresh (mode 0666 & ~umask, as for any new file). If another process takes the name in
-  // between, try another one.
+  // between, try another one. The name is registered as soon as mkstemp has chosen it, so that a
+  // signal removes it (register_temp_file), until finish() renames it or discard() removes it.
   for (int attempt = 0;; ++attempt) {
     std::string templ = dir + "/." + base + ".tmpXXXXXX";
     int fd = ::mkstemp(templ.data());
     if (fd < 0) throw Error(Exit::cant_create, "cannot create " + where + ": " + errno_text());
+    register_temp_file(templ);
     ::close(fd);
     ::unlink(templ.c_str());
     hid_t id = H5Fcreate(templ.c_str(), H5F_ACC_EXCL, H5P_DEFAULT, fapl);
@@ -1218,6 +1220,7 @@ void SnapshotWriter::Impl::open_output() {
       temp_path = templ;
       return;
     }
+    unregister_temp_file(templ);  // HDF5 did not create it: whatever is there is not ours
     struct stat taken {};
     if (attempt < 3 && ::lstat(templ.c_str(), &taken) == 0) continue;  // lost a race
     throw Error(Exit::cant_create, "cannot create " + where);
@@ -1280,7 +1283,10 @@ void SnapshotWriter::Impl::discard() {
   layers.reset();
   file.reset();
   image.reset();
-  if (!temp_path.empty()) ::unlink(temp_path.c_str());
+  if (!temp_path.empty()) {
+    ::unlink(temp_path.c_str());
+    unregister_temp_file(temp_path);
+  }
   temp_path.clear();
   if (owns_fd && direct_fd >= 0) ::close(direct_fd);
   direct_fd = -1;
@@ -1401,6 +1407,7 @@ void SnapshotWriter::finish() {
       throw Error(Exit::io, "cannot write " + where + (errno ? ": " + errno_text() : ""));
     if (::rename(w.temp_path.c_str(), w.target.c_str()) != 0)
       throw Error(Exit::cant_create, "cannot create " + where + ": " + errno_text());
+    unregister_temp_file(w.temp_path);
     w.temp_path.clear();
   }
   w.finished = true;

@@ -49,6 +49,39 @@ grep -q "^kept 74$" codes && cmp -s good.kv.h5 kept.kv.h5 && [ ! -e big.kv.h5 ] 
   || fail "size limit leftovers: $(cat codes; ls -A)"
 rm -f kept.kv.h5 big.err kept.err codes
 
+# Interrupted runs (SIGINT) die of the signal (130) and leave no temporary file and no output: a
+# long kv-synth once its hidden temporary file exists, and kv-offload tier while it writes the
+# page files of its disk tier. `env --default-signal` because a background job of a script starts
+# with SIGINT ignored (and the tools keep an ignored SIGINT ignored, checked last).
+# interrupt_when GLOB CMD...: starts CMD, sends it SIGINT once GLOB matches (waits at most 10 s);
+# its exit status in $code.
+interrupt_when() {
+  local glob=$1 i; shift
+  "$@" 2>/dev/null &
+  local pid=$!
+  for ((i = 0; i < 500; i++)); do compgen -G "$glob" >/dev/null && break; sleep 0.02; done
+  kill -INT "$pid"
+  wait "$pid"; code=$?
+}
+if env --default-signal=INT true 2>/dev/null; then
+  mkdir sig && cd sig
+  interrupt_when '.long.kv.h5.tmp*' env --default-signal=INT kv-synth --layers 200000 -n 2 -o long.kv.h5
+  [ "$code" = 130 ] && [ -z "$(ls -A)" ] && pass "kv-synth interrupted: 130, nothing left" \
+    || fail "kv-synth interrupted: exit $code, left: $(ls -A)"
+  kv-synth --preset llama3-8b -n 512 -o ../l8.kv.h5
+  interrupt_when 'store/pages/*' env --default-signal=INT \
+    kv-offload tier -q -t gpu:4MiB -t disk:store ../l8.kv.h5 -o tiered.kv.h5
+  [ "$code" = 130 ] && [ ! -e tiered.kv.h5 ] && [ -z "$(find . -name '*.tmp*')" ] \
+    && pass "kv-offload tier interrupted: 130, no output, no temporary file" \
+    || fail "kv-offload tier interrupted: exit $code, left: $(find . -name 'tiered*' -o -name '*.tmp*' | head)"
+  rm -rf store ../l8.kv.h5
+  # SIGINT ignored at the start (nohup, a script's `cmd &`): the run goes on and completes.
+  interrupt_when '.kept.kv.h5.tmp*' sh -c 'trap "" INT; exec kv-synth --layers 3000 -n 2 -o kept.kv.h5'
+  [ "$code" = 0 ] && [ -s kept.kv.h5 ] && [ "$(ls -A)" = kept.kv.h5 ] \
+    && pass "ignored SIGINT stays ignored" || fail "ignored SIGINT: exit $code, left: $(ls -A)"
+  cd .. && rm -rf sig
+fi
+
 # An input never becomes the output, also through stdin and stdout.
 cp good.kv.h5 in.kv.h5
 expect_code 64 sh -c 'kv-evict -s window -r 0.5 -o in.kv.h5 < in.kv.h5'

@@ -187,6 +187,26 @@ TEST(File, AtomicWriteReplacesWholeOrKeepsTheOldFile) {
             73);
 }
 
+TEST(File, FatalSignalRemovesRegisteredTemporaryFiles) {
+  const std::string dir = kvtest::temp_dir(), live = dir + "/.out.tmp1", done = dir + "/.out.tmp2";
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    // A child: SIGTERM's disposition may be the handler already, installed by an earlier test.
+    put(live, "partial");
+    kv::register_temp_file(live);
+    put(done, "renamed into place");
+    kv::register_temp_file(done);
+    kv::unregister_temp_file(done);  // no longer temporary: the handler must leave it
+    std::raise(SIGTERM);
+    ::_exit(0);  // not reached: the handler raises SIGTERM again with its default action
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGTERM) << "status " << status;
+  EXPECT_NE(::access(live.c_str(), F_OK), 0) << "registered temporary file left";
+  EXPECT_EQ(slurp(done), "renamed into place");
+}
+
 TEST(File, SameFileFollowsLinksNotNames) {
   const std::string dir = kvtest::temp_dir();
   put(dir + "/a", "a");

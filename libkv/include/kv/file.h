@@ -1,5 +1,6 @@
 // Whole-file outputs that either land complete or leave nothing behind: the small files the
-// tools write besides snapshots (charts, results lines, GGUF files, page-store manifests).
+// tools write besides snapshots (charts, results lines, GGUF files, page-store manifests), and
+// the registry of temporary files that a fatal signal removes.
 #pragma once
 #include <cstddef>
 #include <string>
@@ -20,6 +21,26 @@ inline void write_file_atomically(const std::string& path, const std::string& te
 // results file never ends in half a line; devices and pipes are written as they are. Errors: 73
 // when it cannot be opened, 74 when a write fails.
 void append_to_file(const std::string& path, const std::string& text);
+
+// Temporary files that a signal must not leave behind. A file written beside its target and
+// renamed into place (write_file_atomically, SnapshotWriter) is registered here while it exists:
+// register it before it is created when its name is known in advance (else at once after), and
+// unregister it after it is renamed into place or removed. When SIGINT, SIGTERM, SIGHUP or SIGPIPE
+// would end the process, a handler unlinks every registered path, restores the default action and
+// raises the signal again, so the process still dies of that signal (130 in the shell for SIGINT)
+// and a partial file is never left. SIGPIPE is included because a tool whose output pipe closes
+// may be writing a page file or a chart at the same moment.
+//
+// The handlers are installed at the first registration, for each of those signals whose
+// disposition is still the default: an ignored signal (nohup, `cmd &` in a script) stays ignored
+// and a program's own handler is kept. The handler only unlinks: the paths live in fixed static
+// slots (as given, so relative to the working directory at registration: the tools never chdir),
+// each published by an atomic flag once written. Registration is thread-safe. Best effort: a path
+// longer than PATH_MAX or beyond the slots (64 at once) is not registered, and a file that another
+// thread creates while the handler runs can survive it.
+void register_temp_file(const std::string& path);
+// Forgets one registration of `path` (nothing if it has none); the file itself is not touched.
+void unregister_temp_file(const std::string& path);
 
 // Whether an output would land on an input: both name the same existing regular file (same
 // device and inode, so links and other spellings count). "-" is stdin as the input and stdout
