@@ -104,7 +104,7 @@ int main(int argc, char** argv) {
          "--window", window,
          "Store the post-RoPE queries of the last W prompt tokens (SnapKV, PyramidKV, AdaKV)")
       ->default_val(0)
-      ->check(CLI::Range(0, 1 << 24));
+      ->check(kvt::integer_in(0, 1 << 24));
   app.add_flag("--attn-stats", attn_stats,
                "Store per layer and query head the attention each token received, summed over all "
                "later prompt queries (H2O) and from the last query (TOVA)");
@@ -112,27 +112,48 @@ int main(int argc, char** argv) {
                  "Teacher-force the N tokens that follow the prompt and store their tokens, "
                  "queries and logits (for kv-eval)")
       ->default_val(0)
-      ->check(CLI::Range(int64_t(0), int64_t(1) << 24));
+      ->check(kvt::integer_in(int64_t(0), int64_t(1) << 24));
   app.add_option("--probe-file", probe_file,
                  "Take the probe tokens from FILE's text instead of the input's continuation");
   app.add_option("--ctx", ctx,
                  "Cap the prompt at N tokens (the rest of the input can feed --probe)")
-      ->check(CLI::Range(int64_t(1), int64_t(1) << 24));
+      ->check(kvt::integer_in(int64_t(1), int64_t(1) << 24));
   app.add_option("--generate", generate,
                  "Print a greedy continuation of N tokens of the prompt as text on stdout (the "
                  "snapshot then needs -o)")
       ->default_val(0)
-      ->check(CLI::Range(int64_t(0), std::numeric_limits<int64_t>::max()));
+      ->check(kvt::integer_in(int64_t(0), std::numeric_limits<int64_t>::max()));
   app.add_flag("--perplexity", ppl,
                "Print the teacher-forced perplexity of the first --paragraphs blank-line-separated "
                "paragraphs of -f FILE (each with BOS, capped at --ctx or the context) and exit");
-  app.add_option("--paragraphs", n_paragraphs, "Paragraphs scored by --perplexity")
-      ->default_val(50)
-      ->check(CLI::Range(int64_t(1), int64_t(1) << 30));
+  const CLI::Option* paragraphs_option =
+      app.add_option("--paragraphs", n_paragraphs, "Paragraphs scored by --perplexity")
+          ->default_val(50)
+          ->check(kvt::integer_in(int64_t(1), int64_t(1) << 30));
   tool.add_output_options();
   tool.add_json_option();
 
   return tool.run(argc, argv, [&] {
+    if (ppl && text_file.empty()) throw kv::Error(kv::Exit::usage, "--perplexity needs -f FILE");
+    // --perplexity scores -f FILE and writes nothing: what a capture reads, stores or writes
+    // would be ignored, as would --perplexity's own options in a capture.
+    const std::string capture = "a capture (without --perplexity)";
+    const auto option = [&](const char* name) { return app.get_option(name); };
+    kvt::refuse_ignored({{option("--prompt"), capture, !ppl},
+                         {option("--tokens"), capture, !ppl},
+                         {option("--dtype"), capture, !ppl},
+                         {option("--window"), capture, !ppl},
+                         {option("--attn-stats"), capture, !ppl},
+                         {option("--probe"), capture, !ppl},
+                         {option("--probe-file"), capture, !ppl},
+                         {option("--generate"), capture, !ppl},
+                         {option("--output"), capture, !ppl},
+                         {option("--codec"), capture, !ppl},
+                         {option("--no-provenance"), capture, !ppl},
+                         {option("--force"), capture, !ppl},
+                         {option("--allow-nonfinite"), capture, !ppl},
+                         {paragraphs_option, "--perplexity", ppl},
+                         {option("--json"), "--perplexity", ppl}});
     if (model_path.empty()) {
       if (!env_model || !*env_model)
         throw kv::Error(
@@ -158,7 +179,6 @@ int main(int argc, char** argv) {
     const int64_t cap = ctx ? std::min<int64_t>(ctx, c.context) : c.context;
 
     if (ppl) {
-      if (text_file.empty()) throw kv::Error(kv::Exit::usage, "--perplexity needs -f FILE");
       auto paras = paragraphs(read_text(text_file));
       if (int64_t(paras.size()) > n_paragraphs) paras.resize(size_t(n_paragraphs));
       std::vector<std::vector<int32_t>> docs;

@@ -96,11 +96,11 @@ int main(int argc, char** argv) {
                  "and compare next-token distributions");
   app.add_option("--topk", topk, "k of the top-k attention recall")
       ->default_val(16)
-      ->check(CLI::Range(1, 1 << 20));
+      ->check(kvt::integer_in(1, 1 << 20));
   app.add_option("--generate", generate,
                  "With --model: greedy-decode N tokens after the first probe token from each "
                  "cache and report their common prefix")
-      ->check(CLI::Range(int64_t(1), int64_t(1) << 20));
+      ->check(kvt::integer_in(int64_t(1), int64_t(1) << 20));
   CLI::Option* task_option =
       app.add_option(
              "--task", task,
@@ -109,7 +109,7 @@ int main(int argc, char** argv) {
           ->check(CLI::IsMember({"recall"}));
   app.add_option("--recall-items", recall_max, "recall: at most this many sentences")
       ->default_val(8)
-      ->check(CLI::Range(1, 1000))
+      ->check(kvt::integer_in(1, 1000))
       ->needs(task_option);
   app.add_flag("--speed", speed,
                "Time one decode step of attention over every layer of each cache (the first "

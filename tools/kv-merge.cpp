@@ -39,10 +39,11 @@ int main(int argc, char** argv) {
   auto* start_option = app.add_option("--start", start,
                                       "minicache: the first layer of the first merged pair "
                                       "(default: the middle layer, n_layers / 2)")
-                           ->check(CLI::Range(0, 1 << 20));
+                           ->check(kvt::integer_in(0, 1 << 20));
   auto* slerp_option = app.add_option("--slerp", slerp,
                                       "minicache: interpolation t of the shared direction "
                                       "between the pair's two unit vectors, in [0, 1]")
+                           ->check(kvt::real_in(0, 1))
                            ->default_val(0.6);
   tool.add_output_options();
 
@@ -51,8 +52,9 @@ int main(int argc, char** argv) {
     kv::SnapshotReader reader(input, tool.read_options());
     kv::Header header = reader.header();
     kv::Layer in, out;
-    if (method != "minicache" && (start_option->count() || slerp_option->count()))
-      throw kv::Error(kv::Exit::usage, "--start and --slerp are for --method minicache");
+    kvt::refuse_ignored({{start_option, "--method minicache", method == "minicache"},
+                         {slerp_option, "--method minicache", method == "minicache"},
+                         {groups_option, "--method heads", method == "heads"}});
     if (method == "heads") {
       if (selection.given() || tau->count())
         throw kv::Error(kv::Exit::usage,
@@ -77,7 +79,6 @@ int main(int argc, char** argv) {
       tool.progress_done();
       return;
     }
-    if (groups_option->count()) throw kv::Error(kv::Exit::usage, "--groups is for --method heads");
     if (method == "cam" && tau->count())
       throw kv::Error(kv::Exit::usage, "cam weighs merges by attention: it takes no --tau");
     if (method == "minicache") {

@@ -28,7 +28,8 @@ uint64_t fmix64(uint64_t z) {
 // A reproducible stream per (seed, a, b, c), independent of how work is split across threads.
 struct Rng {
   uint64_t state;
-  Rng(uint64_t seed, uint64_t a, uint64_t b, uint64_t c) : state(fmix64(seed + 0x632be59bd9b4e019ull)) {
+  Rng(uint64_t seed, uint64_t a, uint64_t b, uint64_t c)
+      : state(fmix64(seed + 0x632be59bd9b4e019ull)) {
     uint64_t salt = 0x9e3779b97f4a7c15ull;
     for (uint64_t x : {a, b, c}) {
       state = fmix64(state ^ fmix64(x + salt));
@@ -39,8 +40,8 @@ struct Rng {
   // enough for gigabytes of synthetic data; the tails are bounded at +-3.46, which is fine here.
   float normal() {
     uint64_t r = splitmix(state);
-    float sum = float(r & 0xffff) + float((r >> 16) & 0xffff) + float((r >> 32) & 0xffff) +
-                float(r >> 48);
+    float sum =
+        float(r & 0xffff) + float((r >> 16) & 0xffff) + float((r >> 32) & 0xffff) + float(r >> 48);
     return (sum * (1.0f / 65536.0f) - 2.0f) * 1.7320508f;
   }
   uint64_t next() { return splitmix(state); }
@@ -71,18 +72,23 @@ ModelInfo model_preset(const std::string& name) {
   throw Error(Exit::usage, "unknown preset '" + name + "' (expected " + model_preset_names() + ")");
 }
 
-std::string model_preset_names() { return "tiny, stories260k, llama2-7b, llama3-8b, mistral-7b"; }
+std::string model_preset_names() {
+  return "tiny, stories260k, llama2-7b, llama3-8b, mistral-7b";
+}
 
 Synthesizer::Synthesizer(const SynthSpec& spec) : spec_(spec) {
   const ModelInfo& m = spec.model;
   if (spec.n_tokens < 1) throw Error(Exit::usage, "--tokens must be at least 1");
   if (spec.window < 0 || spec.window > spec.n_tokens)
-    throw Error(Exit::usage, str("--window ", spec.window, " must be in [0, tokens = ",
-                                 spec.n_tokens, "]"));
-  if (spec.probe < 0 || spec.probe > 65536)
-    throw Error(Exit::usage, str("--probe ", spec.probe, " must be in [0, 65536]"));
+    throw Error(Exit::usage,
+                str("--window ", spec.window, " must be in [0, tokens = ", spec.n_tokens, "]"));
+  if (spec.probe < 0 || spec.probe > kSynthMaxProbe)
+    throw Error(Exit::usage, str("--probe ", spec.probe, " must be in [0, ", kSynthMaxProbe, "]"));
+  if (!(m.rope_theta > 0 && std::isfinite(m.rope_theta)))
+    throw Error(Exit::usage, str("--rope-theta ", m.rope_theta, " must be finite and positive"));
   if (spec.attn_stats && spec.window == 0)
-    throw Error(Exit::usage, "--attn-stats needs --window W: the statistics come from the window queries");
+    throw Error(Exit::usage,
+                "--attn-stats needs --window W: the statistics come from the window queries");
   if (spec.outlier_pairs < 0 || 2 * spec.outlier_pairs > m.rope_dims)
     throw Error(Exit::usage, "--outlier-pairs must be in [0, head_dim / 2]");
   if (spec.vocab < 1) throw Error(Exit::usage, "--vocab must be positive");
@@ -92,7 +98,8 @@ Synthesizer::Synthesizer(const SynthSpec& spec) : spec_(spec) {
   h.tokens.resize(size_t(spec.n_tokens));
   Rng rng(spec.seed, 0xffff, 0, 0);
   h.tokens[0] = 1;  // BOS, as a real prompt starts
-  for (size_t t = 1; t < h.tokens.size(); ++t) h.tokens[t] = int32_t(rng.next() % uint64_t(spec.vocab));
+  for (size_t t = 1; t < h.tokens.size(); ++t)
+    h.tokens[t] = int32_t(rng.next() % uint64_t(spec.vocab));
   for (int64_t p = spec.n_tokens - spec.window; p < spec.n_tokens; ++p)
     h.window_positions.push_back(int32_t(p));
   h.has_attn_stats = spec.attn_stats;

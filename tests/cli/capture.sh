@@ -223,6 +223,36 @@ if [ $have_text = 1 ]; then
   fi
 fi
 
+# --perplexity writes nothing: an option of a capture is refused (exit 64, one line naming it),
+# with no figure printed and no file written, rather than ignored.
+# ppl_refuses OPTION ARGS...: kv-capture --perplexity ... ARGS names OPTION.
+ppl_refuses() {
+  local option=$1; shift
+  rm -rf ppdir && mkdir ppdir
+  expect_code 64 kv-capture -m "$GGUF" -f "$TEXT" --perplexity --paragraphs 2 "$@"
+  expect_err_line \
+    "^kv-capture: $option is for a capture \(without --perplexity\); this run would ignore it$"
+  if [ -z "$(ls -A ppdir)" ] && [ ! -s "$WORK/out" ]; then pass "--perplexity $*: nothing written"
+  else fail "--perplexity $*: left $(ls -A ppdir) $(head -c 100 "$WORK/out")"; fi
+}
+if [ $have_text = 1 ]; then
+  ppl_refuses --window -o ppdir/pp.kv.h5 --window 5 --probe 3
+  ppl_refuses --output -o ppdir/pp.kv.h5
+  ppl_refuses --probe --probe 3
+  ppl_refuses --dtype --dtype f32
+  ppl_refuses --attn-stats --attn-stats
+  ppl_refuses --probe-file --probe-file "$TEXT"
+  ppl_refuses --generate --generate 4
+  ppl_refuses --codec --codec zstd
+  ppl_refuses --no-provenance --no-provenance
+  ppl_refuses --force --force
+  ppl_refuses --allow-nonfinite --allow-nonfinite
+  # What --perplexity takes still works.
+  expect_code 0 kv-capture -m "$GGUF" -f "$TEXT" --perplexity --paragraphs 2 --ctx 64 --json -q -@ 2
+  [ "$(json "$WORK/out" paragraphs)" = 2 ] && pass "--perplexity --paragraphs 2 --ctx 64 --json" \
+    || fail "--perplexity --paragraphs 2: $(cat "$WORK/out")"
+fi
+
 # 6. Bad input. bad CODE PATTERN ARGS...: runs kv-capture ARGS (with -o into an empty directory),
 #    checks the exit code, a one-line message matching PATTERN, and that nothing was written
 #    (no file, no temporary file, nothing on stdout).
@@ -265,6 +295,18 @@ bad 66 "cannot open 'missing.txt'" -m "$GGUF" -f missing.txt
 bad 66 "cannot open 'missing.ids'" -m "$GGUF" --tokens missing.ids
 bad 64 "no prompt.*-p TEXT.*-f FILE.*--tokens FILE" -m "$GGUF"
 bad 64 "--perplexity needs -f FILE" -m "$GGUF" --perplexity "${P[@]}"
+# Numbers: a word is no integer, a number beyond the option's range is outside it.
+bad 64 "^kv-capture: --window: 'abc' is not an integer \(see kv-capture --help\)$" -m "$GGUF" \
+  "${P[@]}" --window abc
+bad 64 "^kv-capture: --probe: -1 is outside \[0, 16777216\]" -m "$GGUF" "${P[@]}" --probe -1
+bad 64 "^kv-capture: --ctx: 0 is outside \[1, 16777216\]" -m "$GGUF" "${P[@]}" --ctx 0
+bad 64 "^kv-capture: --generate: 99999999999999999999 is outside" -m "$GGUF" "${P[@]}" \
+  --generate 99999999999999999999
+# --perplexity's own options are refused in a capture, rather than ignored.
+bad 64 "^kv-capture: --paragraphs is for --perplexity; this run would ignore it$" -m "$GGUF" \
+  "${P[@]}" --paragraphs 3
+bad 64 "^kv-capture: --json is for --perplexity; this run would ignore it$" -m "$GGUF" \
+  "${P[@]}" --json
 bad 64 "the input has 5 tokens.*--probe 5" -m "$GGUF" "${P[@]}" --probe 5
 KV_MODEL="" bad 64 "no model" "${P[@]}"
 # An empty prompt (BOS alone). The code says 65 (bad data); 64 would be usage: either is taken.

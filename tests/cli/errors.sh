@@ -97,7 +97,7 @@ rm -f in.kv.h5
 
 # Options that would do nothing are refused, and a refused run leaves no directory behind.
 expect_code 64 kv-merge -m heads --groups 1 --start 1 good.kv.h5 -o m.kv.h5
-expect_err_line "--start and --slerp are for --method minicache"
+expect_err_line "^kv-merge: --start is for --method minicache; this run would ignore it$"
 expect_code 64 kv-merge -m minicache --start -3 good.kv.h5 -o m.kv.h5
 expect_code 64 kv-compress -s q8_0 --dtype f32 good.kv.h5 -o c.kv.h5
 expect_err_line "--dtype is the dtype -d decodes to"
@@ -107,6 +107,50 @@ expect_code 66 kv-offload share --store store2 -O out2 missing.kv.h5
 expect_code 64 kv-offload share --store store3 -O out3 --codec foo good.kv.h5
 [ ! -e store1 ] && [ ! -e store2 ] && [ ! -e out2 ] && [ ! -e store3 ] && [ ! -e out3 ] && [ ! -e m.kv.h5 ] \
   && [ ! -e c.kv.h5 ] && [ ! -e e.kv.h5 ] && [ ! -e o.kv.h5 ] && pass "refused runs left nothing" || fail "left: $(ls -A)"
+
+# Numeric options (one check for all tools, tools/common): a word is "not an integer" or "not a
+# number", a number beyond the option's range is "outside" it, never the other way round.
+expect_code 64 kv-offload -@ abc simulate -b 64 good.kv.h5
+expect_err_line "^kv-offload: --threads: 'abc' is not an integer \(see kv-offload --help\)$"
+expect_code 64 kv-inspect -@ 2000 good.kv.h5
+expect_err_line "^kv-inspect: --threads: 2000 is outside \[0, 1024\] \(see kv-inspect --help\)$"
+expect_code 64 kv-synth -@ -1 -o t.kv.h5
+expect_err_line "^kv-synth: --threads: -1 is outside \[0, 1024\]"
+expect_code 64 kv-evict -s h2o -b 8 --sink abc good.kv.h5 -o e.kv.h5
+expect_err_line "^kv-evict: --sink: 'abc' is not an integer"
+expect_code 64 kv-evict -s h2o -b 8 --recent 99999999999 good.kv.h5 -o e.kv.h5
+expect_err_line "^kv-evict: --recent: 99999999999 is outside \[0, 1073741824\]"
+expect_code 64 kv-eval -r good.kv.h5 --topk 0x good.kv.h5
+expect_err_line "^kv-eval: --topk: '0x' is not an integer"
+expect_code 64 kv-eval -r good.kv.h5 --topk 0 good.kv.h5
+expect_err_line "^kv-eval: --topk: 0 is outside \[1, 1048576\]"
+expect_code 64 kv-merge -m minicache --start x good.kv.h5 -o m.kv.h5
+expect_err_line "^kv-merge: --start: 'x' is not an integer"
+expect_code 64 kv-merge -m minicache --slerp nan good.kv.h5 -o m.kv.h5
+expect_err_line "^kv-merge: --slerp: nan is outside \[0, 1\]"
+expect_code 64 kv-merge -m minicache --slerp half good.kv.h5 -o m.kv.h5
+expect_err_line "^kv-merge: --slerp: 'half' is not a number"
+#   The seed of the random score: an integer in [0, 2^64 - 1], not wrapped (-1) or saturated.
+expect_code 64 kv-evict -s random -b 8 --seed -1 good.kv.h5 -o e.kv.h5
+expect_err_line "^kv-evict: --seed: -1 is outside \[0, 18446744073709551615\]"
+expect_code 64 kv-merge -s random -b 8 --seed 99999999999999999999 good.kv.h5 -o m.kv.h5
+expect_err_line "^kv-merge: --seed: 99999999999999999999 is outside \[0, 18446744073709551615\]"
+expect_code 64 kv-evict -s random -b 8 --seed one good.kv.h5 -o e.kv.h5
+expect_err_line "^kv-evict: --seed: 'one' is not an integer"
+[ ! -e t.kv.h5 ] && [ ! -e e.kv.h5 ] && [ ! -e m.kv.h5 ] && pass "refused numbers left nothing" \
+  || fail "left: $(ls -A)"
+#   Good values still work: the seeds and a slerp at the ends of their ranges, 1024 threads.
+for seed in 0 18446744073709551615; do
+  kv-evict -s random -b 8 --seed $seed --no-provenance good.kv.h5 -o e$seed.kv.h5 \
+    && kv-evict -s random -b 8 --seed $seed --no-provenance -@ 1 good.kv.h5 -o f$seed.kv.h5 \
+    && cmp -s e$seed.kv.h5 f$seed.kv.h5 && pass "kv-evict --seed $seed" \
+    || fail "kv-evict --seed $seed"
+done
+! cmp -s e0.kv.h5 e18446744073709551615.kv.h5 && pass "seeds 0 and 2^64 - 1 differ" \
+  || fail "seeds 0 and 2^64 - 1 select the same"
+expect_code 0 kv-merge -s random -b 8 --seed 18446744073709551615 good.kv.h5 -o m2.kv.h5
+expect_code 0 kv-merge -m minicache --start 0 --slerp 1 good.kv.h5 -o m3.kv.h5
+expect_code 0 kv-inspect -@ 1024 good.kv.h5
 
 expect_code 64 kv-synth --bogus
 expect_err_line "^kv-synth: The following argument was not expected: --bogus \(see kv-synth --help\)$"

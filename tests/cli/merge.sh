@@ -244,7 +244,7 @@ fi
 expect_code 64 kv-merge -m heads --groups 3 f.kv.h5 -o y4.kv.h5
 expect_err_line "^kv-merge: --groups 3 must divide the 4 KV heads$"
 expect_code 64 kv-merge -m cam -s h2o -b 50 --groups 2 f.kv.h5 -o y5.kv.h5
-expect_err_line "^kv-merge: --groups is for --method heads$"
+expect_err_line "^kv-merge: --groups is for --method heads; this run would ignore it$"
 expect_code 64 kv-merge --groups 2 -s h2o -b 50 f.kv.h5 -o y5.kv.h5
 expect_code 64 kv-merge -m heads --groups 2 -b 50 f.kv.h5 -o y6.kv.h5
 expect_err_line "no --score, --budget"

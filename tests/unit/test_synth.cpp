@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 
 #include "helpers.h"
@@ -55,7 +56,8 @@ TEST(Synth, HeadsAndLayersDiffer) {
   kv::Snapshot s = kv::synth_snapshot(small_spec());
   auto k0 = s.layers[0].k.to_f32(), k1 = s.layers[1].k.to_f32();
   const size_t head = 200 * 16;
-  EXPECT_NE(std::vector<float>(k0.begin(), k0.begin() + head), std::vector<float>(k0.begin() + head, k0.end()));
+  EXPECT_NE(std::vector<float>(k0.begin(), k0.begin() + head),
+            std::vector<float>(k0.begin() + head, k0.end()));
   EXPECT_NE(k0, k1);
 }
 
@@ -130,7 +132,8 @@ TEST(Rope, UndoRestoresAndDotDependsOnDistanceOnly) {
     rope.apply(x, 37, pairs, -1);
     for (int i = 0; i < 8; ++i) EXPECT_NEAR(x[i], a[i], 1e-5);
     float q1[8], k1[8], q2[8], k2[8];
-    std::copy(a, a + 8, q1), std::copy(b, b + 8, k1), std::copy(a, a + 8, q2), std::copy(b, b + 8, k2);
+    std::copy(a, a + 8, q1), std::copy(b, b + 8, k1), std::copy(a, a + 8, q2),
+        std::copy(b, b + 8, k2);
     rope.apply(q1, 50, pairs), rope.apply(k1, 40, pairs);
     rope.apply(q2, 70, pairs), rope.apply(k2, 60, pairs);
     EXPECT_NEAR(dot(q1, k1, 8), dot(q2, k2, 8), 1e-3);
@@ -149,6 +152,12 @@ TEST(Synth, BadSpecsAreUsageErrors) {
   spec = small_spec();
   spec.n_tokens = 0;
   EXPECT_THROW(kv::Synthesizer{spec}, kv::Error);
+  // A RoPE base that is not finite and positive would rotate keys into NaN.
+  for (double theta : {0.0, -5.0, std::nan(""), std::numeric_limits<double>::infinity()}) {
+    spec = small_spec();
+    spec.model.rope_theta = theta;
+    EXPECT_THROW(kv::Synthesizer{spec}, kv::Error) << "theta " << theta;
+  }
   try {
     kv::model_preset("gpt5");
     ADD_FAILURE();

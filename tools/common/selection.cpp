@@ -1,7 +1,9 @@
 #include "common/selection.h"
 
-#include <tuple>
+#include <cstdint>
+#include <limits>
 
+#include "common/tool.h"
 #include "kv/error.h"
 #include "kv/str.h"
 
@@ -28,11 +30,11 @@ void SelectionOptions::add(CLI::App& app, const std::string& verb, bool required
           ->excludes(budget_);
   app.add_option("--sink", o_.sink,
                  "First entries of each head always kept (default: 4 for window, else 0)")
-      ->check(CLI::Range(0, 1 << 30));
+      ->check(integer_in(0, 1 << 30));
   app.add_option("--recent", o_.recent,
                  "Most recent entries always kept (default: half the budget for h2o, else 0; "
                  "window without a budget keeps --sink + --recent)")
-      ->check(CLI::Range(0, 1 << 30));
+      ->check(integer_in(0, 1 << 30));
   app.add_option("--group-agg", group_agg_,
                  "How the query heads of a KV group combine their attention: mean or max")
       ->default_val("mean")
@@ -47,8 +49,9 @@ void SelectionOptions::add(CLI::App& app, const std::string& verb, bool required
   alpha_ = app.add_option("--alpha", o_.alpha,
                           "adaptive: fraction of the budget every head keeps of its own")
                ->default_val(0.2);
-  seed_ =
-      app.add_option("--seed", o_.seed, "random: seed (same seed, same selection)")->default_val(1);
+  seed_ = app.add_option("--seed", o_.seed, "random: seed (same seed, same selection)")
+              ->check(integer_in<uint64_t>(0, std::numeric_limits<uint64_t>::max()))
+              ->default_val(1);
 }
 
 kv::EvictOptions SelectionOptions::resolve() {
@@ -58,15 +61,11 @@ kv::EvictOptions SelectionOptions::resolve() {
   if (ratio_->count() && !(o_.ratio > 0 && o_.ratio <= 1))
     throw kv::Error(kv::Exit::usage, kv::str("--ratio ", o_.ratio, " must be in (0, 1]"));
   if (score_.empty()) throw kv::Error(kv::Exit::usage, "--score is required");
-  for (const auto& [option, owner, used] :
-       {std::tuple{pool_option_, "--score snapkv", score_ == "snapkv"},
-        {kernel_, "--score snapkv", score_ == "snapkv"},
-        {seed_, "--score random", score_ == "random"},
-        {beta_, "--alloc pyramid", alloc_ == "pyramid"},
-        {alpha_, "--alloc adaptive", alloc_ == "adaptive"}})
-    if (option->count() && !used)
-      throw kv::Error(kv::Exit::usage,
-                      option->get_name() + " is for " + owner + "; this run would ignore it");
+  refuse_ignored({{pool_option_, "--score snapkv", score_ == "snapkv"},
+                  {kernel_, "--score snapkv", score_ == "snapkv"},
+                  {seed_, "--score random", score_ == "random"},
+                  {beta_, "--alloc pyramid", alloc_ == "pyramid"},
+                  {alpha_, "--alloc adaptive", alloc_ == "adaptive"}});
   o_.score = kv::parse_evict_score(score_);
   o_.alloc = kv::parse_evict_alloc(alloc_);
   o_.group_agg = kv::parse_group_agg(group_agg_);

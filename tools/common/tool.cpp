@@ -9,6 +9,7 @@
 #include <iostream>
 
 #include "kv/error.h"
+#include "kv/str.h"
 #include "kv/version.h"
 
 namespace kvt {
@@ -17,7 +18,7 @@ Tool::Tool(std::string name, std::string description)
     : name_(std::move(name)), app_(std::move(description), name_) {
   app_.set_version_flag("--version", std::string(name_) + " (kvtk) " + kv::version());
   app_.add_option("-@,--threads", threads, "Worker threads (default: all cores)")
-      ->check(CLI::Range(0, 1024));
+      ->check(integer_in(0, 1024));
   app_.add_flag("-q,--quiet", quiet, "No progress or notes on stderr");
   app_.get_formatter()->column_width(34);
 }
@@ -162,6 +163,29 @@ std::string human_bytes(double bytes) {
   char buf[32];
   std::snprintf(buf, sizeof buf, u ? "%.2f %s" : "%.0f %s", bytes, units[u]);
   return buf;
+}
+
+CLI::Validator real_in(double lo, double hi, Ends ends) {
+  const bool open_low = ends == Ends::open || ends == Ends::open_low;
+  const bool open_high = ends == Ends::open || ends == Ends::open_high;
+  const std::string interval = kv::str(open_low ? "(" : "[", lo, ", ", hi, open_high ? ")" : "]");
+  return CLI::Validator(
+      [=](std::string& text) -> std::string {
+        char* end = nullptr;
+        const double v = double(std::strtold(text.c_str(), &end));  // as CLI11 reads a double
+        if (text.empty() || end != text.c_str() + text.size())
+          return "'" + text + "' is not a number";
+        const bool inside = (open_low ? v > lo : v >= lo) && (open_high ? v < hi : v <= hi);
+        return inside ? "" : text + " is outside " + interval;  // (NaN is inside nothing)
+      },
+      interval);
+}
+
+void refuse_ignored(std::initializer_list<OptionFor> options) {
+  for (const auto& [option, owner, used] : options)
+    if (option->count() && !used)
+      throw kv::Error(kv::Exit::usage,
+                      option->get_name() + " is for " + owner + "; this run would ignore it");
 }
 
 }  // namespace kvt

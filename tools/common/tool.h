@@ -3,8 +3,13 @@
 // Tools add their own options, then call run() with their body; the body throws kv::Error.
 #pragma once
 #include <CLI/CLI.hpp>
+#include <cerrno>
+#include <concepts>
+#include <cstdlib>
 #include <functional>
+#include <initializer_list>
 #include <string>
+#include <utility>
 
 #include "kv/snapshot_io.h"
 
@@ -63,5 +68,52 @@ class Tool {
 
 // Human-readable byte counts: "1.00 GiB".
 std::string human_bytes(double bytes);
+
+// Checks of numeric options, instead of CLI::Range (which answers "Value abc not in range 0 to
+// 1024" to a word, and lets CLI11 wrap -1 into an unsigned option). The text is read as CLI11
+// then reads it (strtoll, strtoull, strtold: 0x10 is 16), and refused with one of
+//   --threads: 'abc' is not an integer        --rope-theta: 'abc' is not a number
+//   --threads: 2000 is outside [0, 1024]       --rope-theta: nan is outside (0, inf)
+// Use with ->check(); --help shows the interval.
+template <std::integral T>
+CLI::Validator integer_in(T lo, T hi);
+// Which ends of a real interval are open (excluded): [lo, hi], (lo, hi), (lo, hi], [lo, hi).
+enum class Ends { closed, open, open_low, open_high };
+CLI::Validator real_in(double lo, double hi, Ends ends = Ends::closed);
+
+// An option that only some runs use: `option` is for `owner` ("--score snapkv"), and `used` says
+// whether this run is one of those.
+struct OptionFor {
+  const CLI::Option* option;
+  std::string owner;
+  bool used;
+};
+// Throws Error(Exit::usage) for the first option given to a run that would ignore it:
+// "--kernel is for --score snapkv; this run would ignore it".
+void refuse_ignored(std::initializer_list<OptionFor> options);
+
+template <std::integral T>
+CLI::Validator integer_in(T lo, T hi) {
+  const std::string interval = "[" + std::to_string(lo) + ", " + std::to_string(hi) + "]";
+  return CLI::Validator(
+      [=](std::string& text) -> std::string {
+        // strtoull takes "-1" for 2^64 - 1: a minus sign goes to strtoll.
+        const size_t first = text.find_first_not_of(" \t\n\v\f\r");
+        const char* s = text.c_str();
+        char* end = nullptr;
+        errno = 0;
+        bool inside;
+        if (first != std::string::npos && text[first] == '-') {
+          const long long v = std::strtoll(s, &end, 0);
+          inside = errno != ERANGE && std::cmp_greater_equal(v, lo) && std::cmp_less_equal(v, hi);
+        } else {
+          const unsigned long long v = std::strtoull(s, &end, 0);
+          inside = errno != ERANGE && std::cmp_greater_equal(v, lo) && std::cmp_less_equal(v, hi);
+        }
+        if (text.empty() || end != s + text.size()) return "'" + text + "' is not an integer";
+        return inside ? "" : text + " is outside " + interval;
+      },
+      interval);
+}
 
 }  // namespace kvt

@@ -18,16 +18,19 @@ struct SynthSpec {
   int64_t n_tokens = 256;
   DType dtype = DType::f16;
   uint64_t seed = 1;
-  int window = 0;            // observation-window queries to store (0: none)
+  int window = 0;  // observation-window queries to store (0: none)
   // Attention statistics computed from the window queries (needs window > 0): attn_last is the
   // last window query's attention, attn_acc the sum over the window queries (a real capture sums
   // over all later prompt queries; the window is the part of it a synthetic cache can afford).
   bool attn_stats = false;
-  int probe = 0;  // probe queries at positions T..T+P-1 (random probe tokens; no logits)
-  int outlier_pairs = 2;     // RoPE pairs per head with large-magnitude keys
-  float outlier_scale = 8;   // their mean magnitude, relative to unit noise
-  int vocab = 32000;         // token ids are drawn below this
+  int probe = 0;            // probe queries at positions T..T+P-1 (random probe tokens; no logits)
+  int outlier_pairs = 2;    // RoPE pairs per head with large-magnitude keys
+  float outlier_scale = 8;  // their mean magnitude, relative to unit noise
+  int vocab = 32000;        // token ids are drawn below this
 };
+
+// The most probe queries a Synthesizer takes.
+inline constexpr int kSynthMaxProbe = 65536;
 
 // Model shapes by name: "tiny", "stories260k", "llama2-7b", "llama3-8b", "mistral-7b".
 // Throws Error(Exit::usage) for an unknown name.
