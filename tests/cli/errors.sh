@@ -50,7 +50,7 @@ grep -q "^kept 74$" codes && cmp -s good.kv.h5 kept.kv.h5 && [ ! -e big.kv.h5 ] 
 rm -f kept.kv.h5 big.err kept.err codes
 
 # Interrupted runs (SIGINT) die of the signal (130) and leave no temporary file and no output: a
-# long kv-synth once its hidden temporary file exists, and kv-offload tier while it writes the
+# long kv-synth (about 2 s) once its hidden temporary file exists, and kv-offload tier while it writes the
 # page files of its disk tier. `env --default-signal` because a background job of a script starts
 # with SIGINT ignored (and the tools keep an ignored SIGINT ignored, checked last).
 # interrupt_when GLOB CMD...: starts CMD, sends it SIGINT once GLOB matches (waits at most 10 s);
@@ -65,7 +65,7 @@ interrupt_when() {
 }
 if env --default-signal=INT true 2>/dev/null; then
   mkdir sig && cd sig
-  interrupt_when '.long.kv.h5.tmp*' env --default-signal=INT kv-synth --layers 200000 -n 2 -o long.kv.h5
+  interrupt_when '.long.kv.h5.tmp*' env --default-signal=INT kv-synth --preset llama3-8b -n 4096 -o long.kv.h5
   [ "$code" = 130 ] && [ -z "$(ls -A)" ] && pass "kv-synth interrupted: 130, nothing left" \
     || fail "kv-synth interrupted: exit $code, left: $(ls -A)"
   kv-synth --preset llama3-8b -n 512 -o ../l8.kv.h5
