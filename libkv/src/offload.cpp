@@ -266,7 +266,11 @@ SimulateStats simulate_layer(const Header& header, const Layer& layer, const Sim
           cand += double(out[size_t(g * D + c)]) * out[size_t(g * D + c)];
         }
         // As kv-eval counts it: a zero reference row errs 1 if the candidate is not zero too.
-        s.rel_error += norm > 0 ? std::sqrt(diff / norm) : (cand > 0 ? 1.0 : 0.0);
+        // A NaN row (only with --allow-nonfinite) makes the mean NaN rather than counting as 0.
+        s.rel_error += std::isnan(diff + norm + cand) ? double(NAN)
+                       : norm > 0                     ? std::sqrt(diff / norm)
+                       : cand > 0                     ? 1.0
+                                                      : 0.0;
         ++s.rows;
       }
       head_steps[size_t(h) * size_t(steps) + size_t(step)] = s;

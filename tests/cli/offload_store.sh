@@ -30,6 +30,21 @@ expect_code 64 kv-offload tier -t gpu:8KiB -t disk:d3:1KiB cap.kv.h5 -o x.kv.h5
 expect_err_line "raise a tier's capacity, or give the disk tier none"
 [ ! -e d3 ] && [ ! -e x.kv.h5 ] && pass "refused tier made nothing" || fail "left $(ls)"
 
+# A NaN key let in by --allow-nonfinite makes simulate's error NaN (JSON null) where it reaches
+# the attention, rather than counting its rows as exact.
+cp cap.kv.h5 nan.kv.h5
+/usr/bin/python3 -c "
+import h5py
+f = h5py.File('nan.kv.h5', 'r+'); k = f['layers/001/k']; a = k[:]; a[3, 2] = float('nan'); k[...] = a
+" || fail "write a NaN"
+kv-offload simulate -b 64 --allow-nonfinite --json nan.kv.h5 > nan.json || fail "simulate nan"
+/usr/bin/python3 -c "
+import json, math
+j = json.load(open('nan.json'))
+assert j['rel_error'] is None, j['rel_error']
+assert j['layers'][1]['rel_error'] is None and math.isfinite(j['layers'][0]['rel_error']), j['layers']
+" && pass "NaN keys: NaN error" || fail "NaN keys: $(head -c 300 nan.json)"
+
 # Sizes and names as documented, nothing looser (spaces, hex, exponents, signs were taken).
 for t in "gpu: 1MiB" gpu:0x100000 gpu:1e6 gpu:-1 gpu:. gpu:1..2K; do
   expect_code 64 kv-offload tier -t "$t" cap.kv.h5 -o x.kv.h5
