@@ -483,8 +483,13 @@ Encoded fetch_external(const Encoded& external) {
   if (!ids || ids->type != CodeArray::Type::u8 || ids->bytes.size() != 32)
     throw Error(Exit::data, "external tensor: 'ids' is not one 32-byte page id");
   const std::string id = PageStore::id_from_bytes(ids->bytes.data());
-  return parse_external_object(PageStore::open_for_reading(external.encoding.store)->get(id), id,
-                               external.encoding.inner_encoding());
+  const auto store = PageStore::open_for_reading(external.encoding.store);
+  const std::vector<uint8_t> blob = store->get(id);  // (its errors name the store)
+  try {
+    return parse_external_object(blob, id, external.encoding.inner_encoding());
+  } catch (const Error& e) {
+    throw Error(e.code(), str("page store '", store->dir(), "': ", e.what()));
+  }
 }
 
 Encoded parse_external_object(const std::vector<uint8_t>& blob, const std::string& id,
