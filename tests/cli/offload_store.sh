@@ -9,6 +9,12 @@ kv-synth -n 64 --seed 2 -o small.kv.h5
 tiers=(-t gpu:8KiB)
 sum() { find "$@" -type f -exec sha256sum {} + 2>/dev/null | sort | sha256sum; }
 
+# A misspelled subcommand is named (CLI11 said only "A subcommand is required").
+expect_code 64 kv-offload -q -@ 1 tierr cap.kv.h5
+expect_err_line "^kv-offload: 'tierr' is not a subcommand \(simulate, tier, restore, share\)"
+expect_code 64 kv-offload
+expect_err_line "^kv-offload: a subcommand is required \(simulate, tier, restore, share\)"
+
 # simulate: page counts in 64 bits (2^31 - 1 sink pages used to wrap into a budget that fits).
 expect_code 64 kv-offload simulate -b 32 --sink-pages 2147483647 --recent-pages 1 cap.kv.h5
 expect_err_line "cannot hold the 2147483647 sink and 1 recent pages"

@@ -113,6 +113,25 @@ void report_peak_rss(const std::string& name) {
 }
 }  // namespace
 
+std::string Tool::parse_error_text(const CLI::ParseError& e) const {
+  // CLI11 says only "A subcommand is required" when the subcommand is misspelled: name the
+  // word it did not know, and the subcommands there are.
+  const std::vector<const CLI::App*> subs =
+      app_.get_subcommands([](const CLI::App*) { return true; });
+  if (subs.empty() || std::string(e.what()) != "A subcommand is required") return e.what();
+  std::string names;
+  for (const CLI::App* sub : subs) names += (names.empty() ? "" : ", ") + sub->get_name();
+  // The first word that is neither an option nor the value of the option before it.
+  auto takes_value = [&](const char* arg) {
+    const CLI::Option* o = arg[0] == '-' ? app_.get_option_no_throw(arg) : nullptr;
+    return o && o->get_expected_min() > 0;
+  };
+  for (int i = 1; i < argc_; ++i)
+    if (argv_[i][0] != '-' && (i == 1 || !takes_value(argv_[i - 1])))
+      return kv::str("'", argv_[i], "' is not a subcommand (", names, ")");
+  return "a subcommand is required (" + names + ")";
+}
+
 int Tool::run(int argc, char** argv, const std::function<void()>& body) {
   argc_ = argc;
   argv_ = argv;
@@ -125,7 +144,7 @@ int Tool::run(int argc, char** argv, const std::function<void()>& body) {
   } catch (const CLI::CallForVersion& e) {
     return app_.exit(e);
   } catch (const CLI::ParseError& e) {
-    std::cerr << name_ << ": " << e.what() << " (see " << name_ << " --help)\n";
+    std::cerr << name_ << ": " << parse_error_text(e) << " (see " << name_ << " --help)\n";
     return int(kv::Exit::usage);
   }
   if (threads > 0) omp_set_num_threads(threads);

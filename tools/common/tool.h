@@ -60,6 +60,9 @@ class Tool {
   void progress_done() const;
 
  private:
+  // A parse error's message, one line, in the tools' words where CLI11's say too little.
+  std::string parse_error_text(const CLI::ParseError& e) const;
+
   std::string name_;
   CLI::App app_;
   int argc_ = 0;
