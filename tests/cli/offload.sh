@@ -164,7 +164,7 @@ expect_err_line "cannot be negative"
 expect_code 64 kv-offload simulate s.kv.h5
 expect_err_line "--budget is required"
 expect_code 64 kv-offload
-expect_err_line "^kv-offload: A subcommand is required"
+expect_err_line "^kv-offload: a subcommand is required \(simulate, tier, restore, share\)"
 kv-synth --preset stories260k -n 100 -o plain.kv.h5
 expect_code 65 kv-offload simulate -b 64 plain.kv.h5
 expect_err_line "^kv-offload: simulate needs probe queries \(kv-capture --probe N\)$"
