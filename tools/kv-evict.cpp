@@ -7,16 +7,8 @@
 #include "kv/error.h"
 #include "kv/evict.h"
 #include "kv/json.h"
+#include "kv/snapshot_io.h"
 #include "kv/str.h"
-
-namespace {
-
-int64_t kv_bytes(const kv::Layer& layer, int64_t entries) {
-  return entries * layer.k.cols() *
-         int64_t(kvk::dtype_size(layer.k.dtype()) + kvk::dtype_size(layer.v.dtype()));
-}
-
-}  // namespace
 
 int main(int argc, char** argv) {
   kvt::Tool tool("kv-evict",
@@ -87,12 +79,12 @@ int main(int argc, char** argv) {
       }
       before += in.entries();
       after += layer_kept;
-      bytes_before += kv_bytes(in, in.entries());
-      bytes_after += kv_bytes(in, layer_kept);
-      if (writer) {
-        kv::apply_selection(in, kept, out);
-        writer->write_layer(out);
-      }
+      // As written, before any codec: an encoded input keeps its encoding (kv-inspect's
+      // bits and bytes agree), a tiered one comes back whole.
+      bytes_before += kv::kv_bytes_as_written(header, in);  // (apply_selection may move from in)
+      kv::apply_selection(in, kept, out);
+      bytes_after += kv::kv_bytes_as_written(header, out);
+      if (writer) writer->write_layer(out);
     }
     if (writer) writer->finish();
     tool.progress_done();

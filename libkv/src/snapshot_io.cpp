@@ -1317,6 +1317,53 @@ SnapshotWriter::~SnapshotWriter() {
   if (!impl_->finished) impl_->discard();
 }
 
+namespace {
+
+// Calls emit(name, dense, stored, fresh) for k then v as the writer stores them, exactly one of
+// the three set: a dense tensor as its values, kv-offload's stored tensors as they are, or the
+// arrays encoded here (mikv ranks rows by the layer's attention statistics), which emit may
+// hand to recycle().
+template <class Emit>
+void layer_as_written(const Header& h, int l, const Layer& layer, Emit&& emit) {
+  RowLayout rows{h.model, layer.head_offsets, layer.positions};
+  std::vector<float> importance;
+  if (layer.k_encoding.scheme == "mikv" || layer.v_encoding.scheme == "mikv") {
+    importance = entry_importance(h.model, layer.head_offsets, layer.positions, layer.attn_acc);
+    rows.importance = importance.data();
+  }
+  for (auto [name, t, enc] : {std::tuple{"k", &layer.k, &layer.k_encoding},
+                              std::tuple{"v", &layer.v, &layer.v_encoding}}) {
+    if (const auto& stored = name[0] == 'k' ? layer.k_stored : layer.v_stored) {
+      emit(name, nullptr, stored.get(), nullptr);  // already encoded (kv-offload's pages)
+      continue;
+    }
+    if (enc->dense()) {
+      emit(name, t, nullptr, nullptr);
+      continue;
+    }
+    check_encoding(*enc, h.model, name[0]);
+    try {
+      Encoded coded = encode(*enc, *t, rows);
+      emit(name, nullptr, nullptr, &coded);
+    } catch (const Error& e) {
+      throw Error(e.code(), str("layer ", l, ": '", name, "': ", e.what()));
+    }
+  }
+}
+
+}  // namespace
+
+int64_t kv_bytes_as_written(const Header& header, const Layer& layer) {
+  int64_t bytes = 0;
+  layer_as_written(
+      header, -1, layer,
+      [&](const char*, const Tensor* dense, const Encoded* stored, Encoded* fresh) {
+        bytes += dense ? int64_t(dense->bytes()) : stored ? stored->bytes() : fresh->bytes();
+        if (fresh) recycle(std::move(*fresh));
+      });
+  return bytes;
+}
+
 void SnapshotWriter::Impl::write_layer_data(int l, const Layer& layer) {
   Impl& w = *this;
   const Header& h = w.header;
@@ -1326,31 +1373,13 @@ void SnapshotWriter::Impl::write_layer_data(int l, const Layer& layer) {
   const auto N = hsize_t(layer.entries());
   write_vector(g, "positions", layer.positions, codec);
   write_vector(g, "head_offsets", layer.head_offsets, codec);
-  RowLayout rows{h.model, layer.head_offsets, layer.positions};
-  std::vector<float> importance;  // mikv ranks rows by their attention statistics
-  if (layer.k_encoding.scheme == "mikv" || layer.v_encoding.scheme == "mikv") {
-    importance = entry_importance(h.model, layer.head_offsets, layer.positions, layer.attn_acc);
-    rows.importance = importance.data();
-  }
-  for (auto [name, t, enc] : {std::tuple{"k", &layer.k, &layer.k_encoding},
-                              std::tuple{"v", &layer.v, &layer.v_encoding}}) {
-    if (const auto& stored = name[0] == 'k' ? layer.k_stored : layer.v_stored) {
-      write_encoded(g, name, *stored, codec);  // already encoded (kv-offload's paged tensors)
-      continue;
-    }
-    if (enc->dense()) {
-      write_tensor(g, name, *t, {N, D}, codec);
-      continue;
-    }
-    check_encoding(*enc, h.model, name[0]);
-    try {
-      Encoded coded = encode(*enc, *t, rows);
-      write_encoded(g, name, coded, codec);
-      recycle(std::move(coded));
-    } catch (const Error& e) {
-      throw Error(e.code(), str("layer ", l, ": '", name, "': ", e.what()));
-    }
-  }
+  layer_as_written(
+      h, l, layer,
+      [&](const char* name, const Tensor* dense, const Encoded* stored, Encoded* fresh) {
+        if (dense) return write_tensor(g, name, *dense, {N, D}, codec);
+        write_encoded(g, name, stored ? *stored : *fresh, codec);
+        if (fresh) recycle(std::move(*fresh));
+      });
   if (!layer.mass.empty()) write_vector(g, "mass", layer.mass, codec);
   if (h.has_window())
     write_tensor(g, "window_q", layer.window_q, {H, hsize_t(h.window_positions.size()), D}, codec);

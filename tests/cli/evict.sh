@@ -107,4 +107,20 @@ expect_code 73 kv-evict -s knorm -b 50 s.kv.h5 -o no/such/dir/x.kv.h5
 expect_code 64 kv-evict -s knorm -b 50 s.kv.h5 -o s.kv.h5
 [ "$(sha256sum s.kv.h5)" = "$sha_before" ] && pass "input still unchanged" || fail "input modified"
 
+# Bytes before and after are k+v as stored (before any codec), as kv-inspect counts them: for an
+# encoded input they were those of dense f32 (the decoded values), 7x too many for q4_0.
+kv-synth -n 200 --window 8 --attn-stats -o byt.kv.h5
+for s in q4_0 kivi mikv; do
+  kv-compress -s $s byt.kv.h5 -o byt-$s.kv.h5 || fail "compress $s"
+  kv-evict -s h2o -r 0.5 --json byt-$s.kv.h5 -o byt-e-$s.kv.h5 > byt.json || fail "evict $s"
+  /usr/bin/python3 - "$s" <<'PY' && pass "$s: bytes before/after as kv-inspect reads them" || fail "$s: bytes $(cat byt.json | head -c 200)"
+import json, subprocess, sys
+s = sys.argv[1]
+j = json.load(open("byt.json"))
+stored = lambda f: json.loads(subprocess.check_output(["kv-inspect", "--json", f]))["kv_bytes_stored"]
+assert j["kv_bytes_before"] == stored("byt-%s.kv.h5" % s), (j["kv_bytes_before"], stored("byt-%s.kv.h5" % s))
+assert j["kv_bytes_after"] == stored("byt-e-%s.kv.h5" % s), (j["kv_bytes_after"], stored("byt-e-%s.kv.h5" % s))
+PY
+done
+
 finish

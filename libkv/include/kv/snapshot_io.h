@@ -92,6 +92,10 @@ class SnapshotWriter {
   std::unique_ptr<Impl> impl_;
 };
 
+// The bytes of a layer's k and v as SnapshotWriter would store them, before any codec: dense
+// values in their dtype, or the arrays of their encoding (encoded here, as the writer does).
+int64_t kv_bytes_as_written(const Header& header, const Layer& layer);
+
 Snapshot read_snapshot(const std::string& path, ReadOptions options = {});
 void write_snapshot(const std::string& path, const Snapshot& snap, WriteOptions options = {});
 
