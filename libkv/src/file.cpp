@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <csignal>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 
@@ -108,7 +109,35 @@ void unregister_temp_file(const std::string& path) {
   }
 }
 
-void write_file_atomically(const std::string& path, const void* data, size_t n, bool sync) {
+std::string rename_target(const std::string& path) {
+  // Link by link (at most 40, as the kernel), so that a dangling link names the file to create.
+  std::string p = path;
+  for (int hops = 0; hops < 40; ++hops) {
+    struct stat st {};
+    if (::lstat(p.c_str(), &st) != 0 || !S_ISLNK(st.st_mode)) return p;
+    std::string to(PATH_MAX, '\0');
+    const ssize_t n = ::readlink(p.c_str(), to.data(), to.size());
+    if (n <= 0 || size_t(n) >= to.size()) return p;
+    to.resize(size_t(n));
+    const size_t slash = p.rfind('/');
+    p = to[0] == '/' || slash == std::string::npos ? to : p.substr(0, slash + 1) + to;
+  }
+  return path;
+}
+
+void write_file_atomically(const std::string& given, const void* data, size_t n, bool sync) {
+  struct stat out {};
+  if (::stat(given.c_str(), &out) == 0 && !S_ISREG(out.st_mode)) {
+    // A device or a pipe (/dev/stdout, /dev/null) is written as it is: nothing to rename over.
+    const int fd = ::open(given.c_str(), O_WRONLY);
+    if (fd < 0) throw Error(Exit::cant_create, str("cannot open '", given, "': ", errno_text()));
+    const bool written = write_all(fd, data, n);
+    const std::string why = errno_text();
+    if (::close(fd) != 0 || !written)
+      throw Error(Exit::io, str("cannot write '", given, "': ", written ? errno_text() : why));
+    return;
+  }
+  const std::string path = rename_target(given);
   const std::string temp = path + ".tmp" + std::to_string(::getpid());
   // Registered before it exists, so no signal finds it unregistered; forgotten on every way out,
   // after the rename or the unlink.
@@ -118,22 +147,22 @@ void write_file_atomically(const std::string& path, const void* data, size_t n, 
     ~Forget() { unregister_temp_file(path); }
   } forget{temp};
   const int fd = ::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0666);
-  if (fd < 0) throw Error(Exit::cant_create, str("cannot create '", path, "': ", errno_text()));
+  if (fd < 0) throw Error(Exit::cant_create, str("cannot create '", given, "': ", errno_text()));
   if (!write_all(fd, data, n) || (sync && ::fsync(fd) != 0)) {
     const std::string why = errno_text();
     ::close(fd);
     ::unlink(temp.c_str());
-    throw Error(Exit::io, str("cannot write '", path, "': ", why));
+    throw Error(Exit::io, str("cannot write '", given, "': ", why));
   }
   if (::close(fd) != 0) {
     const std::string why = errno_text();
     ::unlink(temp.c_str());
-    throw Error(Exit::io, str("cannot write '", path, "': ", why));
+    throw Error(Exit::io, str("cannot write '", given, "': ", why));
   }
   if (::rename(temp.c_str(), path.c_str()) != 0) {
     const std::string why = errno_text();
     ::unlink(temp.c_str());
-    throw Error(Exit::cant_create, str("cannot create '", path, "': ", why));
+    throw Error(Exit::cant_create, str("cannot create '", given, "': ", why));
   }
 }
 

@@ -1129,8 +1129,9 @@ LayerStorage SnapshotReader::layer_storage(int l) {
 
 struct SnapshotWriter::Impl {
   std::string target;
-  std::string temp_path;  // named regular output: written here, renamed by finish()
-  int direct_fd = -1;     // stdout or a non-regular file: the image is written here by finish()
+  std::string renamed_over;  // what the temporary file replaces: target, or the file it links to
+  std::string temp_path;     // named regular output: written here, renamed by finish()
+  int direct_fd = -1;        // stdout or a non-regular file: the image is written here by finish()
   bool owns_fd = false;
   Header header;
   WriteOptions options;
@@ -1195,10 +1196,11 @@ void SnapshotWriter::Impl::open_output() {
     if (!file.valid()) throw Error(Exit::software, "cannot create an in-memory HDF5 file");
     return;
   }
-  std::string dir = ".", base = target;
-  if (auto slash = target.rfind('/'); slash != std::string::npos) {
-    dir = slash == 0 ? "/" : target.substr(0, slash);
-    base = target.substr(slash + 1);
+  renamed_over = rename_target(target);
+  std::string dir = ".", base = renamed_over;
+  if (auto slash = renamed_over.rfind('/'); slash != std::string::npos) {
+    dir = slash == 0 ? "/" : renamed_over.substr(0, slash);
+    base = renamed_over.substr(slash + 1);
   }
   // The temporary file must be created by HDF5 itself (H5F_ACC_EXCL: O_CREAT|O_EXCL), never
   // reopened with O_TRUNC: ext4 (auto_da_alloc) starts writeback of the whole file inside
@@ -1434,7 +1436,7 @@ void SnapshotWriter::finish() {
     errno = 0;  // HDF5's error stack says "write failed"; errno says why
     if (H5Fclose(w.file.release()) < 0)
       throw Error(Exit::io, "cannot write " + where + (errno ? ": " + errno_text() : ""));
-    if (::rename(w.temp_path.c_str(), w.target.c_str()) != 0)
+    if (::rename(w.temp_path.c_str(), w.renamed_over.c_str()) != 0)
       throw Error(Exit::cant_create, "cannot create " + where + ": " + errno_text());
     unregister_temp_file(w.temp_path);
     w.temp_path.clear();

@@ -82,6 +82,27 @@ if env --default-signal=INT true 2>/dev/null; then
   cd .. && rm -rf sig
 fi
 
+# An output that is a symbolic link is written where it points and the link stays: through
+# /proc/self/fd/1 to a redirected stdout (`-o /dev/stdout > file` left the file empty, exit 0,
+# and replaced the link), to a regular file, dangling (the target is created), and for charts.
+mkdir links && cd links
+ln -s /proc/self/fd/1 stdout-link
+kv-synth -n 16 -o stdout-link > via-stdout.kv.h5 && [ -L stdout-link ] && kv-inspect via-stdout.kv.h5 >/dev/null \
+  && pass "-o link to stdout: the redirected file holds the snapshot" || fail "-o link to stdout: $(ls -l)"
+echo old > real.kv.h5 && ln -s real.kv.h5 link.kv.h5
+kv-synth -n 16 -o link.kv.h5 && [ -L link.kv.h5 ] && kv-inspect real.kv.h5 >/dev/null \
+  && pass "-o link: its target replaced, the link kept" || fail "-o link: $(ls -l)"
+ln -s made.kv.h5 dangling.kv.h5
+kv-synth -n 16 -o dangling.kv.h5 && [ -L dangling.kv.h5 ] && kv-inspect made.kv.h5 >/dev/null \
+  && pass "-o dangling link: its target created" || fail "-o dangling link: $(ls -l)"
+ln -s chart.svg chart-link.svg
+kv-inspect --plot chart-link.svg real.kv.h5 >/dev/null && [ -L chart-link.svg ] && grep -q "<svg" chart.svg \
+  && pass "--plot through a link" || fail "--plot through a link: $(ls -l)"
+kv-inspect --plot /dev/stdout real.kv.h5 > piped.svg && grep -q "<svg" piped.svg \
+  && pass "--plot /dev/stdout" || fail "--plot /dev/stdout"
+[ -z "$(ls -A | grep tmp)" ] && pass "no temporary files" || fail "left $(ls -A | grep tmp)"
+cd .. && rm -rf links
+
 # An input never becomes the output, also through stdin and stdout.
 cp good.kv.h5 in.kv.h5
 expect_code 64 sh -c 'kv-evict -s window -r 0.5 -o in.kv.h5 < in.kv.h5'

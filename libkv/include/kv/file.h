@@ -7,7 +7,8 @@
 
 namespace kv {
 
-// Writes `n` bytes to `path` through a temporary file in the same directory, renamed into place,
+// Writes `n` bytes to `path` (to the file it links to, rename_target) through a temporary file
+// in the same directory, renamed into place,
 // so a reader never sees a partial file and a failed write keeps what was there. `sync` fsyncs
 // the temporary file first. Errors: 73 when the file cannot be created or renamed into place,
 // 74 when a write fails (the temporary file is removed).
@@ -15,6 +16,12 @@ void write_file_atomically(const std::string& path, const void* data, size_t n, 
 inline void write_file_atomically(const std::string& path, const std::string& text) {
   write_file_atomically(path, text.data(), text.size());
 }
+
+// The file a write through a temporary file and rename() must replace for the output `path`:
+// the file a symbolic link points to (all links resolved), so that the link stays and its target
+// gets the new contents (`-o /dev/stdout > file` wrote over the link, and left file empty); path
+// itself when it is not a link, or its target does not exist yet.
+std::string rename_target(const std::string& path);
 
 // Appends `text` to `path` (created if missing) all or nothing: after a failed or short write
 // a regular file is cut back to its old length (or removed, if this call created it), so a
