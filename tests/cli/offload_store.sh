@@ -128,12 +128,10 @@ for e in m["pages"]:
     e["bytes"] = 10**12
 json.dump(m, open(p, "w"))
 EOF
-(
-  ulimit -v 2000000
-  expect_code 65 kv-offload restore bz.kv.h5 -o rz.kv.h5
-  expect_err_line "holds 1000000000000 bytes where [0-9]+ are needed$"
-  exit $failures
-) || fail "manifest size"
+# (No ulimit -v: ASan's shadow memory needs more address space. Without the check, the
+# allocation fails with 70, "out of memory", or takes the machine's memory.)
+expect_code 65 kv-offload restore bz.kv.h5 -o rz.kv.h5
+expect_err_line "holds 1000000000000 bytes where [0-9]+ are needed$"
 [ ! -e rz.kv.h5 ] && pass "no output" || fail "rz.kv.h5 left"
 
 # share: checked before anything is made; a failure later leaves nothing of the run.
