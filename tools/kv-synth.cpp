@@ -1,4 +1,5 @@
 // kv-synth: write a seeded synthetic snapshot of any model shape.
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 
@@ -56,10 +57,13 @@ int main(int argc, char** argv) {
                  "Store P probe queries after the sequence (for kv-eval's attention metrics)")
       ->check(kvt::integer_in(0, kv::kSynthMaxProbe))
       ->default_val(0);
-  app.add_option("--outlier-pairs", spec.outlier_pairs,
-                 "RoPE channel pairs per head with large-magnitude keys (at most head_dim / 2)")
-      ->check(kvt::integer_in(0, kMaxShape / 2))
-      ->default_val(2);
+  const CLI::Option* outliers_option =
+      app.add_option("--outlier-pairs", spec.outlier_pairs,
+                     "RoPE channel pairs per head with large-magnitude keys (at most head_dim / 2; "
+                     "the default "
+                     "2 is cut to that)")
+          ->check(kvt::integer_in(0, kMaxShape / 2))
+          ->default_val(2);
   app.add_option("--vocab", spec.vocab, "Token ids are drawn below this")
       ->check(kvt::integer_in(1, std::numeric_limits<int32_t>::max()))
       ->default_val(32000);
@@ -78,6 +82,9 @@ int main(int argc, char** argv) {
       throw kv::Error(kv::Exit::usage,
                       "shape needs layers, heads >= 1, an even head_dim, and q-heads a multiple "
                       "of kv-heads");
+    // The default, not a value given, fits a head of 2 channels (one pair).
+    if (!outliers_option->count())
+      spec.outlier_pairs = std::min(spec.outlier_pairs, m.rope_dims / 2);
     spec.dtype = dtype == "f32"    ? kv::DType::f32
                  : dtype == "bf16" ? kv::DType::bf16
                                    : kv::DType::f16;

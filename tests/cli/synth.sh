@@ -82,4 +82,8 @@ done
 expect_code 0 kv-synth --seed 18446744073709551615 -n 16 --no-provenance -o again.kv.h5
 cmp -s seed18446744073709551615.kv.h5 again.kv.h5 && ! cmp -s seed0.kv.h5 again.kv.h5 \
   && pass "seed 2^64 - 1: reproducible, not seed 0" || fail "seed 2^64 - 1"
+# The default of 2 outlier pairs is cut to head_dim / 2; a value given above it is refused.
+kv-synth --head-dim 2 -n 8 -o hd2.kv.h5 && pass "--head-dim 2 with the default outliers" || fail "--head-dim 2"
+expect_code 64 kv-synth --head-dim 2 --outlier-pairs 2 -n 8 -o hd2b.kv.h5
+
 finish
