@@ -1,4 +1,5 @@
 // kv-inspect: show what a KV snapshot holds.
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -93,15 +94,28 @@ int main(int argc, char** argv) {
     int64_t total_entries = 0, kv_stored = 0, kv_logical = 0, kv_values = 0, other_stored = 0,
             dense_f16 = 0;
     kv::Layer layer;
-    std::string k_enc, v_enc;
+    // Each tensor's encodings over the layers shown, in layer order, each once: one when the
+    // layers agree, several (joined with " | ") when they differ (minicache partners, a tiered
+    // cache with some layers on disk).
+    std::vector<std::string> k_encs, v_encs;
+    auto note = [](std::vector<std::string>& seen, const std::string& e) {
+      if (std::find(seen.begin(), seen.end(), e) == seen.end()) seen.push_back(e);
+    };
+    auto joined = [](const std::vector<std::string>& seen) {
+      std::string text;
+      for (const std::string& e : seen) text += (text.empty() ? "" : " | ") + e;
+      return text;
+    };
     bool any_mass = false;
     for (int l = 0; l < m.n_layers; ++l) {
       tool.progress("layer", l, m.n_layers);
       reader.read_layer(l, layer);  // validates: a damaged layer is reported, not skipped
       if (only_layer >= 0 && l != only_layer) continue;
       kv::LayerStorage st = reader.layer_storage(l);
-      k_enc = encoding_text(st.k_encoding, st.k_dtype);
-      v_enc = encoding_text(st.v_encoding, st.v_dtype);
+      const std::string k_enc = encoding_text(st.k_encoding, st.k_dtype),
+                        v_enc = encoding_text(st.v_encoding, st.v_dtype);
+      note(k_encs, k_enc);
+      note(v_encs, v_enc);
       any_mass |= st.has_mass;
       const Range r = entry_range(layer.head_offsets, only_head);
       const int64_t entries = only_head < 0 ? layer.entries() : layer.head_entries(only_head);
@@ -114,7 +128,9 @@ int main(int argc, char** argv) {
       kv::Json lj = kv::Json::object();
       lj.set("layer", l).set("entries", entries).set("entries_min", r.min);
       lj.set("entries_mean", r.mean).set("entries_max", r.max);
-      lj.set("kv_bytes_stored", st.kv_bytes_stored);
+      lj.set("kv_bytes_stored", st.kv_bytes_stored)
+          .set("k_encoding", k_enc)
+          .set("v_encoding", v_enc);
       lj.set("bits_per_value",
              bits_per_value(st.kv_bytes_logical, 2 * layer.entries() * m.head_dim));
       lj.set("kv_bytes_dense_f16", kv::dense_f16_bytes(layer.entries(), m.head_dim));
@@ -187,7 +203,7 @@ int main(int argc, char** argv) {
       j.set("model", std::move(mj));
       j.set("n_tokens", h.n_tokens).set("text_bytes", int64_t(h.text.size()));
       j.set("codec", reader.codec_name());
-      j.set("k_encoding", k_enc).set("v_encoding", v_enc).set("mass", any_mass);
+      j.set("k_encoding", joined(k_encs)).set("v_encoding", joined(v_encs)).set("mass", any_mass);
       j.set("entries", total_entries).set("kept_fraction", kept);
       j.set("kv_bytes_stored", kv_stored).set("kv_bytes_dense_f16", dense_f16);
       j.set("bits_per_value", bits_per_value(kv_logical, kv_values));
@@ -229,8 +245,8 @@ int main(int argc, char** argv) {
                 (long long)(h.n_tokens * heads_shown * layers_shown), 100.0 * kept,
                 only_layer >= 0 ? kv::str(", layer ", only_layer).c_str() : "",
                 only_head >= 0 ? kv::str(", head ", only_head).c_str() : "");
-    std::printf("encoding    k: %s, v: %s, mass: %s\n", k_enc.c_str(), v_enc.c_str(),
-                any_mass ? "yes" : "no");
+    std::printf("encoding    k: %s, v: %s, mass: %s\n", joined(k_encs).c_str(),
+                joined(v_encs).c_str(), any_mass ? "yes" : "no");
     std::printf("bits/value  %.3f (k and v before the codec, scales and residual included)\n",
                 bits_per_value(kv_logical, kv_values));
     std::printf("bytes       k+v stored %s, as dense f16 %s, ratio %.3f (other arrays %s)\n",

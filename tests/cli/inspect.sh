@@ -40,4 +40,17 @@ rects=$(grep -c '<rect' heat.svg)
 # 5 layers x (4 heads x 8 channels) cells + 100 legend swatches.
 [ "$rects" = $((5 * 32 + 100)) ] && pass "heat map has one cell per layer and channel" || fail "rects $rects"
 /usr/bin/python3 -c "import xml.dom.minidom,sys; xml.dom.minidom.parse('heat.svg')" && pass "SVG is well-formed XML" || fail "SVG parse"
+# Layers of different encodings (a minicache partner) are all named, and each layer's in JSON.
+kv-synth -n 64 --layers 4 -o mixed-src.kv.h5
+kv-merge -m minicache mixed-src.kv.h5 -o mixed.kv.h5
+kv-inspect mixed.kv.h5 | grep -qE "^encoding    k: dense f16 \| minicache partner=[0-9]+ dtype=f16, v: " \
+  && pass "mixed encodings listed" || fail "mixed: $(kv-inspect mixed.kv.h5 | grep ^encoding)"
+kv-inspect --json mixed.kv.h5 | /usr/bin/python3 -c "
+import json, sys
+j = json.load(sys.stdin)
+per = [l['k_encoding'] for l in j['layers']]
+assert ' | '.join(dict.fromkeys(per)) == j['k_encoding'], (per, j['k_encoding'])
+assert any(e.startswith('minicache') for e in per) and 'dense f16' in per, per
+" && pass "per-layer encodings in JSON" || fail "per-layer encodings in JSON"
+
 finish
