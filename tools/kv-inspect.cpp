@@ -91,8 +91,8 @@ int main(int argc, char** argv) {
     std::vector<std::vector<float>> heat;
     std::vector<std::string> heat_labels;
     std::string table;
-    int64_t total_entries = 0, kv_stored = 0, kv_logical = 0, kv_values = 0, other_stored = 0,
-            dense_f16 = 0;
+    int64_t total_entries = 0, kv_stored = 0, kv_in_store = 0, kv_logical = 0, kv_values = 0,
+            other_stored = 0, dense_f16 = 0;
     kv::Layer layer;
     // Each tensor's encodings over the layers shown, in layer order, each once: one when the
     // layers agree, several (joined with " | ") when they differ (minicache partners, a tiered
@@ -121,6 +121,7 @@ int main(int argc, char** argv) {
       const int64_t entries = only_head < 0 ? layer.entries() : layer.head_entries(only_head);
       total_entries += entries;
       kv_stored += st.kv_bytes_stored;
+      kv_in_store += st.kv_bytes_in_store;
       kv_logical += st.kv_bytes_logical;
       kv_values += 2 * layer.entries() * m.head_dim;
       other_stored += st.other_bytes_stored;
@@ -205,7 +206,8 @@ int main(int argc, char** argv) {
       j.set("codec", reader.codec_name());
       j.set("k_encoding", joined(k_encs)).set("v_encoding", joined(v_encs)).set("mass", any_mass);
       j.set("entries", total_entries).set("kept_fraction", kept);
-      j.set("kv_bytes_stored", kv_stored).set("kv_bytes_dense_f16", dense_f16);
+      j.set("kv_bytes_stored", kv_stored).set("kv_bytes_in_page_store", kv_in_store);
+      j.set("kv_bytes_dense_f16", dense_f16);
       j.set("bits_per_value", bits_per_value(kv_logical, kv_values));
       j.set("ratio_to_dense_f16", ratio).set("other_bytes_stored", other_stored);
       kv::Json side = kv::Json::object();
@@ -253,6 +255,9 @@ int main(int argc, char** argv) {
                 kvt::human_bytes(double(kv_stored)).c_str(),
                 kvt::human_bytes(double(dense_f16)).c_str(), ratio,
                 kvt::human_bytes(double(other_stored)).c_str());
+    if (kv_in_store > 0)  // a tiered cache: its disk tier's pages are not in the file
+      std::printf("            k+v in page stores %s (not in the file, nor in the ratio)\n",
+                  kvt::human_bytes(double(kv_in_store)).c_str());
     std::printf("side data   window: %s; attention stats: %s; probe: %s\n",
                 h.has_window() ? kv::str(h.window_positions.size(), " queries").c_str() : "no",
                 h.has_attn_stats ? "yes" : "no",

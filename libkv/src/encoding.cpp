@@ -1156,9 +1156,6 @@ void decode_mikv(const Encoded& enc, const RowLayout& rows, float* out) {
 // store, `ids` holds their SHA-256 ids (32 bytes each, in page order), `local` the bytes of the
 // other pages' rows in `dtype`, in order.
 
-DType dense_dtype(const std::string& name) {
-  return name == "f32" ? DType::f32 : name == "bf16" ? DType::bf16 : DType::f16;
-}
 
 void decode_paged(const Encoded& enc, const RowLayout& rows, float* out) {
   const Encoding& e = enc.encoding;
@@ -1476,6 +1473,10 @@ void decode(const Encoded& enc, const RowLayout& rows, float* out) {
   if (s == "minicache")
     throw Error(Exit::software, "minicache decodes against its partner layer (decode_minicache)");
   throw Error(Exit::data, str("encoding '", s, "', which this kvtk cannot decode"));
+}
+
+DType dense_dtype(const std::string& name) {
+  return name == "f32" ? DType::f32 : name == "bf16" ? DType::bf16 : DType::f16;
 }
 
 }  // namespace kv

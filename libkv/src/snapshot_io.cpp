@@ -144,6 +144,10 @@ template <>
 hid_t native_type<float>() {
   return H5T_NATIVE_FLOAT;
 }
+template <>
+hid_t native_type<uint8_t>() {
+  return H5T_NATIVE_UINT8;
+}
 
 template <class T>
 void write_vector(hid_t loc, const std::string& name, const std::vector<T>& v, const Codec& codec) {
@@ -1098,13 +1102,30 @@ LayerStorage SnapshotReader::layer_storage(int l) {
       (t[0] == 'k' ? s.k_encoding : s.v_encoding) =
           read_encoding_attrs(eg, where + ": '" + t + "'");
       (t[0] == 'k' ? s.k_dtype : s.v_dtype) = DType::f32;  // what readers decode it to
+      int64_t local = 0;
       for (const char* array : kCodeArrayNames) {
         if (!h5::exists(eg, array)) continue;
         s.kv_bytes_stored += storage_size(eg, array);
         Handle ds = open_dataset(eg, array, where);
         Handle type(H5Dget_type(ds), H5Tclose);
         auto dims = dataset_dims(ds);
-        s.kv_bytes_logical += dims.empty() ? 0 : int64_t(dims[0] * H5Tget_size(type));
+        const int64_t bytes = dims.empty() ? 0 : int64_t(dims[0] * H5Tget_size(type));
+        s.kv_bytes_logical += bytes;
+        if (std::string(array) == "local") local = bytes;
+      }
+      // What kv-offload moved out: a paged tensor's other rows, an external one's object.
+      const Encoding& e = t[0] == 'k' ? s.k_encoding : s.v_encoding;
+      if (e.scheme == "paged") {
+        const int64_t all = s.entries * impl_->header.model.head_dim *
+                            int64_t(kvk::dtype_size(dense_dtype(e.dtype)));
+        s.kv_bytes_in_store += std::max<int64_t>(0, all - local);
+      } else if (e.scheme == "external") {
+        const std::vector<uint8_t> ids = read_vector<uint8_t>(eg, "ids", where);
+        const auto& entries = PageStore::open_for_reading(e.store)->entries();
+        if (ids.size() == 32)
+          if (const auto it = entries.find(PageStore::id_from_bytes(ids.data()));
+              it != entries.end())
+            s.kv_bytes_in_store += it->second.bytes;
       }
       continue;
     }

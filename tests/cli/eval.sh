@@ -194,4 +194,29 @@ if ! nvidia-smi >/dev/null 2>&1; then
   expect_err_line "no usable GPU|built without CUDA"
 fi
 
+# A tiered candidate counts its disk tier: file bytes plus what its page store holds for it, as
+# kv-inspect gives them (counting the file alone made a tiered cache look 2x smaller, and put it
+# on the Pareto front). An encoded tensor moved whole counts as its object.
+kv-synth -n 256 --probe 8 -o tier-ref.kv.h5
+kv-offload -q tier -t gpu:16KiB -t disk:tier-store tier-ref.kv.h5 -o tiered.kv.h5 || fail "tier"
+kv-compress -s q4_0 tier-ref.kv.h5 -o tier-q4.kv.h5
+kv-offload -q tier -t gpu:0 -t disk:tier-store --sink-pages 0 --recent-pages 0 tier-q4.kv.h5 \
+  -o tiered-q4.kv.h5 || fail "tier q4_0"
+for c in tiered tiered-q4; do
+  kv-eval --ref tier-ref.kv.h5 --json $c.kv.h5 > $c.json || fail "eval $c"
+  kv-inspect --json $c.kv.h5 > $c.inspect.json
+done
+kv-inspect --json tier-q4.kv.h5 > tier-q4.inspect.json
+/usr/bin/python3 - <<'PY' && pass "tiered candidates: file + page store bytes" || fail "tiered bytes"
+import json
+e, i = json.load(open("tiered.json")), json.load(open("tiered.inspect.json"))
+assert i["kv_bytes_in_page_store"] > 0, i
+assert e["kv_bytes"] == i["kv_bytes_stored"] + i["kv_bytes_in_page_store"], (e["kv_bytes"], i)
+assert e["kv_bytes"] >= e["kv_bytes_reference"], e  # pages' metadata on top of the same values
+e, i = json.load(open("tiered-q4.json")), json.load(open("tiered-q4.inspect.json"))
+q4 = json.load(open("tier-q4.inspect.json"))["kv_bytes_stored"]
+assert e["kv_bytes"] == i["kv_bytes_stored"] + i["kv_bytes_in_page_store"], (e, i)
+assert q4 <= e["kv_bytes"] <= q4 + 2048, (q4, e["kv_bytes"])  # the objects' headers and ids
+PY
+
 finish

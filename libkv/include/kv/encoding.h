@@ -77,6 +77,8 @@ struct Encoding {
 // groups of 32 along tokens.
 // Throws Error(Exit::usage) for an unknown name.
 Encoding default_encoding(const std::string& scheme, char role);
+// The dtype a paged encoding's `dtype` names: "f32", "bf16", else f16.
+DType dense_dtype(const std::string& name);
 const std::vector<std::string>& scheme_names();
 
 // Throws Error(Exit::usage) naming the parameter unless `e` can encode [*, D] heads of `model`:

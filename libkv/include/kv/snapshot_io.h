@@ -44,6 +44,9 @@ struct LayerStorage {
   int64_t kv_bytes_stored = 0;      // k and v as stored in the file (after any codec)
   int64_t kv_bytes_logical = 0;     // k and v before the codec (dense values or encoded arrays)
   int64_t other_bytes_stored = 0;   // positions, offsets, mass, side data
+  // k and v held in a page store rather than the file (kv-offload's disk tier): the rows of
+  // paged tensors' external pages, external objects' bytes, as the store's manifest gives them.
+  int64_t kv_bytes_in_store = 0;
   bool has_mass = false;
 };
 
