@@ -570,11 +570,38 @@ int64_t storage_size(hid_t loc, const std::string& name) {
   return ds.valid() ? int64_t(H5Dget_storage_size(ds)) : 0;
 }
 
-bool has_hdf5_signature(const unsigned char* p, size_t n) {
+// The offset of the HDF5 superblock in p[0, n), or n when there is none.
+size_t superblock_offset(const unsigned char* p, size_t n) {
   static const unsigned char sig[8] = {0x89, 'H', 'D', 'F', '\r', '\n', 0x1a, '\n'};
   for (size_t off = 0; off + 8 <= n; off = off ? off * 2 : 512)  // superblock at 0, 512, 1024...
-    if (std::memcmp(p + off, sig, 8) == 0) return true;
-  return false;
+    if (std::memcmp(p + off, sig, 8) == 0) return off;
+  return n;
+}
+
+bool has_hdf5_signature(const unsigned char* p, size_t n) {
+  return superblock_offset(p, n) < n;
+}
+
+// Where the HDF5 file in p[0, n) ends, by its superblock's base and end-of-file addresses
+// (HDF5 File Format Specification, section II.A: versions 0 and 1, then 2 and 3), or 0 when
+// that cannot be read (HDF5 itself then judges the file).
+uint64_t hdf5_end(const unsigned char* p, size_t n) {
+  const size_t sb = superblock_offset(p, n);
+  if (sb + 9 > n) return 0;
+  const int version = p[sb + 8];
+  const size_t sizes = version <= 1 ? sb + 13 : sb + 9;  // size of offsets
+  if (sizes >= n) return 0;
+  const size_t O = p[sizes];
+  if (O != 8 && O != 4) return 0;
+  // Base address, then (v0/v1: free-space address; v2/v3: extension address), then the end.
+  const size_t base = version == 0 ? sb + 24 : version == 1 ? sb + 28 : sb + 12;
+  if (version > 3 || base + 3 * O > n) return 0;
+  auto addr = [&](size_t at) {
+    uint64_t v = 0;
+    for (size_t b = 0; b < O; ++b) v |= uint64_t(p[at + b]) << (8 * b);
+    return v;
+  };
+  return addr(base) + addr(base + 2 * O);
 }
 
 // Anonymous memory for whole-file images (pipes in and out), from mmap rather than malloc. It
@@ -838,6 +865,12 @@ void SnapshotReader::Impl::open() {
     file = open_image_readonly(image);
     raw.image = image.data();
     raw.image_size = image.size;
+    // Bytes after the end the file's superblock gives: a second snapshot concatenated onto the
+    // first (`cat a b | tool`) would otherwise be dropped without a word.
+    if (const uint64_t end = hdf5_end(image.data(), image.size); end > 0 && end < image.size)
+      throw Error(Exit::data,
+                  str(where, " holds ", image.size - end, " bytes after the snapshot's end (byte ",
+                      end, "): one snapshot at a time"));
   }
   if (!file.valid()) throw Error(Exit::data, broken);
   read_header();

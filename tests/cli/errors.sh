@@ -103,6 +103,14 @@ kv-inspect --plot /dev/stdout real.kv.h5 > piped.svg && grep -q "<svg" piped.svg
 [ -z "$(ls -A | grep tmp)" ] && pass "no temporary files" || fail "left $(ls -A | grep tmp)"
 cd .. && rm -rf links
 
+# Two snapshots on stdin (or trailing bytes) are refused: the second was dropped without a word.
+kv-synth -n 16 -o one.kv.h5 && kv-synth -n 16 --seed 2 -o two.kv.h5
+expect_code 65 sh -c 'cat one.kv.h5 two.kv.h5 | kv-inspect'
+expect_err_line "^kv-inspect: stdin holds [0-9]+ bytes after the snapshot's end \(byte [0-9]+\): one snapshot at a time$"
+expect_code 65 sh -c '(cat one.kv.h5; printf x) | kv-evict -s window -r 0.5 > /dev/null'
+expect_code 0 sh -c 'cat one.kv.h5 | kv-inspect'
+rm -f one.kv.h5 two.kv.h5
+
 # An input never becomes the output, also through stdin and stdout.
 cp good.kv.h5 in.kv.h5
 expect_code 64 sh -c 'kv-evict -s window -r 0.5 -o in.kv.h5 < in.kv.h5'
