@@ -79,12 +79,19 @@ int main(int argc, char** argv) {
       }
       before += in.entries();
       after += layer_kept;
-      // As written, before any codec: an encoded input keeps its encoding (kv-inspect's
-      // bits and bytes agree), a tiered one comes back whole.
-      bytes_before += kv::kv_bytes_as_written(header, in);  // (apply_selection may move from in)
+      // As stored, before any codec: an encoded input keeps its encoding (kv-inspect's bytes
+      // agree); a tiered one counts its page store too, and comes back whole. The output's are
+      // the writer's count, or, in a dry run, the same walk without the file.
+      const kv::LayerStorage st = reader.layer_storage(l);
+      bytes_before += st.kv_bytes_logical + st.kv_bytes_in_store;
       kv::apply_selection(in, kept, out);
-      bytes_after += kv::kv_bytes_as_written(header, out);
-      if (writer) writer->write_layer(out);
+      if (writer) {
+        const int64_t written = writer->kv_bytes_written();
+        writer->write_layer(out);
+        bytes_after += writer->kv_bytes_written() - written;
+      } else {
+        bytes_after += kv::kv_bytes_as_written(header, out);
+      }
     }
     if (writer) writer->finish();
     tool.progress_done();

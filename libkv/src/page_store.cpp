@@ -21,10 +21,11 @@ namespace {
 
 constexpr const char* kFormat = "kvtk-page-store";
 
-// The whole file at `path` into `out`, at most `limit` bytes (the size the manifest gives it):
-// false with errno ENOENT when it does not exist, Error(Exit::no_input) naming the reason when it
-// cannot be read (a permission, a directory), Error(Exit::data) when its size is not `limit`.
-bool read_file(const std::string& path, const std::string& what, int64_t size, std::string& out) {
+// The whole file at `path` into `out` (a std::string or a byte vector): false when it does not
+// exist, Error(Exit::no_input) naming the reason when it cannot be read (a permission, a
+// directory), Error(Exit::data) when `size` >= 0 (the manifest's) and the file has another.
+template <class Bytes>
+bool read_file(const std::string& path, const std::string& what, int64_t size, Bytes& out) {
   const int fd = ::open(path.c_str(), O_RDONLY);
   if (fd < 0) {
     if (errno == ENOENT) return false;
@@ -44,7 +45,7 @@ bool read_file(const std::string& path, const std::string& what, int64_t size, s
   out.resize(size_t(st.st_size));
   size_t done = 0;
   while (done < out.size()) {
-    const ssize_t r = ::read(fd, out.data() + done, out.size() - done);
+    const ssize_t r = ::read(fd, reinterpret_cast<char*>(out.data()) + done, out.size() - done);
     if (r < 0 && errno == EINTR) continue;
     if (r <= 0) {
       const std::string why = r < 0 ? errno_text() : "it shrank while being read";
@@ -74,8 +75,7 @@ PageStore::PageStore(std::string dir, bool writable) : dir_(std::move(dir)) {
       const std::string parent = normal.has_parent_path() ? normal.parent_path().string() : ".";
       const std::string what = str("cannot create page store '", dir_, "': ");
       if (::stat(parent.c_str(), &st) != 0) throw Error(Exit::cant_create, what + errno_text());
-      if (!S_ISDIR(st.st_mode))
-        throw Error(Exit::cant_create, what + std::strerror(ENOTDIR));
+      if (!S_ISDIR(st.st_mode)) throw Error(Exit::cant_create, what + std::strerror(ENOTDIR));
       if (::access(parent.c_str(), W_OK) != 0) throw Error(Exit::cant_create, what + errno_text());
     } else if (::access(dir_.c_str(), W_OK) != 0 ||
                (::stat((dir_ + "/pages").c_str(), &st) == 0 &&
@@ -187,11 +187,13 @@ std::vector<uint8_t> PageStore::get(const std::string& id, int64_t expected_byte
   const bool zstd = e.file.ends_with(".zst");
   if (!zstd && e.stored != e.bytes)
     throw Error(Exit::data, str(what, ": a raw page of ", e.bytes, " bytes stored in ", e.stored));
-  std::string file;
+  std::vector<uint8_t> file;  // a raw page is its own content
   if (!read_file(dir_ + "/" + e.file, what, e.stored, file))
     throw Error(Exit::data, str(what, ": file '", dir_, "/", e.file, "' is missing"));
   std::vector<uint8_t> out;
-  if (zstd) {
+  if (!zstd) {
+    out = std::move(file);
+  } else {
     const unsigned long long size = ZSTD_getFrameContentSize(file.data(), file.size());
     if (size != static_cast<unsigned long long>(e.bytes) ||
         ZSTD_findFrameCompressedSize(file.data(), file.size()) != file.size())
@@ -200,8 +202,6 @@ std::vector<uint8_t> PageStore::get(const std::string& id, int64_t expected_byte
     const size_t m = ZSTD_decompress(out.data(), out.size(), file.data(), file.size());
     if (ZSTD_isError(m) || m != out.size())
       throw Error(Exit::data, what + ": not a zstd frame of its size");
-  } else {
-    out.assign(file.begin(), file.end());
   }
   if (sha256_hex(out.data(), out.size()) != id)
     throw Error(Exit::data, what + ": content does not match its id (corrupt page)");
@@ -231,12 +231,14 @@ void PageStore::commit() {
 }
 
 void PageStore::make_directories() {
+  if (made_directories_) return;  // (put calls it for every page)
   for (const std::string& d : {dir_, dir_ + "/pages"}) {
     if (::mkdir(d.c_str(), 0777) == 0)
       created_.push_back(d);
     else if (errno != EEXIST)
       throw Error(Exit::cant_create, str("cannot create '", d, "': ", errno_text()));
   }
+  made_directories_ = true;
 }
 
 void PageStore::rollback() noexcept {

@@ -1184,6 +1184,7 @@ LayerStorage SnapshotReader::layer_storage(int l) {
 struct SnapshotWriter::Impl {
   std::string target;
   std::string renamed_over;  // what the temporary file replaces: target, or the file it links to
+  int64_t kv_bytes = 0;      // k and v written so far, before the codec (kv_bytes_written)
   std::string temp_path;     // named regular output: written here, renamed by finish()
   int direct_fd = -1;        // stdout or a non-regular file: the image is written here by finish()
   bool owns_fd = false;
@@ -1432,6 +1433,7 @@ void SnapshotWriter::Impl::write_layer_data(int l, const Layer& layer) {
   layer_as_written(
       h, l, layer,
       [&](const char* name, const Tensor* dense, const Encoded* stored, Encoded* fresh) {
+        kv_bytes += dense ? int64_t(dense->bytes()) : stored ? stored->bytes() : fresh->bytes();
         if (dense) return write_tensor(g, name, *dense, {N, D}, codec);
         write_encoded(g, name, stored ? *stored : *fresh, codec);
         if (fresh) recycle(std::move(*fresh));
@@ -1445,6 +1447,10 @@ void SnapshotWriter::Impl::write_layer_data(int l, const Layer& layer) {
   }
   if (h.has_probe())
     write_tensor(g, "probe_q", layer.probe_q, {H, hsize_t(h.probe_tokens.size()), D}, codec);
+}
+
+int64_t SnapshotWriter::kv_bytes_written() const {
+  return impl_->kv_bytes;
 }
 
 void SnapshotWriter::write_layer(const Layer& layer) {

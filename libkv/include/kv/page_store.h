@@ -74,7 +74,7 @@ class PageStore {
   std::string dir_;
   std::map<std::string, Entry> entries_;
   // For rollback: what this object changed.
-  bool had_manifest_ = false, committed_ = false;
+  bool had_manifest_ = false, committed_ = false, made_directories_ = false;
   std::string original_manifest_;
   std::vector<std::string> written_, created_;
   std::set<std::string> put_ids_;

@@ -87,6 +87,8 @@ class SnapshotWriter {
   SnapshotWriter& operator=(const SnapshotWriter&) = delete;
 
   void write_layer(const Layer& layer);
+  // The bytes of k and v written so far, before the codec (as kv_bytes_as_written counts them).
+  int64_t kv_bytes_written() const;
   // Closes the file and makes it visible (rename, or write the image to stdout).
   void finish();
 
