@@ -126,10 +126,9 @@ int main(int argc, char** argv) {
   app.add_flag("--perplexity", ppl,
                "Print the teacher-forced perplexity of the first --paragraphs blank-line-separated "
                "paragraphs of -f FILE (each with BOS, capped at --ctx or the context) and exit");
-  const CLI::Option* paragraphs_option =
-      app.add_option("--paragraphs", n_paragraphs, "Paragraphs scored by --perplexity")
-          ->default_val(50)
-          ->check(kvt::integer_in(int64_t(1), int64_t(1) << 30));
+  app.add_option("--paragraphs", n_paragraphs, "Paragraphs scored by --perplexity")
+      ->default_val(50)
+      ->check(kvt::integer_in(int64_t(1), int64_t(1) << 30));
   tool.add_output_options();
   tool.add_json_option();
 
@@ -139,21 +138,14 @@ int main(int argc, char** argv) {
     // would be ignored, as would --perplexity's own options in a capture.
     const std::string capture = "a capture (without --perplexity)";
     const auto option = [&](const char* name) { return app.get_option(name); };
-    kvt::refuse_ignored({{option("--prompt"), capture, !ppl},
-                         {option("--tokens"), capture, !ppl},
-                         {option("--dtype"), capture, !ppl},
-                         {option("--window"), capture, !ppl},
-                         {option("--attn-stats"), capture, !ppl},
-                         {option("--probe"), capture, !ppl},
-                         {option("--probe-file"), capture, !ppl},
-                         {option("--generate"), capture, !ppl},
-                         {option("--output"), capture, !ppl},
-                         {option("--codec"), capture, !ppl},
-                         {option("--no-provenance"), capture, !ppl},
-                         {option("--force"), capture, !ppl},
-                         {option("--allow-nonfinite"), capture, !ppl},
-                         {paragraphs_option, "--perplexity", ppl},
-                         {option("--json"), "--perplexity", ppl}});
+    std::vector<kvt::OptionFor> ignored;
+    for (const char* name :
+         {"--prompt", "--tokens", "--dtype", "--window", "--attn-stats", "--probe", "--probe-file",
+          "--generate", "--output", "--codec", "--no-provenance", "--force", "--allow-nonfinite"})
+      ignored.push_back({option(name), capture, !ppl});
+    for (const char* name : {"--paragraphs", "--json"})
+      ignored.push_back({option(name), "--perplexity", ppl});
+    kvt::refuse_ignored(ignored);
     if (model_path.empty()) {
       if (!env_model || !*env_model)
         throw kv::Error(

@@ -200,7 +200,7 @@ CLI::Validator real_in(double lo, double hi, Ends ends) {
       interval);
 }
 
-void refuse_ignored(std::initializer_list<OptionFor> options) {
+void refuse_ignored(const std::vector<OptionFor>& options) {
   for (const auto& [option, owner, used] : options)
     if (option->count() && !used)
       throw kv::Error(kv::Exit::usage,

@@ -93,7 +93,7 @@ struct OptionFor {
 };
 // Throws Error(Exit::usage) for the first option given to a run that would ignore it:
 // "--kernel is for --score snapkv; this run would ignore it".
-void refuse_ignored(std::initializer_list<OptionFor> options);
+void refuse_ignored(const std::vector<OptionFor>& options);
 
 template <std::integral T>
 CLI::Validator integer_in(T lo, T hi) {
